@@ -1,0 +1,1 @@
+"""Connection blocks and the typed platform config."""

@@ -1,0 +1,321 @@
+"""An emulated Kubernetes API server: kmock's `KubernetesEmulator`, extended where it falls short.
+
+kmock stores objects and answers list/get/create/patch/delete/watch. Real clients also rely on:
+
+- ``labelSelector`` (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``) and
+  ``fieldSelector`` (``metadata.name``, ``metadata.namespace``, ``spec.nodeName``,
+  ``status.phase``, ``spec.unschedulable``: any dotted path, ``=``/``==``/``!=``);
+- ``limit``/``continue`` pagination in a stable order, with ``metadata.continue`` and
+  ``remainingItemCount``, and ``410 Gone`` for an expired token;
+- ``metadata.resourceVersion``, ``uid`` and ``creationTimestamp`` on every object;
+- the ``status`` subresource (PATCH/PUT ``.../nodes/NAME/status``);
+- pod eviction (POST ``.../pods/NAME/eviction``) that honours PodDisruptionBudgets with
+  ``429`` as the real API server answers;
+- a bounded request log: kmock keeps every request for assertions, which makes a long-running
+  server slower and bigger with each request; this server keeps the last few hundred.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime
+import itertools
+import json
+import re
+import uuid
+from typing import Any
+
+import aiohttp.web
+from kmock import KubernetesEmulator
+from kmock._internal import enums, rendering
+
+REQUEST_LOG_KEEP = 200
+_TERM = re.compile(r"^\s*(!)?\s*([A-Za-z0-9_./\-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9_.\-]*)|\s+(in|notin)\s*\(([^)]*)\))?\s*$")
+
+
+def _split_terms(selector: str) -> list[str]:
+    """Split on commas that are not inside parentheses."""
+    terms, depth, cur = [], 0, ""
+    for ch in selector:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            terms.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        terms.append(cur)
+    return terms
+
+
+class SelectorError(ValueError):
+    pass
+
+
+def parse_label_selector(selector: str):
+    """Return a predicate over a labels dict. Raises SelectorError on syntax errors."""
+    checks = []
+    for term in _split_terms(selector or ""):
+        m = _TERM.match(term)
+        if not m:
+            raise SelectorError(f"unable to parse requirement: {term!r}")
+        neg, key, op, value, setop, values = m.groups()
+        if neg and (op or setop):
+            raise SelectorError(f"invalid requirement: {term!r}")
+        if setop:
+            vals = {v.strip() for v in values.split(",") if v.strip()}
+            if setop == "in":
+                checks.append(lambda labels, k=key, vs=vals: labels.get(k) in vs)
+            else:
+                checks.append(lambda labels, k=key, vs=vals: labels.get(k) not in vs)
+        elif op in ("=", "=="):
+            checks.append(lambda labels, k=key, v=value: labels.get(k) == v)
+        elif op == "!=":
+            checks.append(lambda labels, k=key, v=value: labels.get(k) != v)
+        elif neg:
+            checks.append(lambda labels, k=key: k not in labels)
+        else:
+            checks.append(lambda labels, k=key: k in labels)
+    return lambda labels: all(c(labels) for c in checks)
+
+
+def _path_value(obj: dict[str, Any], path: str) -> str:
+    cur: Any = obj
+    for part in path.split("."):
+        if not isinstance(cur, dict):
+            return ""
+        cur = cur.get(part)
+    if cur is None:
+        return "false" if path == "spec.unschedulable" else ""
+    if isinstance(cur, bool):
+        return "true" if cur else "false"
+    return str(cur)
+
+
+def parse_field_selector(selector: str):
+    checks = []
+    for term in _split_terms(selector or ""):
+        m = re.match(r"^\s*([A-Za-z0-9_.]+)\s*(==|=|!=)\s*(.*?)\s*$", term)
+        if not m:
+            raise SelectorError(f"invalid field selector: {term!r}")
+        path, op, value = m.groups()
+        if op == "!=":
+            checks.append(lambda o, p=path, v=value: _path_value(o, p) != v)
+        else:
+            checks.append(lambda o, p=path, v=value: _path_value(o, p) == v)
+    return lambda o: all(c(o) for c in checks)
+
+
+_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+# What discovery announces (kubectl needs it to map `get nodes` to a URL).
+RESOURCES: dict[str, dict[str, Any]] = {
+    "v1/nodes": {"namespaced": False, "kind": "Node", "singular": "node", "verbs": _VERBS,
+                 "shortnames": ["no"], "categories": [], "subresources": ["status", "proxy"]},
+    "v1/pods": {"namespaced": True, "kind": "Pod", "singular": "pod", "verbs": _VERBS,
+                "shortnames": ["po"], "categories": ["all"], "subresources": ["status", "eviction", "log"]},
+    "v1/namespaces": {"namespaced": False, "kind": "Namespace", "singular": "namespace", "verbs": _VERBS,
+                      "shortnames": ["ns"], "categories": [], "subresources": ["status"]},
+    "v1/secrets": {"namespaced": True, "kind": "Secret", "singular": "secret", "verbs": _VERBS,
+                   "shortnames": [], "categories": [], "subresources": []},
+    "v1/configmaps": {"namespaced": True, "kind": "ConfigMap", "singular": "configmap", "verbs": _VERBS,
+                      "shortnames": ["cm"], "categories": [], "subresources": []},
+    "v1/events": {"namespaced": True, "kind": "Event", "singular": "event", "verbs": _VERBS,
+                  "shortnames": ["ev"], "categories": [], "subresources": []},
+    "policy/v1/poddisruptionbudgets": {"namespaced": True, "kind": "PodDisruptionBudget",
+                                       "singular": "poddisruptionbudget", "verbs": _VERBS, "shortnames": ["pdb"],
+                                       "categories": [], "subresources": ["status"]},
+    "apps/v1/daemonsets": {"namespaced": True, "kind": "DaemonSet", "singular": "daemonset", "verbs": _VERBS,
+                           "shortnames": ["ds"], "categories": ["all"], "subresources": ["status"]},
+}
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status(code: int, reason: str, message: str, details: dict | None = None) -> aiohttp.web.Response:
+    return aiohttp.web.json_response(
+        {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+         "code": code, "reason": reason, "message": message, "details": details or {}},
+        status=code,
+    )
+
+
+class SandboxKubernetes(KubernetesEmulator):
+    """kmock's emulator with selectors, pagination, metadata, status subresource and eviction."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for key, info in RESOURCES.items():
+            self.resources[key] = info
+        self._rv = itertools.count(1000)
+        self.last_rv = "1000"
+        # Fault injection: when set, every API request answers this HTTP status.
+        self.fail_with: int | None = None
+        self.requests_served = 0
+
+    async def _serve_version(self, request: rendering.Request) -> Any:
+        # kmock announces the core group as "/v1" and gives subresources the parent's short
+        # names; kubectl then finds no "nodes" and warns on "pdb". Answer as the API server does.
+        body = await super()._serve_version(request)
+        if isinstance(body, dict):
+            if body.get("groupVersion", "").startswith("/"):
+                body["groupVersion"] = body["groupVersion"][1:]
+            for res in body.get("resources", []):
+                if "/" in res["name"]:
+                    res["shortNames"] = []
+                    res["categories"] = []
+                    res["verbs"] = ["get", "patch", "update"] if not res["name"].endswith("eviction") else ["create"]
+        return body
+
+    # -- object stamping ---------------------------------------------------------------------
+
+    def next_rv(self) -> str:
+        self.last_rv = str(next(self._rv))
+        return self.last_rv
+
+    def stamp_new(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", _now())
+        meta["resourceVersion"] = self.next_rv()
+        return obj
+
+    def put_object(self, resource: str, namespace: str | None, name: str, obj: dict[str, Any]) -> None:
+        """Seed or replace an object directly (no HTTP); stamps its metadata."""
+        self.objects[resource, namespace, name] = self.stamp_new(obj)
+
+    def patch_object(self, resource: str, namespace: str | None, name: str, patch: dict[str, Any]) -> None:
+        patch = copy.deepcopy(patch)
+        patch.setdefault("metadata", {})["resourceVersion"] = self.next_rv()
+        self.objects[resource, namespace, name].patch(patch)
+
+    def get_object(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        key = (resource, namespace, name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return self.objects[key].raw
+
+    def live_objects(self, plural: str) -> list[dict[str, Any]]:
+        """The current state of every object of one resource (by plural), for assertions."""
+        return [obj.raw for (res, _ns, _n), obj in self.objects.items() if res.plural == plural and not obj.deleted]
+
+    # -- request handling --------------------------------------------------------------------
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        self.requests_served += 1
+        if len(self._requests) > REQUEST_LOG_KEEP * 2:
+            del self._requests[:-REQUEST_LOG_KEEP]
+        if request.resource is not None and request.resource.plural:
+            if self.fail_with is not None:
+                return _status(self.fail_with, "ServiceUnavailable", "the sandbox API server is failing on purpose")
+            method = str(request.method).upper().split(".")[-1]
+            if request.subresource == "eviction" and method == "POST":
+                return await self._evict(request)
+            if request.subresource == "status" and method in ("PATCH", "PUT"):
+                return await self._update_status(request, replace=(method == "PUT"))
+            if request.action == enums.action.CREATE and isinstance(request.data, dict):
+                self.stamp_new(request.data)
+            elif request.action == enums.action.UPDATE and isinstance(request.data, dict):
+                if isinstance(request.data, list):
+                    return _status(415, "UnsupportedMediaType", "JSON patch lists are not supported here")
+                request.data.setdefault("metadata", {})["resourceVersion"] = self.next_rv()
+            elif request.action == enums.action.LIST:
+                return await self._list(request)
+        return await super()._handle(request)
+
+    async def _list(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        params = request.params
+        try:
+            label_ok = parse_label_selector(params.get("labelSelector", ""))
+            field_ok = parse_field_selector(params.get("fieldSelector", ""))
+        except SelectorError as exc:
+            return _status(400, "BadRequest", str(exc))
+        known = {r for r in self._get_resources()}
+        if request.resource not in known:
+            return _status(404, "NotFound", f"the server could not find the requested resource ({request.resource})")
+        async with self._lock:
+            matching = []
+            for (res, ns, name), obj in self.objects.items():
+                if res != request.resource or obj.deleted:
+                    continue
+                if request.namespace is not None and ns != request.namespace:
+                    continue
+                raw = obj.raw
+                if not label_ok((raw.get("metadata") or {}).get("labels") or {}):
+                    continue
+                if params.get("fieldSelector") and not field_ok(raw):
+                    continue
+                matching.append(((ns or "", name), raw))
+        matching.sort(key=lambda pair: pair[0])
+        offset = 0
+        if params.get("continue"):
+            try:
+                token = json.loads(base64.urlsafe_b64decode(params["continue"].encode()))
+                offset = int(token["offset"])
+            except (ValueError, KeyError, TypeError):
+                return _status(410, "Expired", "The provided continue parameter is too old or invalid")
+        limit = int(params.get("limit") or 0)
+        page = matching[offset: offset + limit] if limit > 0 else matching[offset:]
+        meta: dict[str, Any] = {"resourceVersion": self.last_rv}
+        end = offset + len(page)
+        if limit > 0 and end < len(matching):
+            meta["continue"] = base64.urlsafe_b64encode(json.dumps({"offset": end}).encode()).decode()
+            meta["remainingItemCount"] = len(matching) - end
+        kind = "List"
+        body = {"apiVersion": "v1", "kind": kind, "metadata": meta, "items": [raw for _, raw in page]}
+        return aiohttp.web.Response(body=_dumps(body), content_type="application/json")
+
+    async def _update_status(self, request: rendering.Request, replace: bool) -> aiohttp.web.StreamResponse:
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                return _status(404, "NotFound", f"{request.resource.plural} {request.name!r} not found")
+            data = request.data if isinstance(request.data, dict) else {}
+            status = data.get("status", {})
+            if replace:
+                self.objects[key].patch({"status": None})
+            self.objects[key].patch({"status": status, "metadata": {"resourceVersion": self.next_rv()}})
+            raw = self.objects[key].raw
+        return aiohttp.web.json_response(raw)
+
+    async def _evict(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                return _status(404, "NotFound", f'pods "{request.name}" not found')
+            pod = self.objects[key].raw
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            for (res, ns, pdb_name), pdb_obj in self.objects.items():
+                if res.plural != "poddisruptionbudgets" or ns != request.namespace or pdb_obj.deleted:
+                    continue
+                pdb = pdb_obj.raw
+                match = ((pdb.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+                if match and all(labels.get(k) == v for k, v in match.items()):
+                    allowed = int((pdb.get("status") or {}).get("disruptionsAllowed", 0))
+                    if allowed <= 0:
+                        return _status(
+                            429, "TooManyRequests",
+                            "Cannot evict pod as it would violate the pod's disruption budget.",
+                            {"causes": [{"reason": "DisruptionBudget",
+                                         "message": f"The disruption budget {pdb_name} needs more healthy pods"}]},
+                        )
+                    pdb_obj.patch({"status": {"disruptionsAllowed": allowed - 1}})
+            self.objects[key].delete()
+            self.next_rv()
+        return aiohttp.web.json_response(
+            {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success", "code": 201}, status=201
+        )
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    try:
+        import orjson
+
+        return orjson.dumps(body)
+    except ImportError:  # pragma: no cover
+        return json.dumps(body).encode()
