@@ -18,13 +18,13 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -46,10 +46,10 @@ def _port(value: Any) -> int:
     if isinstance(value, bool) or not (
         isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
     ):
-        raise PydanticCustomError("port", "expected an integer 1-65535, got {value!r}", {"value": value})
+        raise PydanticCustomError("port", "expected an integer 1-65535, got {value}", {"value": repr(value)})
     port = int(value)
     if not 1 <= port <= 65535:
-        raise PydanticCustomError("port", "expected an integer 1-65535, got {value!r}", {"value": value})
+        raise PydanticCustomError("port", "expected an integer 1-65535, got {value}", {"value": repr(value)})
     return port
 
 
@@ -61,7 +61,7 @@ _URL_RE = re.compile(r"^(https?)://[^\s/?#]+(/[^\s]*)?$")
 def _http_url(value: Any) -> str:
     if not isinstance(value, str) or not _URL_RE.match(value):
         raise PydanticCustomError(
-            "url", "expected an http(s) URL such as https://host:port, got {value!r}", {"value": value}
+            "url", "expected an http(s) URL such as https://host:port, got {value}", {"value": repr(value)}
         )
     return value.rstrip("/")
 
@@ -74,7 +74,7 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?$|^\[?[0-
 def _host(value: Any) -> str:
     if not isinstance(value, str) or not _HOST_RE.match(value):
         raise PydanticCustomError(
-            "host", "expected a host name or IP address, got {value!r}", {"value": value}
+            "host", "expected a host name or IP address, got {value}", {"value": repr(value)}
         )
     return value
 
@@ -88,8 +88,8 @@ def _dns_name(value: Any) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise PydanticCustomError(
             "name",
-            "expected a lower-case DNS label (a-z, 0-9, '-', at most 63 characters), got {value!r}",
-            {"value": value},
+            "expected a lower-case DNS label (a-z, 0-9, '-', at most 63 characters), got {value}",
+            {"value": repr(value)},
         )
     return value
 
@@ -109,7 +109,7 @@ def duration_seconds(value: str) -> int:
 def _duration(value: Any) -> str:
     if not isinstance(value, str) or not _DURATION_RE.match(value):
         raise PydanticCustomError(
-            "duration", "expected a duration such as 30s, 15m, 6h or 7d, got {value!r}", {"value": value}
+            "duration", "expected a duration such as 30s, 15m, 6h or 7d, got {value}", {"value": repr(value)}
         )
     return value
 
@@ -137,8 +137,8 @@ class SecretRef(_Model):
             )
         if self.env is not None and not _ENV_RE.match(self.env):
             raise PydanticCustomError(
-                "secret_ref", "expected an environment variable name like GITLAB_TOKEN, got {value!r}",
-                {"value": self.env},
+                "secret_ref", "expected an environment variable name like GITLAB_TOKEN, got {value}",
+                {"value": repr(self.env)},
             )
         return self
 
@@ -307,13 +307,15 @@ class PlatformConfig(_Model):
     notifications: NotificationsConfig = NotificationsConfig()
     thresholds: Thresholds = Thresholds()
 
-    @model_validator(mode="after")
-    def _unique_cluster_names(self) -> PlatformConfig:
-        names = [c.name for c in self.clusters]
+    @field_validator("clusters")
+    @classmethod
+    def _unique_cluster_names(cls, clusters: list[ClusterConfig]) -> list[ClusterConfig]:
+        names = [c.name for c in clusters]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise PydanticCustomError("unique", "cluster names must be unique, repeated: {dupes}", {"dupes": dupes})
-        return self
+            raise PydanticCustomError("unique", "cluster names must be unique, repeated: {dupes}",
+                                      {"dupes": str(dupes)})
+        return clusters
 
     def cluster(self, name: str | None = None) -> ClusterConfig:
         if name is None:
@@ -369,7 +371,7 @@ def _describe(err: dict[str, Any]) -> str:
     elif etype in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         sym = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[etype]
         bound = next(iter(ctx.values()))
-        msg = f"expected a value {sym} {bound}"
+        msg = f"expected a value {sym} {bound:g}" if isinstance(bound, (int, float)) else f"expected a value {sym} {bound}"
     elif etype == "too_short":
         msg = f"expected at least {ctx.get('min_length')} item(s)"
     elif etype == "string_pattern_mismatch":
@@ -379,7 +381,7 @@ def _describe(err: dict[str, Any]) -> str:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         return msg  # custom errors already carry the value
-    if etype != "missing" and "input" in err and not isinstance(err["input"], (dict, list)):
+    if etype not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], (dict, list)):
         msg += f", got {err['input']!r}"
     return msg
 

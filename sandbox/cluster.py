@@ -110,7 +110,11 @@ def _node(name: str, role: str, index: int, rng: random.Random) -> dict[str, Any
                 {"type": "Ready", "status": "True", "reason": "KubeletReady",
                  "message": "kubelet is posting ready status"},
             ],
+            "addresses": [{"type": "Hostname", "address": name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
             "nodeInfo": {
+                "machineID": _h("machine", name)[:32], "systemUUID": _h("system", name)[:32],
+                "bootID": _h("boot", name)[:32],
                 "kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": KUBELET_VERSION,
                 "containerRuntimeVersion": "containerd://1.7.16", "osImage": "Ubuntu 22.04.4 LTS",
                 "kernelVersion": "5.15.0-105-generic", "architecture": "amd64", "operatingSystem": "linux",

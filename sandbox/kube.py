@@ -195,10 +195,11 @@ class SandboxKubernetes(KubernetesEmulator):
         self.objects[resource, namespace, name].patch(patch)
 
     def get_object(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-        key = (resource, namespace, name)
-        if key not in self.objects or self.objects[key].deleted:
+        try:
+            obj = self.objects[resource, namespace, name]
+        except KeyError:
             return None
-        return self.objects[key].raw
+        return None if obj.deleted else obj.raw
 
     def live_objects(self, plural: str) -> list[dict[str, Any]]:
         """The current state of every object of one resource (by plural), for assertions."""

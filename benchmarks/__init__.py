@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks NAME [--size N]`, project vs baseline in the same run."""
