@@ -128,7 +128,8 @@ class Sandbox:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def up(self) -> Sandbox:
+    def up(self, components: list[Callable[[Sandbox], None]] | None = None) -> Sandbox:
+        """Start `components` (default: all of `COMPONENTS`), in order."""
         if self.state_file.exists():
             existing = Sandbox.load(self.state_dir)
             if existing.alive():
@@ -141,7 +142,7 @@ class Sandbox:
             self.scrape_interval_s = 2 if self.gpu_nodes <= 200 else (15 if self.gpu_nodes <= 2500 else 60)
         self.config = {"name": "sandbox", "clusters": [], "thresholds": {}}
         try:
-            for start in COMPONENTS:
+            for start in components if components is not None else COMPONENTS:
                 start(self)
                 self._save()
         except BaseException:
