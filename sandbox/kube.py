@@ -227,6 +227,12 @@ class SandboxKubernetes(KubernetesEmulator):
                 request.data.setdefault("metadata", {})["resourceVersion"] = self.next_rv()
             elif request.action == enums.action.LIST:
                 return await self._list(request)
+            elif request.action == enums.action.FETCH and not request.subresource and _wants_table(request):
+                obj = self.get_object(request.resource, request.namespace, request.name)
+                if obj is None:
+                    return _status(404, "NotFound", f'{request.resource.plural} "{request.name}" not found')
+                table = as_table(request.resource.plural, [obj], {"resourceVersion": self.last_rv})
+                return aiohttp.web.Response(body=_dumps(table), content_type="application/json")
         return await super()._handle(request)
 
     async def _list(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
@@ -267,8 +273,11 @@ class SandboxKubernetes(KubernetesEmulator):
         if limit > 0 and end < len(matching):
             meta["continue"] = base64.urlsafe_b64encode(json.dumps({"offset": end}).encode()).decode()
             meta["remainingItemCount"] = len(matching) - end
-        kind = "List"
-        body = {"apiVersion": "v1", "kind": kind, "metadata": meta, "items": [raw for _, raw in page]}
+        items = [raw for _, raw in page]
+        if _wants_table(request):
+            return aiohttp.web.Response(body=_dumps(as_table(request.resource.plural, items, meta)),
+                                        content_type="application/json")
+        body = {"apiVersion": "v1", "kind": "List", "metadata": meta, "items": items}
         return aiohttp.web.Response(body=_dumps(body), content_type="application/json")
 
     async def _update_status(self, request: rendering.Request, replace: bool) -> aiohttp.web.StreamResponse:
@@ -311,6 +320,64 @@ class SandboxKubernetes(KubernetesEmulator):
         return aiohttp.web.json_response(
             {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success", "code": 201}, status=201
         )
+
+
+def _wants_table(request: rendering.Request) -> bool:
+    return "as=Table" in request.headers.get("Accept", "")
+
+
+def _age(ts: str | None) -> str:
+    if not ts:
+        return "<unknown>"
+    try:
+        then = datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return "<unknown>"
+    secs = int((datetime.datetime.now(tz=datetime.UTC) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def _node_cells(obj: dict[str, Any]) -> list[Any]:
+    meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status", {})
+    ready = next((c.get("status") for c in status.get("conditions", []) if c.get("type") == "Ready"), "Unknown")
+    state = {"True": "Ready", "False": "NotReady"}.get(ready, "NotReady")
+    if spec.get("unschedulable"):
+        state += ",SchedulingDisabled"
+    roles = sorted(k.split("/", 1)[1] for k in meta.get("labels", {}) if k.startswith("node-role.kubernetes.io/"))
+    return [meta.get("name"), state, ",".join(roles) or "<none>", _age(meta.get("creationTimestamp")),
+            status.get("nodeInfo", {}).get("kubeletVersion", "")]
+
+
+def _pod_cells(obj: dict[str, Any]) -> list[Any]:
+    meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status", {})
+    containers = len(spec.get("containers", []))
+    ready = containers if status.get("phase") == "Running" else 0
+    return [meta.get("name"), f"{ready}/{containers}", status.get("phase", "Unknown"), 0,
+            _age(meta.get("creationTimestamp")), spec.get("nodeName", "<none>")]
+
+
+_TABLES = {
+    "nodes": (["Name", "Status", "Roles", "Age", "Version"], _node_cells),
+    "pods": (["Name", "Ready", "Status", "Restarts", "Age", "Node"], _pod_cells),
+}
+
+
+def as_table(plural: str, items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """Server-side printing (`Accept: ...;as=Table`), as kubectl asks for: its STATUS/ROLES columns."""
+    columns, cells = _TABLES.get(plural, (["Name", "Age"], lambda o: [o.get("metadata", {}).get("name"),
+                                                                       _age(o.get("metadata", {}).get(
+                                                                           "creationTimestamp"))]))
+    return {
+        "kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
+        "columnDefinitions": [{"name": c, "type": "integer" if c == "Restarts" else "string",
+                               "format": "name" if c == "Name" else "", "description": c,
+                               "priority": 1 if c == "Node" else 0} for c in columns],
+        "rows": [{"cells": cells(o), "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                                               "metadata": o.get("metadata", {})}} for o in items],
+    }
 
 
 def _dumps(body: dict[str, Any]) -> bytes:

@@ -127,6 +127,11 @@ def test_kubectl_uses_the_kubeconfig(sandbox, tmp_path):
     out = subprocess.run(["kubectl", "get", "nodes", "-l", "nvidia.com/gpu.product", "-o", "name"], env=env,
                          capture_output=True, text=True, timeout=60, check=True).stdout.split()
     assert len(out) == 16 and all(n.startswith("node/gpu-node-") for n in out)
+    table = subprocess.run(["kubectl", "get", "nodes", "cp-1", "gpu-node-0001"], env=env, capture_output=True,
+                           text=True, timeout=60, check=True).stdout.splitlines()
+    assert table[0].split() == ["NAME", "STATUS", "ROLES", "AGE", "VERSION"]
+    assert table[1].split()[:3] == ["cp-1", "Ready", "control-plane"]
+    assert table[2].split()[:3] == ["gpu-node-0001", "Ready", "gpu"]
 
 
 def _prom(sandbox, query: str) -> list[dict]:
