@@ -354,8 +354,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-before[_reject_plain_secret(), SecretRef]",) or "[" in str(part):
-            continue  # validator wrappers, not fields
+        elif "[" in str(part):
+            continue  # a validator wrapper's name (e.g. "function-after[...]"), not a field
         else:
             out += ("." if out else "") + str(part)
     return out or "(top level)"

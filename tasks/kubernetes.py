@@ -7,7 +7,6 @@ model deserialisation costs seconds for a few thousand nodes and is never used f
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -305,7 +304,3 @@ def list_gpu_pods(platform: str, cluster: str | None = None) -> list[PodInfo]:
             timeout_s=cfg.request_timeout_s,
         )
     return [p for p in (pod_info(o) for o in listing.items) if p.holds_gpu]
-
-
-def elapsed_since(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
