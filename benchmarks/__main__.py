@@ -14,6 +14,8 @@ import sys
 # name -> module under benchmarks/ exposing run(size: int, repeat: int) -> None
 BENCHMARKS = {
     "inventory": "benchmarks.inventory",
+    "gpu-sweep": "benchmarks.gpu_sweep",
+    "backup-stream": "benchmarks.backup_stream",
 }
 
 

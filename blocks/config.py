@@ -217,6 +217,9 @@ class GitLabScratchConfig(_Model):
     api_url: HttpUrl
     token: SecretField
     ssh: SSHTarget
+    backup_path: str | None = Field(None, description="defaults to the production host's backup_path")
+    config_backup_path: str | None = Field(None, description="defaults to the production host's")
+    secrets_file: str | None = Field(None, description="defaults to the production host's")
 
 
 class PrometheusConfig(_Model):

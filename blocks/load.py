@@ -67,7 +67,11 @@ def build_blocks(cfg: PlatformConfig) -> list[tuple[str, object]]:
         out.append((cfg.name, GitLabHost(**_ssh_fields(g.ssh), **host_extra)))
         out.append((cfg.name, GitLabAPI(url=g.api_url, token=_secret(g.token))))
         if g.scratch:
-            out.append((f"{cfg.name}-scratch", GitLabHost(**_ssh_fields(g.scratch.ssh), **host_extra)))
+            scratch_extra = dict(host_extra)
+            for key in ("backup_path", "config_backup_path", "secrets_file"):
+                if getattr(g.scratch, key):
+                    scratch_extra[key] = getattr(g.scratch, key)
+            out.append((f"{cfg.name}-scratch", GitLabHost(**_ssh_fields(g.scratch.ssh), **scratch_extra)))
             out.append((f"{cfg.name}-scratch", GitLabAPI(url=g.scratch.api_url, token=_secret(g.scratch.token))))
     if cfg.prometheus:
         out.append((cfg.name, PrometheusServer(url=cfg.prometheus.url, timeout_s=cfg.prometheus.timeout_s)))

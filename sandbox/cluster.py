@@ -161,6 +161,31 @@ def gpu_node_count(total_nodes: int) -> int:
     return max(total_nodes - 1, 1)
 
 
+def pod_suffixes(names: list[str]) -> dict[str, str]:
+    """A 5-character suffix per node for its DaemonSet pods, unique as the DaemonSet controller makes them.
+
+    The suffix is the node name's hash; on a clash (likely from about 1,000 nodes on) it is rehashed,
+    so two nodes never share an exporter pod name or a Prometheus `instance`.
+    """
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for name in names:
+        suffix, salt = _h(name)[:5], 0
+        while suffix in used:
+            salt += 1
+            suffix = _h(name, salt)[:5]
+        used.add(suffix)
+        out[name] = suffix
+    return out
+
+
+def exporter_pod_names(gpu_nodes: int) -> dict[str, str]:
+    """GPU node -> the name of its dcgm-exporter pod (which dcgm-exporter reports as `Hostname`)."""
+    cps, monitors, gpus = node_names(gpu_nodes)
+    suffixes = pod_suffixes(cps + monitors + gpus)
+    return {n: f"{EXPORTER_APP}-{suffixes[n]}" for n in gpus}
+
+
 def seed_cluster(gpu_nodes: int, seed: int = 7) -> SeededCluster:
     """A cluster with `gpu_nodes` GPU nodes (8 GPUs each) plus its control plane and monitor node."""
     rng = random.Random(seed)
@@ -169,14 +194,15 @@ def seed_cluster(gpu_nodes: int, seed: int = 7) -> SeededCluster:
     nodes += [_node(n, "monitor", i, rng) for i, n in enumerate(monitors)]
     nodes += [_node(n, "gpu", i, rng) for i, n in enumerate(gpus)]
     pods: list[dict[str, Any]] = []
+    suffixes = pod_suffixes(cps + monitors + gpus)
     for node in nodes:
         name = node["metadata"]["name"]
-        suffix = _h(name)[:5]
+        suffix = suffixes[name]
         pods.append(_pod("kube-system", f"kube-proxy-{suffix}", name, labels={"k8s-app": "kube-proxy"},
                          owner=("DaemonSet", "kube-proxy"), image=_IMAGES[5][0],
                          tolerations=[{"operator": "Exists"}]))
     for index, name in enumerate(gpus):
-        suffix = _h(name)[:5]
+        suffix = suffixes[name]
         pods.append(_pod(EXPORTER_NAMESPACE, f"{EXPORTER_APP}-{suffix}", name,
                          labels={"app": EXPORTER_APP, "app.kubernetes.io/name": EXPORTER_APP},
                          owner=("DaemonSet", EXPORTER_APP), image=_IMAGES[3][0],

@@ -284,3 +284,29 @@ def _start_prometheus(sb: Sandbox) -> None:
 
 
 COMPONENTS: list[Callable[[Sandbox], None]] = [start_core, _start_prometheus]
+
+
+def _start_gitlab(sb: Sandbox) -> None:
+    """GitLab hosts (sshd + stand-in omnibus scripts) and their API stand-ins; moto S3; a webhook sink."""
+    from sandbox.gitlab_host import start_gitlab
+    from sandbox.s3 import start_s3
+    from sandbox.webhook import start_webhook
+
+    start_webhook(sb)
+    start_s3(sb)
+    start_gitlab(sb)
+
+
+COMPONENTS.append(_start_gitlab)
+
+
+def _start_training(sb: Sandbox) -> None:
+    """The Argo Server stand-in (scripted workflow runs) and the GitLab CI API stand-in (files, statuses, notes)."""
+    from sandbox.argo import start_argo
+    from sandbox.gitlab_ci_api import start_gitlab_ci_api
+
+    start_argo(sb)
+    start_gitlab_ci_api(sb)
+
+
+COMPONENTS.append(_start_training)

@@ -21,16 +21,13 @@ RULES_DIR = Path(__file__).resolve().parent.parent / "configs" / "prometheus"
 def write_config(sb: Sandbox, port: int) -> Path:
     import json as _json
 
-    from sandbox.cluster import EXPORTER_APP, node_names
-    from sandbox.cluster import _h as _hash
+    from sandbox.cluster import exporter_pod_names
 
-    _, _, gpu_nodes = node_names(sb.gpu_nodes)
     sim = sb.urls["sim"].removeprefix("http://")
     targets = [{
         "targets": [sim],
-        "labels": {"__metrics_path__": f"/nodes/{node}/metrics",
-                   "instance": f"{EXPORTER_APP}-{_hash(node)[:5]}:9400"},
-    } for node in gpu_nodes]
+        "labels": {"__metrics_path__": f"/nodes/{node}/metrics", "instance": f"{pod}:9400"},
+    } for node, pod in exporter_pod_names(sb.gpu_nodes).items()]
     sd = sb.path("prometheus", "dcgm-targets.json")
     sd.write_text(_json.dumps(targets))
     interval = f"{sb.scrape_interval_s}s"

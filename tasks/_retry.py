@@ -65,7 +65,7 @@ def is_transient(exc: BaseException | None) -> bool:
 def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry only when the failure was transient."""
     try:
-        state.result()
+        state.result(_sync=True)  # async tasks too: a coroutine here would never raise
     except BaseException as exc:  # noqa: BLE001 - we classify, then re-decide
         return is_transient(exc)
     return False

@@ -8,7 +8,7 @@ model deserialisation costs seconds for a few thousand nodes and is never used f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
 from kubernetes import client as k8s
@@ -70,8 +70,13 @@ def list_raw(
     field_selector: str | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     timeout_s: float = 15.0,
+    transform: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Listing:
-    """Every object of `kind` ('nodes' or 'pods', cluster-wide) as plain dicts, page by page."""
+    """Every object of `kind` ('nodes' or 'pods', cluster-wide) as plain dicts, page by page.
+
+    `transform`, when given, turns each object into what the caller keeps (None drops it) as each
+    page arrives, so a big listing never holds more than one page of raw objects.
+    """
     core = k8s.CoreV1Api(api)
     fetch = {"nodes": core.list_node, "pods": core.list_pod_for_all_namespaces}[kind]
     items: list[dict[str, Any]] = []
@@ -89,7 +94,12 @@ def list_raw(
         response = fetch(**kwargs)
         trips += 1
         body = orjson.loads(response.data)
-        items.extend(body.get("items") or [])
+        page = body.get("items") or []
+        if transform is None:
+            items.extend(page)
+        else:
+            items.extend(kept for kept in map(transform, page) if kept is not None)
+        del page
         meta = body.get("metadata") or {}
         rv = meta.get("resourceVersion", rv)
         cont = meta.get("continue")
@@ -304,3 +314,224 @@ def list_gpu_pods(platform: str, cluster: str | None = None) -> list[PodInfo]:
             timeout_s=cfg.request_timeout_s,
         )
     return [p for p in (pod_info(o) for o in listing.items) if p.holds_gpu]
+
+
+# --- the GPU sweep's view of a cluster ---------------------------------------------------------
+#
+# Two listings whatever the fleet's size: GPU nodes (by the GPU label) and the pods that are not
+# finished, trimmed page by page to what the sweep reads (exporter pods and pods holding GPUs).
+# Pages of 10,000 objects: the API server treats `limit` as a chunk size with no upper bound, and
+# informers (kube-state-metrics, Prometheus' Kubernetes discovery) already list every pod in one
+# response; at 10,000 a 2,000-node fleet (2,000 nodes, ~8,400 pods) is one page of each, a
+# 10,000-node fleet 1 + 5, and this process holds one raw page at a time.
+
+SWEEP_PAGE_SIZE = 10_000
+DEFAULT_EXPORTER_SELECTOR = "app=nvidia-dcgm-exporter"
+
+
+def _equality_selector(selector: str) -> list[tuple[str, str]]:
+    terms = []
+    for term in selector.split(","):
+        key, sep, value = term.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"exporter selector: expected key=value[,key=value], got {selector!r}")
+        terms.append((key.strip(), value.strip().lstrip("=")))
+    return terms
+
+
+def _gpu_node(obj: dict[str, Any], gpu_label: str):
+    from tasks.gpu_health import GPUNode
+
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    labels = meta.get("labels") or {}
+    ready: bool | None = None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Ready":
+            ready = {"True": True, "False": False}.get(cond.get("status"))
+    capacity = (status.get("capacity") or {}).get(WHOLE_GPU)
+    if capacity is None:
+        capacity = labels.get("nvidia.com/gpu.count")
+    try:
+        cap = int(_quantity(capacity))
+    except ValueError:
+        cap = 0
+    try:
+        alloc = int(_quantity((status.get("allocatable") or {}).get(WHOLE_GPU, cap)))
+    except ValueError:
+        alloc = 0
+    return GPUNode(name=meta.get("name", ""), ready=ready, unschedulable=bool(spec.get("unschedulable")),
+                   capacity=cap, allocatable=alloc, taints=list(spec.get("taints") or []),
+                   annotations=meta.get("annotations") or {}, product=labels.get(gpu_label))
+
+
+def _sweep_pod(obj: dict[str, Any], exporter_terms: list[tuple[str, str]]):
+    from tasks.gpu_health import ExporterPod, GPUPod
+
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    labels = meta.get("labels") or {}
+    if all(labels.get(k) == v for k, v in exporter_terms):
+        return ExporterPod(namespace=meta.get("namespace", ""), name=meta.get("name", ""), node=spec.get("nodeName"),
+                           ip=status.get("podIP"), phase=status.get("phase"))
+    requests = gpu_requests(obj)
+    if not any(v > 0 for v in requests.values()):
+        return None
+    owners = meta.get("ownerReferences") or []
+    owner = f"{owners[0].get('kind')}/{owners[0].get('name')}" if owners else None
+    return GPUPod(namespace=meta.get("namespace", ""), name=meta.get("name", ""), node=spec.get("nodeName"),
+                  owner=owner, whole_gpus=int(requests.get(WHOLE_GPU, 0)),
+                  shares={k: v for k, v in requests.items() if k != WHOLE_GPU},
+                  started=status.get("startTime") or meta.get("creationTimestamp"),
+                  daemonset=bool(owners) and owners[0].get("kind") == "DaemonSet")
+
+
+def fetch_gpu_fleet(api: k8s.ApiClient, *, gpu_node_label: str = "nvidia.com/gpu.product",
+                    exporter_selector: str = DEFAULT_EXPORTER_SELECTOR, page_size: int = SWEEP_PAGE_SIZE,
+                    timeout_s: float = 15.0):
+    """GPU nodes, pods holding GPUs and exporter pods of one cluster: two paginated listings, run together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.gpu_health import ExporterPod, FleetSnapshot
+
+    terms = _equality_selector(exporter_selector)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="k8s-list") as pool:
+        nodes_f = pool.submit(list_raw, api, "nodes", label_selector=gpu_node_label, page_size=page_size,
+                              timeout_s=timeout_s, transform=lambda o: _gpu_node(o, gpu_node_label))
+        pods_f = pool.submit(list_raw, api, "pods", field_selector="status.phase!=Succeeded,status.phase!=Failed",
+                             page_size=page_size, timeout_s=timeout_s, transform=lambda o: _sweep_pod(o, terms))
+        nodes, pods = nodes_f.result(), pods_f.result()
+    exporters = [p for p in pods.items if isinstance(p, ExporterPod)]
+    holders = [p for p in pods.items if not isinstance(p, ExporterPod)]
+    return FleetSnapshot(nodes=nodes.items, pods=holders, exporters=exporters,
+                         round_trips=nodes.round_trips + pods.round_trips)
+
+
+@task(name="list-gpu-fleet", cache_policy=NONE, **TRANSIENT_RETRIES)
+def list_gpu_fleet(platform: str, cluster: str | None = None, page_size: int = SWEEP_PAGE_SIZE,
+                   exporter_selector: str = DEFAULT_EXPORTER_SELECTOR):
+    """The cluster's GPU nodes, GPU-holding pods and dcgm-exporter pods (`FleetSnapshot`)."""
+    cfg = _cluster(platform, cluster)
+    with api_client_for(cfg) as api:
+        return fetch_gpu_fleet(api, gpu_node_label=cfg.gpu_node_label, exporter_selector=exporter_selector,
+                               page_size=page_size, timeout_s=cfg.request_timeout_s)
+
+
+# --- cordon, taint, uncordon, drain ----------------------------------------------------------------
+#
+# Nodes are changed with JSON merge patches (the client's default for a dict body): maps merge,
+# lists replace, so the taint list is always sent whole, built from the node as it is now.
+
+
+def _read_node_raw(core: k8s.CoreV1Api, name: str, timeout_s: float) -> dict[str, Any]:
+    response = core.read_node(name, _preload_content=False, _request_timeout=timeout_s)
+    return orjson.loads(response.data)
+
+
+def cordon_and_taint(api: k8s.ApiClient, node: str, reason: str, annotation: str, *, taint_key: str,
+                     annotation_key: str, timeout_s: float = 15.0) -> dict[str, Any]:
+    """Cordon `node`, add the taint `taint_key=reason:NoSchedule` and the annotation. Idempotent."""
+    core = k8s.CoreV1Api(api)
+    obj = _read_node_raw(core, node, timeout_s)
+    spec = obj.get("spec") or {}
+    taints = [t for t in spec.get("taints") or []]
+    ours = [t for t in taints if t.get("key") == taint_key]
+    was_cordoned = bool(spec.get("unschedulable"))
+    if was_cordoned and ours:
+        return {"node": node, "changed": False, "detail": "already cordoned and tainted"}
+    if not ours:
+        taints.append({"key": taint_key, "value": reason, "effect": "NoSchedule"})
+    patch = {"spec": {"unschedulable": True, "taints": taints},
+             "metadata": {"annotations": {annotation_key: annotation}}}
+    core.patch_node(node, patch, _request_timeout=timeout_s)
+    return {"node": node, "changed": True,
+            "detail": f"cordoned{' (was already unschedulable)' if was_cordoned else ''}, tainted {taint_key}={reason}"}
+
+
+def uncordon_and_untaint(api: k8s.ApiClient, node: str, *, taint_key: str, annotation_key: str,
+                         timeout_s: float = 15.0) -> dict[str, Any]:
+    """Remove our taint and annotation and uncordon `node` (idempotent)."""
+    core = k8s.CoreV1Api(api)
+    obj = _read_node_raw(core, node, timeout_s)
+    spec = obj.get("spec") or {}
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    taints = [t for t in spec.get("taints") or [] if t.get("key") != taint_key]
+    if not spec.get("unschedulable") and len(taints) == len(spec.get("taints") or []) \
+            and annotation_key not in annotations:
+        return {"node": node, "changed": False, "detail": "already schedulable and untainted"}
+    patch = {"spec": {"unschedulable": None, "taints": taints or None},
+             "metadata": {"annotations": {annotation_key: None}}}
+    core.patch_node(node, patch, _request_timeout=timeout_s)
+    return {"node": node, "changed": True, "detail": f"uncordoned, removed {taint_key}"}
+
+
+def evict_pods_on(api: k8s.ApiClient, node: str, timeout_s: float = 15.0) -> list[dict[str, Any]]:
+    """Evict every pod on `node` except DaemonSet pods, through the eviction API.
+
+    A PodDisruptionBudget that forbids the eviction makes the API server answer 429: that pod is
+    reported as `blocked` and left running (never forced, never deleted).
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    core = k8s.CoreV1Api(api)
+    listing = list_raw(api, "pods", field_selector=f"spec.nodeName={node},status.phase!=Succeeded,status.phase!=Failed",
+                       timeout_s=timeout_s)
+    out = []
+    for pod in listing.items:
+        meta = pod.get("metadata") or {}
+        owners = meta.get("ownerReferences") or []
+        ref = f"{meta.get('namespace')}/{meta.get('name')}"
+        if owners and owners[0].get("kind") == "DaemonSet":
+            continue
+        body = k8s.V1Eviction(metadata=k8s.V1ObjectMeta(name=meta.get("name"), namespace=meta.get("namespace")))
+        try:
+            core.create_namespaced_pod_eviction(meta.get("name"), meta.get("namespace"), body,
+                                                _request_timeout=timeout_s)
+            out.append({"node": node, "pod": ref, "result": "evicted"})
+        except ApiException as exc:
+            if exc.status == 429:
+                out.append({"node": node, "pod": ref, "result": "blocked",
+                            "detail": "a PodDisruptionBudget forbids it: left running"})
+            elif exc.status == 404:
+                out.append({"node": node, "pod": ref, "result": "gone"})
+            else:
+                out.append({"node": node, "pod": ref, "result": "error", "detail": f"HTTP {exc.status}: {exc.reason}"})
+    return out
+
+
+@task(name="cordon-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
+def cordon_gpu_nodes(platform: str, cluster: str | None, actions: list[Any], annotation: dict[str, Any]) -> list[dict]:
+    """Cordon and taint each planned node (`tasks.gpu_health.NodeAction`); idempotent, so safe to retry."""
+    import json
+
+    from tasks.gpu_health import FINDING_ANNOTATION, UNHEALTHY_TAINT_KEY
+
+    cfg = _cluster(platform, cluster)
+    results = []
+    with api_client_for(cfg) as api:
+        for action in actions:
+            note = json.dumps({**annotation, "reason": action.reason, "findings": action.findings}, sort_keys=True)
+            results.append(cordon_and_taint(api, action.node, action.reason, note, taint_key=UNHEALTHY_TAINT_KEY,
+                                            annotation_key=FINDING_ANNOTATION, timeout_s=cfg.request_timeout_s))
+    return results
+
+
+@task(name="uncordon-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
+def uncordon_gpu_nodes(platform: str, cluster: str | None, nodes: list[str]) -> list[dict]:
+    """Remove the unhealthy taint and annotation and uncordon each node; idempotent."""
+    from tasks.gpu_health import FINDING_ANNOTATION, UNHEALTHY_TAINT_KEY
+
+    cfg = _cluster(platform, cluster)
+    with api_client_for(cfg) as api:
+        return [uncordon_and_untaint(api, n, taint_key=UNHEALTHY_TAINT_KEY, annotation_key=FINDING_ANNOTATION,
+                                     timeout_s=cfg.request_timeout_s) for n in nodes]
+
+
+@task(name="drain-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
+def drain_gpu_nodes(platform: str, cluster: str | None, nodes: list[str]) -> list[dict]:
+    """Evict the non-DaemonSet pods of each node, respecting PodDisruptionBudgets (429: reported, not forced)."""
+    cfg = _cluster(platform, cluster)
+    with api_client_for(cfg) as api:
+        return [r for n in nodes for r in evict_pods_on(api, n, cfg.request_timeout_s)]

@@ -104,3 +104,60 @@ def severity_counts(items: Iterable[Any], attr: str = "severity") -> dict[str, i
         value = getattr(value, "value", value)
         counts[str(value)] = counts.get(str(value), 0) + 1
     return counts
+
+
+# --- async flows: the same reports from an async flow (Prefect dispatches to async APIs there) --------
+
+
+async def apublish_markdown(key: str, markdown: str, description: str | None = None) -> str | None:
+    """`publish_markdown` for async flows."""
+    from prefect.artifacts import acreate_markdown_artifact
+
+    if _in_run_context():
+        await acreate_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+    return artifact_key(key)
+
+
+async def apublish_table(key: str, rows: Iterable[dict[str, Any]], description: str | None = None) -> int:
+    """`publish_table` for async flows."""
+    from prefect.artifacts import acreate_table_artifact
+
+    rows = list(rows)
+    shown = rows[:MAX_TABLE_ROWS]
+    if len(rows) > MAX_TABLE_ROWS:
+        description = f"{description or ''} (first {MAX_TABLE_ROWS} of {len(rows)} rows)".strip()
+    if _in_run_context():
+        clean = [{k: ("" if v is None else v) for k, v in r.items()} for r in shown]
+        await acreate_table_artifact(key=artifact_key(key), table=clean or [{"result": "none"}],
+                                     description=description)
+    return len(rows)
+
+
+class AsyncProgress:
+    """`Progress` for async flows: `p = await AsyncProgress.start(key, total)`, then `await p.advance()`."""
+
+    def __init__(self, key: str, total: int, description: str | None = None):
+        self.key, self.total, self.description = key, max(total, 1), description
+        self.done = 0
+        self._id = None
+
+    @classmethod
+    async def start(cls, key: str, total: int, description: str | None = None) -> "AsyncProgress":
+        from prefect.artifacts import acreate_progress_artifact
+
+        p = cls(key, total, description)
+        if _in_run_context():
+            p._id = await acreate_progress_artifact(progress=0.0, key=artifact_key(key), description=description)
+        return p
+
+    async def advance(self, steps: int = 1) -> float:
+        return await self.set(min(self.total, self.done + steps))
+
+    async def set(self, done: int) -> float:
+        from prefect.artifacts import aupdate_progress_artifact
+
+        self.done = done
+        pct = round(100.0 * done / self.total, 1)
+        if self._id is not None:
+            await aupdate_progress_artifact(artifact_id=self._id, progress=pct)
+        return pct

@@ -74,3 +74,80 @@ def sandbox_platform(sandbox, prefect_server) -> str:
     cfg = load_platform_config(sandbox.platform_yaml)
     load_blocks(cfg)
     return cfg.name
+
+
+# --- GitLab backup and restore (issue 4) ----------------------------------------------------------
+
+
+def run_flow_sync(flow_fn, **params):
+    """Run an (async) flow to completion from a sync test; returns its final State."""
+    import asyncio
+    import inspect
+
+    result = flow_fn(**params, return_state=True)
+    return asyncio.run(result) if inspect.iscoroutine(result) else result
+
+
+@pytest.fixture(scope="session")
+def gitlab_sandbox(sandbox, sandbox_platform):
+    """The sandbox's GitLab hosts, API stand-ins and S3 store, with block documents loaded."""
+    need_binary("sshd", "openssh-server")
+    if "gitlab" not in sandbox.config:
+        pytest.skip("the sandbox has no GitLab host component")
+    return sandbox
+
+
+@pytest.fixture(scope="session")
+def gitlab_backup_state(gitlab_sandbox, sandbox_platform):
+    """One successful `gitlab_backup` run of the session's production GitLab (its final State)."""
+    import logging
+
+    from flows.gitlab_backup import gitlab_backup
+
+    # INFO for this run: the tests read its streamed command output back from the server's logs
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+    try:
+        state = run_flow_sync(gitlab_backup, platform=sandbox_platform)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    assert state.is_completed(), state.message
+    return state
+
+
+# --- training on Argo (issue 5) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def training_platform(sandbox, prefect_server):
+    """A platform named `sandbox-ci` for the training flows: the sandbox's Argo stand-in, the GitLab CI
+    API stand-in as `gitlab.api_url`, and a real registry (the sandbox's, or one started here)."""
+    from blocks.config import parse_platform_config
+    from blocks.load import load_blocks
+    from sandbox.platform import free_port, http_ok, wait_for
+
+    if "argo" not in sandbox.config or "gitlab_ci_api" not in sandbox.urls:
+        pytest.skip("the sandbox has no training component")
+    registry = sandbox.config.get("registry")
+    if registry is None:
+        binary = need_binary("docker-registry", "docker-registry")
+        port = free_port()
+        conf = sandbox.path("training-registry", "config.yml")
+        conf.write_text(f"version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: "
+                        f"{sandbox.path('training-registry', 'data')}}}\n  delete: {{enabled: true}}\n"
+                        f"http: {{addr: '127.0.0.1:{port}'}}\n")
+        proc = sandbox.spawn("training-registry", [binary, "serve", str(conf)])
+        wait_for(http_ok(f"http://127.0.0.1:{port}/v2/"), "docker-registry", 30, proc,
+                 sandbox.log_of("training-registry"))
+        registry = {"url": f"http://127.0.0.1:{port}"}
+    cfg = parse_platform_config({
+        "name": "sandbox-ci", "clusters": [{"name": "sandbox-ci"}], "argo": sandbox.config["argo"],
+        "registry": registry,
+        "gitlab": {"api_url": sandbox.urls["gitlab_ci_api"], "token": {"env": "SANDBOX_GITLAB_CI_TOKEN"},
+                   "ssh": {"host": "127.0.0.1"}},
+    }, "training-platform")
+    load_blocks(cfg)
+    return cfg

@@ -1,0 +1,105 @@
+"""gpu-sweep: one sweep over an N-node x 8-GPU sandbox fleet vs a naive per-node baseline, same run.
+
+- project:  `flows.gpu_monitoring_sweep.sweep`: two paginated Kubernetes listings and four PromQL
+  queries run together, one follow-up query for the GPUs that need details, the pure join and
+  classification. Prefect's start-up is not included (the flow wraps this in a handful of tasks).
+- baseline `per-node`: what a script asking per node does: list the nodes, then for each node read
+  it, list its pods (`fieldSelector=spec.nodeName=...`) and ask Prometheus one query per metric for
+  that node's exporter; timed on a sample of nodes and scaled to N (`extrapolated_from`).
+
+    python -m benchmarks gpu-sweep --size 2000 [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks._harness import emit, peak_rss_mb, timed
+
+BASELINE_SAMPLE = 20
+TIMEOUT_S = 60.0  # per request; the flow uses the platform config's prometheus.timeout_s (15s)
+BASELINE_QUERIES = [
+    "max_over_time(DCGM_FI_DEV_GPU_UTIL{{Hostname=\"{h}\"}}[{w}])",
+    "avg_over_time(DCGM_FI_DEV_GPU_UTIL{{Hostname=\"{h}\"}}[{w}])",
+    "max_over_time(DCGM_FI_PROF_GR_ENGINE_ACTIVE{{Hostname=\"{h}\"}}[{w}])",
+    "max_over_time(DCGM_FI_DEV_GPU_TEMP{{Hostname=\"{h}\"}}[{w}])",
+    "max_over_time(DCGM_FI_DEV_MEMORY_TEMP{{Hostname=\"{h}\"}}[{w}])",
+    "DCGM_FI_DEV_FB_USED{{Hostname=\"{h}\"}}",
+    "DCGM_FI_DEV_FB_FREE{{Hostname=\"{h}\"}}",
+    "max_over_time(DCGM_FI_DEV_XID_ERRORS{{Hostname=\"{h}\"}}[{w}])",
+    "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS{{Hostname=\"{h}\"}}",
+    "DCGM_FI_DEV_ROW_REMAP_FAILURE{{Hostname=\"{h}\"}}",
+    "avg_over_time(DCGM_FI_DEV_POWER_USAGE{{Hostname=\"{h}\"}}[{w}])",
+    "up{{instance=\"{h}:9400\"}}",
+]
+
+
+def run(size: int | None = None, repeat: int = 5) -> None:
+    from kubernetes import client as k8s
+
+    from flows.gpu_monitoring_sweep import sweep
+    from sandbox.cluster import exporter_pod_names
+    from sandbox.platform import Sandbox, _start_prometheus, start_core
+    from sandbox.prometheus import wait_for_first_scrape
+    from tasks.gpu_health import SweepThresholds
+    from tasks.kubernetes import api_client_from_kubeconfig, list_raw
+
+    size = size or 2000
+    th = SweepThresholds()  # the platform defaults: a 15m window
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.monotonic()
+        sb = Sandbox(state_dir=Path(tmp), gpu_nodes=size, nodes=size + 4, profile="sweep")
+        sb.up(components=[start_core, _start_prometheus])
+        try:
+            wait_for_first_scrape(sb, timeout_s=120 + size * 0.1)
+            setup_s = time.monotonic() - start
+            api = api_client_from_kubeconfig(str(sb.kubeconfig))
+            prom = sb.urls["prometheus"]
+            last = {}
+
+            def project():
+                result = sweep(api, prom, th, cluster="sandbox", timeout_s=TIMEOUT_S)
+                last["result"] = result
+                return result
+
+            seconds, result = timed(project, repeat=repeat)
+            rss = peak_rss_mb()
+            assert result.metrics_error is None, result.metrics_error
+            assert result.gpus_reporting == size * 8, (result.gpus_reporting, size * 8)
+
+            core = k8s.CoreV1Api(api)
+            exporters = exporter_pod_names(size)
+            client = httpx.Client(timeout=30)
+
+            def baseline_sample() -> int:
+                trips = 0
+                listing = list_raw(api, "nodes", label_selector="nvidia.com/gpu.product", page_size=500)
+                trips += listing.round_trips
+                for obj in listing.items[:BASELINE_SAMPLE]:
+                    name = obj["metadata"]["name"]
+                    core.read_node(name, _preload_content=False)
+                    core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={name}", _preload_content=False)
+                    trips += 2
+                    for q in BASELINE_QUERIES:
+                        r = client.post(f"{prom}/api/v1/query", data={"query": q.format(h=exporters[name], w=th.window)})
+                        r.raise_for_status()
+                        json.loads(r.content)
+                        trips += 1
+                return trips
+
+            t = time.perf_counter()
+            baseline_sample()
+            per_node = (time.perf_counter() - t) / BASELINE_SAMPLE
+            baseline_seconds = per_node * size
+            emit("gpu-sweep", size, seconds=seconds, baseline_seconds=baseline_seconds, peak_rss_mb=rss,
+                 round_trips=result.round_trips, baseline="per-node", baseline_round_trips=size * (2 + len(
+                     BASELINE_QUERIES)) + 1, extrapolated_from=BASELINE_SAMPLE, gpus=size * 8,
+                 findings=len(result.findings), phases={k: round(v, 3) for k, v in result.timings.items()},
+                 sandbox_setup_s=round(setup_s, 1), scrape_interval_s=sb.scrape_interval_s)
+        finally:
+            sb.down()

@@ -1,0 +1,242 @@
+"""GitLab backup: `gitlab-backup create`, config and secrets, verification, off-site copy, retention.
+
+Replaces the guide's crontab lines (`gitlab-backup create CRON=1` at 02:00, `gitlab-ctl
+backup-etc` at 04:15 Tue-Sat, `find -mtime +5 -delete`). One backup or restore per GitLab host at
+a time (global concurrency limit `gitlab-host-<platform>`). Retention runs only after a fully
+verified run and never deletes the newest verified backup. A failure notifies the webhook.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.concurrency.asyncio import concurrency
+
+from tasks.gitlab import (
+    BackupFile,
+    BackupRecord,
+    Manifest,
+    RetentionDecision,
+    copy_offsite,
+    create_config_backup,
+    create_data_backup,
+    delete_host_files,
+    ensure_host_limit,
+    gitlab_preflight,
+    human_bytes,
+    human_duration,
+    list_host_backups,
+    load_block,
+    load_config,
+    load_notifier,
+    parse_backup_id,
+    plan_retention,
+    space_problem,
+    write_host_manifest,
+)
+from tasks.reports import AsyncProgress, apublish_markdown, apublish_table, md_table
+from tasks.storage import delete_offsite_backups, list_offsite_manifests, write_offsite_manifest
+
+
+class BackupFailed(RuntimeError):
+    pass
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def notify_failure(platform: str, subject: str, body: str) -> bool:
+    """Send a failure notice to the platform's webhook (if one is configured); never raises."""
+    logger = get_run_logger()
+    try:
+        notifier = await load_notifier(platform)
+        if notifier is None:
+            logger.warning("no notifications.webhook_url configured: failure not sent anywhere")
+            return False
+        await notifier.notify(body=body, subject=subject)
+        return True
+    except Exception as exc:  # noqa: BLE001 - a notice that fails must not hide the real failure
+        logger.error("could not send the failure notice: %s", type(exc).__name__)
+        return False
+
+
+def rpo_seconds(manifests: list[dict], now: datetime) -> float | None:
+    verified = [Manifest.model_validate(m) for m in manifests if m.get("verified") and m.get("offsite")]
+    if not verified:
+        return None
+    return (now - max(m.finished_at for m in verified)).total_seconds()
+
+
+async def _config_and_secrets(platform: str, kind: str, backup_id: str | None,
+                              progress: AsyncProgress) -> tuple[list[BackupFile], str]:
+    """backup-etc + secrets copy on the host, both verified and copied off-site under `<kind>/<id>/`
+    (`id` defaults to the config archive's stamp)."""
+    cfg = await create_config_backup(platform)
+    await progress.advance()
+    backup_id = backup_id or cfg["stamp"]
+    files = []
+    for role, name, archive in (("config", cfg["config_archive"], True), ("secrets", cfg["secrets_copy"], False)):
+        path = posixpath.join(cfg["directory"], name)
+        copied = await copy_offsite(platform, path, f"{kind}/{backup_id}/{name}", archive=archive)
+        files.append(BackupFile(role=role, name=name, host_path=path, size=copied["size"], sha256=copied["sha256"],
+                                offsite=copied["location"]))
+        await progress.advance()
+    return files, cfg["stamp"]
+
+
+async def apply_retention(platform: str, kind: str, run_succeeded: bool, now: datetime) -> list[dict]:
+    """Plan and apply retention for one kind, on the host and off-site; returns the decisions as rows."""
+    t = (await load_config(platform)).thresholds.backup
+    keep_days, keep_count = (t.keep_days, t.keep_count) if kind == "data" else (t.config_keep_days,
+                                                                                 t.config_keep_count)
+    rows = []
+    host = await list_host_backups(platform)
+    records = [BackupRecord(b["id"], datetime.fromtimestamp(b["created"], timezone.utc), b["verified"], b["size"])
+               for b in host[kind]]
+    plan = plan_retention(records, now=now, keep_days=keep_days, keep_count=keep_count, run_succeeded=run_succeeded)
+    doomed = {d.id for d in plan if d.action == "delete"}
+    paths = [p for b in host[kind] if b["id"] in doomed for p in b["files"]]
+    # archives first, manifests last: an interrupted deletion never leaves a manifest without its doubt
+    paths.sort(key=lambda p: p.endswith(".manifest.json"))
+    if paths:
+        await delete_host_files(platform, paths)
+    rows += [_decision_row("host", kind, d) for d in plan]
+
+    manifests = await list_offsite_manifests(platform, kind)
+    records = [BackupRecord(m["id"], Manifest.model_validate(m).finished_at,
+                            bool(m.get("verified") and m.get("offsite"))) for m in manifests]
+    plan = plan_retention(records, now=now, keep_days=keep_days, keep_count=keep_count, run_succeeded=run_succeeded)
+    doomed_offsite = [d.id for d in plan if d.action == "delete"]
+    if doomed_offsite:
+        await delete_offsite_backups(platform, kind, doomed_offsite)
+    rows += [_decision_row("off-site", kind, d) for d in plan]
+    return rows
+
+
+def _decision_row(where: str, kind: str, d: RetentionDecision) -> dict:
+    return {"where": where, "kind": kind, "backup": d.id, "created": d.created_at.strftime("%Y-%m-%d %H:%M"),
+            "action": d.action, "reason": d.reason}
+
+
+def _summary(platform: str, title: str, manifest: Manifest | None, preflight: dict, rows: list[dict],
+             rpo: float | None, seconds: float, error: str | None, location: str) -> str:
+    lines = [f"# {title}: {platform}", ""]
+    if error:
+        lines += ["**FAILED.** " + error, "",
+                  "Nothing was deleted (retention skips failed runs); earlier backups are untouched.", ""]
+    if manifest:
+        lines += [f"- **Backup:** `{manifest.id}` ({manifest.kind})",
+                  f"- **GitLab:** {manifest.gitlab_version} {manifest.edition.upper()}",
+                  f"- **Components:** {', '.join(manifest.components) or '-'}"
+                  + (f" (skipped: {', '.join(manifest.skipped)})" if manifest.skipped else ""),
+                  f"- **Size:** {human_bytes(manifest.total_size)}",
+                  f"- **Verified:** {'yes' if manifest.verified else 'NO'}"]
+    lines += [f"- **Duration:** {human_duration(seconds)}", f"- **Off-site location:** {location}",
+              f"- **RPO (age of newest verified off-site copy):** {human_duration(rpo) if rpo is not None else 'none!'}",
+              f"- **Host free space:** {human_bytes(preflight.get('free_bytes', 0))}" if preflight else "", ""]
+    if manifest:
+        lines += ["## Files", "", md_table([{"role": f.role, "name": f.name, "size": human_bytes(f.size),
+                                              "sha256": f.sha256[:16] + "...", "off-site": f.offsite or ""}
+                                             for f in manifest.files])]
+    if rows:
+        lines += ["## Retention", "", md_table(rows, limit=40)]
+    return "\n".join(lines)
+
+
+async def _run_backup(platform: str, kind: str, options: dict[str, str] | None) -> dict:
+    logger = get_run_logger()
+    started = _now()
+    limit = await ensure_host_limit(platform)
+    preflight: dict = {}
+    manifest: Manifest | None = None
+    rows: list[dict] = []
+    error = None
+    config = await load_config(platform)
+    host = await load_block("host", platform)
+    store = await load_block("store", platform)
+    location = (f"s3://{store.bucket}/{store.prefix}{kind}/" if store.kind == "s3" else f"{store.path}/{kind}/")
+    progress = await AsyncProgress.start(f"gitlab-{kind}-backup-progress-{platform}",
+                                         total=7 if kind == "data" else 4, description=f"GitLab {kind} backup")
+    try:
+        async with concurrency(limit, occupy=1, timeout_seconds=3600):
+            preflight = await gitlab_preflight(platform)
+            await progress.advance()
+            if preflight["problems"]:
+                raise BackupFailed("preflight: " + "; ".join(preflight["problems"]))
+            if kind == "data":
+                needed = int(preflight["last_backup_size"] * config.thresholds.backup.free_space_factor)
+                problem = space_problem(preflight["free_bytes"], needed, "a new backup (last backup size x factor)")
+                if problem:
+                    raise BackupFailed("preflight: " + problem)
+                backup_id = await create_data_backup(platform, options)
+                await progress.advance()
+                bid = parse_backup_id(backup_id)
+                archive_path = posixpath.join(host.backup_path, bid.archive)
+                copied = await copy_offsite(platform, archive_path, f"data/{backup_id}/{bid.archive}", archive=True,
+                                            expected_version=preflight["gitlab_version"])
+                await progress.advance()
+                files = [BackupFile(role="data", name=bid.archive, host_path=archive_path, size=copied["size"],
+                                    sha256=copied["sha256"], offsite=copied["location"])]
+                extra, _ = await _config_and_secrets(platform, "data", backup_id, progress)
+                files += extra
+                manifest_path = posixpath.join(host.backup_path, f"{backup_id}_gitlab_backup.manifest.json")
+                components, skipped = copied["components"], copied["skipped"]
+            else:
+                files, backup_id = await _config_and_secrets(platform, "config", None, progress)
+                stamp = backup_id
+                manifest_path = posixpath.join(host.config_backup_path, f"gitlab_config_{stamp}.manifest.json")
+                components, skipped = [], []
+            manifest = Manifest(
+                id=backup_id, kind=kind, platform=platform, host=preflight["host"],
+                gitlab_version=preflight["gitlab_version"], edition=preflight["edition"], components=components,
+                skipped=skipped, files=files, etc_dir=posixpath.dirname(host.secrets_file), started_at=started,
+                finished_at=_now(), verified=True, offsite=True)
+            await write_host_manifest(platform, manifest_path, manifest.model_dump(mode="json"))
+            await write_offsite_manifest(platform, kind, backup_id, manifest.model_dump(mode="json"))
+            await progress.advance()
+            rows = await apply_retention(platform, kind, run_succeeded=True, now=_now())
+            await progress.set(progress.total)
+    except Exception as exc:  # noqa: BLE001 - reported, notified, then re-raised
+        error = f"{type(exc).__name__}: {exc}"
+        logger.error("GitLab %s backup failed: %s", kind, error)
+    finished = _now()
+    try:
+        manifests = await list_offsite_manifests(platform, kind)
+    except Exception:  # noqa: BLE001 - the store may be what failed; RPO then reads "none"
+        manifests = []
+    rpo = rpo_seconds(manifests, finished)
+    seconds = (finished - started).total_seconds()
+    title = "GitLab backup" if kind == "data" else "GitLab config backup"
+    await apublish_markdown(f"gitlab-{kind}-backup-{platform}",
+                     _summary(platform, title, manifest, preflight, rows, rpo, seconds, error, location),
+                     description=f"{title}: size, duration, location, RPO")
+    if rows:
+        await apublish_table(f"gitlab-{kind}-backup-retention-{platform}", rows, description="Retention decisions")
+    if error is not None:
+        await notify_failure(platform, f"{title} FAILED on {platform}",
+                             f"{error}\nNothing was deleted. RPO is now "
+                             f"{human_duration(rpo) if rpo is not None else 'unknown (no verified copy)'}.")
+        raise BackupFailed(error)
+    logger.info("backup %s verified and off-site (%s, %s); RPO %s", manifest.id, human_bytes(manifest.total_size),
+                human_duration(seconds), human_duration(rpo or 0))
+    return {"backup_id": manifest.id, "size": manifest.total_size, "seconds": round(seconds, 1),
+            "rpo_seconds": round(rpo or 0, 1), "files": [f.model_dump() for f in manifest.files],
+            "retention": rows, "location": location}
+
+
+@flow(name="gitlab-backup", log_prints=False)
+async def gitlab_backup(platform: str = "main", options: dict[str, str] | None = None) -> dict:
+    """Back up GitLab (data, config, secrets), verify it, copy it off-site, apply retention.
+
+    `options` overrides the host's `backup_options` (STRATEGY, SKIP, GZIP_RSYNCABLE, CRON...).
+    """
+    return await _run_backup(platform, "data", options)
+
+
+@flow(name="gitlab-config-backup", log_prints=False)
+async def gitlab_config_backup(platform: str = "main") -> dict:
+    """`gitlab-ctl backup-etc` and gitlab-secrets.json, verified and off-site, with config retention."""
+    return await _run_backup(platform, "config", None)

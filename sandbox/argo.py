@@ -1,0 +1,471 @@
+"""A stand-in Argo Server on loopback: Argo's ``/api/v1/workflows`` endpoints, with scripted runs.
+
+    python -m sandbox.argo --port P [--token-env SANDBOX_ARGO_TOKEN] [--tick 0.2]
+
+Answers as the Argo Server does (JSON bodies, gRPC-gateway errors ``{"code", "message"}``):
+
+- ``POST /api/v1/workflows/{ns}`` create (``{"workflow": {...}}``): 409 AlreadyExists for a taken
+  name, 400 for a workflow that does not validate against the Argo schema;
+- ``GET /api/v1/workflows/{ns}`` list (``listOptions.labelSelector`` equality terms);
+- ``GET /api/v1/workflows/{ns}/{name}``; ``DELETE`` the same;
+- ``PUT .../{name}/stop`` and ``PUT .../{name}/terminate``;
+- ``GET .../{name}/log?podName=`` one JSON object per line, ``{"result": {"content", "podName"}}``.
+
+Each workflow runs a script chosen by its label ``sandbox/scenario``: ``succeed`` (default),
+``fail`` (the training step fails with a message), ``error`` (the pod is lost: phase Error) or
+``stuck`` (runs until stopped). ``sandbox/stop: slow`` makes a stop hang (only terminate ends it).
+The phase advances one step per ``--tick`` seconds after creation.
+
+Faults (``POST /control/fault``): ``{"kind": "down", "count": N}`` resets the next N connections
+(N null: until healed), ``{"kind": "unavailable", "count": N}`` answers 503,
+``"only": "GET"`` limits a fault to one HTTP method; ``{"kind": "lose-create-response"}`` stores the next created workflow and then drops the
+connection without answering. ``POST /control/heal``, ``POST /control/reset``,
+``GET /control/state`` (workflows, create attempts per name, request log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent.parent / "shared" / "contracts" / "argo-workflows.schema.json"
+SCENARIO_LABEL = "sandbox/scenario"
+STOP_LABEL = "sandbox/stop"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ts(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fnv(text: str) -> str:
+    h = 0x811C9DC5
+    for ch in text.encode():
+        h = ((h ^ ch) * 0x01000193) & 0xFFFFFFFF
+    return str(h)
+
+
+class _Run:
+    """One workflow and its scripted progression."""
+
+    def __init__(self, wf: dict[str, Any], tick: float):
+        self.wf = wf
+        self.tick = tick
+        self.created = time.monotonic()
+        self.created_wall = time.time()
+        labels = wf["metadata"].get("labels") or {}
+        self.scenario = labels.get(SCENARIO_LABEL, "succeed")
+        self.slow_stop = labels.get(STOP_LABEL) == "slow"
+        spec = wf["spec"]
+        templates = {t["name"]: t for t in spec.get("templates", [])}
+        entry = templates.get(spec.get("entrypoint", ""), {})
+        self.step_templates: list[str] = []
+        if "steps" in entry:
+            for group in entry["steps"]:
+                for step in group:
+                    self.step_templates.append(step.get("template", step["name"]))
+        else:
+            self.step_templates.append(entry.get("name", "main"))
+        self.exit_template = spec.get("onExit")
+        self.shutdown: str | None = None
+        self.shutdown_at: float | None = None
+        self.final: dict[str, Any] | None = None
+
+    # the steps run one after the other, one tick each, then the exit handler (one tick)
+    def status(self) -> dict[str, Any]:
+        if self.final is not None:
+            return self.final
+        name = self.wf["metadata"]["name"]
+        now = time.monotonic()
+        elapsed = (now - self.created) / self.tick
+        stop_t = None
+        if self.shutdown == "Terminate" or (self.shutdown == "Stop" and not self.slow_stop):
+            stop_t = (self.shutdown_at - self.created) / self.tick  # type: ignore[operator]
+        at = lambda t: _ts(self.created_wall + t * self.tick)  # noqa: E731
+        root_id = name
+        nodes: dict[str, Any] = {root_id: {
+            "id": root_id, "name": name, "displayName": name, "type": "Steps",
+            "templateName": self.wf["spec"].get("entrypoint"), "phase": "Running", "startedAt": at(0)}}
+
+        def node(template: str, node_name: str) -> dict[str, Any]:
+            n = {"id": f"{name}-{_fnv(node_name)}", "name": node_name, "displayName": template, "type": "Pod",
+                 "templateName": template, "phase": "Pending", "boundaryID": root_id}
+            nodes[n["id"]] = n
+            return n
+
+        t = 0.5
+        failed: dict[str, Any] | None = None
+        for i, template in enumerate(self.step_templates):
+            n = node(template, f"{name}[{i}].{template}")
+            if failed is not None:
+                n["phase"] = "Omitted"
+                continue
+            if stop_t is not None and (self.scenario == "stuck" or stop_t < t + 1):
+                n.update(phase="Failed", message=f"Stopped with strategy '{self.shutdown}'", finishedAt=at(stop_t))
+                failed, t = n, max(stop_t, t)
+                continue
+            if elapsed >= t:
+                n.update(phase="Running", startedAt=at(t))
+            if self.scenario == "stuck":
+                t = float("inf")
+                break
+            if elapsed >= t + 1:
+                n.update(phase="Succeeded", finishedAt=at(t + 1))
+                if self.scenario == "fail":
+                    n.update(phase="Failed", message="Error (exit code 1)")
+                    failed = n
+                elif self.scenario == "error":
+                    n.update(phase="Error", message="pod deleted")
+                    failed = n
+            t += 1
+        exit_done = True
+        if self.exit_template and self.shutdown != "Terminate":
+            n = node(self.exit_template, f"{name}.onExit")
+            exit_done = elapsed >= t + 1
+            if exit_done:
+                n.update(phase="Succeeded", startedAt=at(t), finishedAt=at(t + 1))
+            elif elapsed >= t:
+                n.update(phase="Running", startedAt=at(t))
+        pods = [n for n in nodes.values() if n["type"] == "Pod"]
+        done = sum(1 for n in pods if n["phase"] in ("Succeeded", "Failed", "Error", "Omitted"))
+        phase, message = "Running", ""
+        if self.shutdown == "Terminate":
+            phase, message = "Failed", "Stopped with strategy 'Terminate'"
+        elif exit_done and elapsed >= t:
+            if stop_t is not None:
+                phase, message = "Failed", "Stopped with strategy 'Stop'"
+            elif failed is not None and failed["phase"] == "Error":
+                phase, message = "Error", f"child '{failed['id']}' errored"
+            elif failed is not None:
+                phase, message = "Failed", f"child '{failed['id']}' failed"
+            else:
+                phase = "Succeeded"
+        nodes[root_id]["phase"] = phase
+        status = {"phase": phase, "startedAt": at(0), "progress": f"{done}/{len(pods)}", "nodes": nodes}
+        if message:
+            status["message"] = message
+        if phase != "Running":
+            status["finishedAt"] = _now()
+            self.final = status
+        return status
+
+    def view(self) -> dict[str, Any]:
+        wf = json.loads(json.dumps(self.wf))
+        if self.shutdown:
+            wf["spec"]["shutdown"] = self.shutdown
+        wf["status"] = self.status()
+        return wf
+
+    def logs(self, pod: str | None) -> list[tuple[str, str]]:
+        name = self.wf["metadata"]["name"]
+        out = []
+        for node in self.status()["nodes"].values():
+            if node["type"] != "Pod" or node["phase"] in ("Pending", "Omitted"):
+                continue
+            h = node["id"].rsplit("-", 1)[-1]
+            pod_name = f"{name}-{node['templateName']}-{h}"
+            if pod and pod != pod_name:
+                continue
+            lines = [f"time=\"{_now()}\" level=info msg=\"starting {node['templateName']}\"",
+                     "Cloning into '/workspace/src'... (git artifact, credentials from secret)",
+                     "epoch 1/10 reward=0.12"]
+            if node["phase"] == "Failed" and not node.get("message", "").startswith("Stopped"):
+                lines += ["AUTH_URL is http://oauth2:glpat-SANDBOXLEAKEDTOKEN123@gitlab.sandbox/team/rl.git",
+                          "Traceback (most recent call last):",
+                          "  File \"legged_gym/scripts/train.py\", line 42, in <module>",
+                          "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+            out += [(pod_name, line) for line in lines]
+        return out
+
+
+class ArgoStandIn:
+    def __init__(self, token: str | None, tick: float, validate: bool = True):
+        self.token = token
+        self.tick = tick
+        self.lock = threading.Lock()
+        self.runs: dict[tuple[str, str], _Run] = {}
+        self.create_attempts: dict[str, int] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.faults: dict[str, Any] = {}
+        self.validator = None
+        if validate and SCHEMA_PATH.exists():
+            import jsonschema
+
+            schema = json.loads(SCHEMA_PATH.read_text())
+            root = {"$ref": "#/definitions/io.argoproj.workflow.v1alpha1.Workflow",
+                    "definitions": schema["definitions"]}
+            self.validator = jsonschema.validators.validator_for(schema)(root)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.runs.clear()
+            self.create_attempts.clear()
+            self.requests.clear()
+            self.faults.clear()
+
+
+def _handler(state: ArgoStandIn):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        # -- plumbing --------------------------------------------------------------------
+
+        def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, http: int, grpc: int, message: str) -> None:
+            self._send(http, {"code": grpc, "message": message})
+
+        def _drop(self) -> None:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def _body(self) -> Any:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            return json.loads(raw) if raw else {}
+
+        def _take_fault(self, kind: str, method: str | None = None) -> bool:
+            with state.lock:
+                fault = state.faults.get(kind)
+                if fault is None or (fault.get("only") and method and fault["only"] != method):
+                    return False
+                if fault["count"] is not None:
+                    fault["count"] -= 1
+                    if fault["count"] <= 0:
+                        del state.faults[kind]
+                return True
+
+        def _route(self, method: str) -> None:
+            url = urlparse(self.path)
+            parts = [p for p in url.path.split("/") if p]
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            if parts[:1] == ["control"]:
+                return self._control(method, parts[1:])
+            with state.lock:
+                state.requests.append({"method": method, "path": url.path, "at": time.time()})
+                del state.requests[:-500]
+            if self._take_fault("down", method):
+                return self._drop()
+            if self._take_fault("unavailable", method):
+                return self._error(503, 14, "argo-server is unavailable")
+            if parts[:3] != ["api", "v1", "workflows"] and parts[:2] != ["api", "v1"]:
+                return self._error(404, 5, "Not Found")
+            if parts[:3] == ["api", "v1", "version"]:
+                return self._send(200, {"version": "v3.5.11-sandbox"})
+            auth = self.headers.get("Authorization") or ""
+            if state.token and auth != f"Bearer {state.token}":
+                return self._error(401, 16, "token not valid")
+            rest = parts[3:]
+            if not rest:
+                return self._error(404, 5, "Not Found")
+            ns = rest[0]
+            if len(rest) == 1 and method == "POST":
+                return self._create(ns)
+            if len(rest) == 1 and method == "GET":
+                return self._list(ns, query)
+            if len(rest) == 2 and method == "GET":
+                return self._get(ns, rest[1])
+            if len(rest) == 2 and method == "DELETE":
+                with state.lock:
+                    run = state.runs.pop((ns, rest[1]), None)
+                return self._send(200, {}) if run else self._not_found(rest[1])
+            if len(rest) == 3 and method == "PUT" and rest[2] in ("stop", "terminate"):
+                self._body()
+                return self._shutdown(ns, rest[1], "Stop" if rest[2] == "stop" else "Terminate")
+            if len(rest) == 3 and method == "GET" and rest[2] == "log":
+                return self._logs(ns, rest[1], query)
+            return self._error(404, 5, "Not Found")
+
+        def _not_found(self, name: str) -> None:
+            self._error(404, 5, f'workflows.argoproj.io "{name}" not found')
+
+        # -- the workflow API --------------------------------------------------------------
+
+        def _create(self, ns: str) -> None:
+            body = self._body()
+            wf = body.get("workflow") or {}
+            meta = wf.setdefault("metadata", {})
+            if state.validator is not None:
+                wf.setdefault("apiVersion", "argoproj.io/v1alpha1")
+                wf.setdefault("kind", "Workflow")
+                errors = sorted(state.validator.iter_errors(wf), key=lambda e: list(e.path))
+                if errors:
+                    e = errors[0]
+                    where = ".".join(str(p) for p in e.path)
+                    return self._error(400, 3, f"workflow is invalid: {where}: {e.message[:200]}")
+            if not meta.get("name"):
+                if not meta.get("generateName"):
+                    return self._error(400, 3, "workflow must have a name or generateName")
+                meta["name"] = meta["generateName"] + _fnv(str(time.time_ns()))[:5]
+            name = meta["name"]
+            meta["namespace"] = ns
+            with state.lock:
+                state.create_attempts[name] = state.create_attempts.get(name, 0) + 1
+                if (ns, name) in state.runs:
+                    exists = True
+                else:
+                    exists = False
+                    meta["uid"] = f"uid-{_fnv(ns + name)}"
+                    meta["creationTimestamp"] = _now()
+                    meta["resourceVersion"] = "1"
+                    meta.setdefault("labels", {})["workflows.argoproj.io/phase"] = "Running"
+                    state.runs[(ns, name)] = _Run(wf, state.tick)
+            if exists:
+                return self._error(409, 6, f'workflows.argoproj.io "{name}" already exists')
+            if self._take_fault("lose-create-response"):
+                return self._drop()
+            self._send(200, state.runs[(ns, name)].view())
+
+        def _list(self, ns: str, query: dict[str, str]) -> None:
+            selector = query.get("listOptions.labelSelector") or ""
+            terms = [t.split("=", 1) for t in selector.split(",") if "=" in t]
+            with state.lock:
+                runs = [r for (n, _), r in state.runs.items() if n == ns]
+            items = []
+            for run in runs:
+                labels = run.wf["metadata"].get("labels") or {}
+                if all(labels.get(k.rstrip("=").strip()) == v.lstrip("=").strip() for k, v in terms):
+                    items.append(run.view())
+            self._send(200, {"metadata": {"resourceVersion": "1"}, "items": items})
+
+        def _get(self, ns: str, name: str) -> None:
+            with state.lock:
+                run = state.runs.get((ns, name))
+            if run is None:
+                return self._not_found(name)
+            self._send(200, run.view())
+
+        def _shutdown(self, ns: str, name: str, strategy: str) -> None:
+            with state.lock:
+                run = state.runs.get((ns, name))
+                if run is None:
+                    return self._not_found(name)
+                if run.status()["phase"] in ("Succeeded", "Failed", "Error"):
+                    return self._error(400, 9, f"cannot shutdown a completed workflow: {name}")
+                run.shutdown = strategy
+                run.shutdown_at = time.monotonic()
+            self._send(200, run.view())
+
+        def _logs(self, ns: str, name: str, query: dict[str, str]) -> None:
+            with state.lock:
+                run = state.runs.get((ns, name))
+            if run is None:
+                return self._not_found(name)
+            lines = run.logs(query.get("podName"))
+            tail = int(query.get("logOptions.tailLines") or 0)
+            if tail:
+                lines = lines[-tail:]
+            body = "".join(json.dumps({"result": {"content": c, "podName": p}}) + "\n" for p, c in lines)
+            self._send(200, body.encode(), "application/json")
+
+        # -- control -----------------------------------------------------------------------
+
+        def _control(self, method: str, parts: list[str]) -> None:
+            if parts == ["health"]:
+                return self._send(200, {"ok": True})
+            if parts == ["state"] and method == "GET":
+                with state.lock:
+                    workflows = {f"{ns}/{name}": r.view() for (ns, name), r in state.runs.items()}
+                    return self._send(200, {"workflows": workflows, "create_attempts": dict(state.create_attempts),
+                                            "requests": list(state.requests), "faults": dict(state.faults)})
+            if parts == ["fault"] and method == "POST":
+                body = self._body()
+                kind = body.get("kind")
+                if kind not in ("down", "unavailable", "lose-create-response"):
+                    return self._send(400, {"error": f"unknown fault {kind!r}"})
+                count = body.get("count", 1 if kind == "lose-create-response" else None)
+                only = body.get("only")  # an HTTP method: the fault hits only those requests
+                with state.lock:
+                    state.faults[kind] = {"count": count, "only": only}
+                return self._send(200, {"applied": {"kind": kind, "count": count, "only": only}})
+            if parts == ["heal"] and method == "POST":
+                self._body()
+                with state.lock:
+                    state.faults.clear()
+                return self._send(200, {"healed": True})
+            if parts == ["reset"] and method == "POST":
+                self._body()
+                state.reset()
+                return self._send(200, {"reset": True})
+            return self._send(404, {"error": "no such control endpoint"})
+
+        def do_GET(self):
+            self._route("GET")
+
+        def do_POST(self):
+            self._route("POST")
+
+        def do_PUT(self):
+            self._route("PUT")
+
+        def do_DELETE(self):
+            self._route("DELETE")
+
+    return Handler
+
+
+def serve(port: int, token: str | None, tick: float, validate: bool = True) -> ThreadingHTTPServer:
+    state = ArgoStandIn(token, tick, validate)
+    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(state))
+    server.daemon_threads = True
+    server.state = state  # type: ignore[attr-defined]
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sandbox.argo", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token")
+    parser.add_argument("--tick", type=float, default=0.3, help="seconds per workflow step")
+    parser.add_argument("--no-validate", action="store_true", help="do not check workflows against the schema")
+    args = parser.parse_args(argv)
+    token = os.environ.get(args.token_env) if args.token_env else None
+    server = serve(args.port, token, args.tick, not args.no_validate)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def start_argo(sb) -> None:
+    """Sandbox component: the Argo stand-in, and the platform config's `argo` section (token by reference)."""
+    from sandbox.platform import PYTHON, free_port, http_ok, wait_for
+
+    os.environ.setdefault("SANDBOX_ARGO_TOKEN", "sandbox-argo-token")
+    port = free_port()
+    tick = os.environ.get("SANDBOX_ARGO_TICK", "0.5")
+    proc = sb.spawn("argo", [PYTHON, "-m", "sandbox.argo", "--port", str(port), "--token-env", "SANDBOX_ARGO_TOKEN",
+                             "--tick", tick])
+    sb.urls["argo"] = f"http://127.0.0.1:{port}"
+    wait_for(http_ok(f"{sb.urls['argo']}/control/health"), "argo stand-in", 30, proc, sb.log_of("argo"))
+    sb.config["argo"] = {"url": sb.urls["argo"], "namespace": "argo-job", "token": {"env": "SANDBOX_ARGO_TOKEN"},
+                         "verify_tls": False}

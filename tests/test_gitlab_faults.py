@@ -1,0 +1,147 @@
+"""Faults during GitLab backup and restore: in each, nothing that existed before is lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import run_flow_sync
+from tests.test_gitlab_backup import _files, _objects, _root, _s3
+
+
+def _arm(sb, command: str, kind: str, times: int = 1) -> None:
+    (_root(sb) / "faults" / f"{command}.json").write_text(json.dumps({"kind": kind, "times": times}))
+
+
+def _disarm(sb) -> None:
+    for f in (_root(sb) / "faults").glob("*.json"):
+        f.unlink()
+
+
+def _notices(sb) -> list[dict]:
+    from pathlib import Path
+
+    log = Path(sb.extra.get("webhook_log", "/nonexistent"))
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture
+def snapshot(gitlab_backup_state, gitlab_sandbox):
+    """Files on the host and objects off-site before the test; asserts afterwards that all survive unchanged."""
+    sb = gitlab_sandbox
+    files, objects = _files(sb), _objects(sb)
+    yield sb
+    _disarm(sb)
+    after_files, after_objects = _files(sb), _objects(sb)
+    assert files.items() <= after_files.items(), "a backup file on the host was lost or changed"
+    assert objects.items() <= after_objects.items(), "an off-site object was lost or changed"
+
+
+def _backup(platform):
+    from flows.gitlab_backup import gitlab_backup
+
+    return run_flow_sync(gitlab_backup, platform=platform)
+
+
+def test_ssh_session_lost_mid_backup_is_retried(snapshot, sandbox_platform):
+    _arm(snapshot, "gitlab-backup-create", "ssh-drop", times=1)
+    state = _backup(sandbox_platform)
+    assert state.is_completed(), state.message
+    assert not (_root(snapshot) / "faults" / "gitlab-backup-create.json").exists()  # the fault fired
+
+
+def test_disk_full_fails_notifies_and_deletes_nothing(snapshot, sandbox_platform):
+    notices = len(_notices(snapshot))
+    _arm(snapshot, "gitlab-backup-create", "disk-full")
+    state = _backup(sandbox_platform)
+    assert state.is_failed() and "No space left on device" in state.message
+    new = _notices(snapshot)[notices:]
+    assert new and "FAILED" in new[-1]["body"]
+    assert not list((_root(snapshot) / "var/opt/gitlab/backups").glob("*.partial"))
+
+
+def test_corrupt_archive_is_never_copied_offsite(snapshot, sandbox_platform):
+    _arm(snapshot, "gitlab-backup-create", "corrupt")
+    before = _objects(snapshot)
+    state = _backup(sandbox_platform)
+    assert state.is_failed() and "truncated" in state.message
+    assert set(_objects(snapshot)) == set(before)  # no partial or unverified upload left behind
+
+
+def test_truncated_upload_is_detected_and_removed(snapshot, sandbox_platform, monkeypatch):
+    from tasks import storage
+
+    class TruncatingSink(storage.S3Sink):
+        def _send_part(self, number, data, md5):
+            if number > 1:  # the network lost the end of the last part; S3 stored what arrived
+                data = data[:-100]
+            return super()._send_part(number, data, hashlib.md5(data).digest())
+
+    def sink(self, rel):
+        if self.kind == "s3":
+            return TruncatingSink(self._client, self.block.bucket, self._key(rel), part_size=5 * 1024 * 1024)
+        return original(self, rel)
+
+    original = storage.Store.sink
+    monkeypatch.setattr(storage.Store, "sink", sink)
+    size_file = _root(snapshot) / "var/opt/gitlab/state/data_bytes"
+    size_file.write_text(str(6 * 1024 * 1024))  # two parts: S3's minimum part size is 5 MiB
+    before = _objects(snapshot)
+    try:
+        state = _backup(sandbox_platform)
+    finally:
+        size_file.write_text(str(256 * 1024))
+    assert state.is_failed() and "upload was damaged" in state.message
+    assert set(_objects(snapshot)) == set(before)
+
+
+def test_s3_error_fails_without_deleting_anything(snapshot, sandbox_platform):
+    from blocks.connections import BackupStore
+
+    good = BackupStore.load(sandbox_platform)
+    bad = good.model_copy(update={"bucket": "no-such-bucket"})
+    bad.save(sandbox_platform, overwrite=True)
+    try:
+        state = _backup(sandbox_platform)
+    finally:
+        good.save(sandbox_platform, overwrite=True)
+    assert state.is_failed() and "NoSuchBucket" in state.message
+
+
+def test_missing_secrets_file_fails_preflight(snapshot, sandbox_platform):
+    secrets = _root(snapshot) / "etc/gitlab/gitlab-secrets.json"
+    aside = secrets.with_name("gitlab-secrets.json.aside")
+    secrets.rename(aside)
+    try:
+        state = _backup(sandbox_platform)
+    finally:
+        aside.rename(secrets)
+    assert state.is_failed() and "gitlab-secrets.json is missing" in state.message
+
+
+def test_restore_refuses_an_offsite_copy_with_a_bad_checksum(snapshot, gitlab_backup_state, sandbox_platform):
+    from flows.gitlab_restore import gitlab_restore
+
+    sb = snapshot
+    backup_id = gitlab_backup_state.result()["backup_id"]
+    name = f"{backup_id}_gitlab_backup.tar"
+    local = _root(sb) / "var/opt/gitlab/backups" / name
+    aside = local.with_name(name + ".aside")
+    key = f"gitlab/data/{backup_id}/{name}"
+    s3 = _s3(sb)
+    good = s3.get_object(Bucket="gitlab-backups", Key=key)["Body"].read()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF  # same size, one flipped bit: only the checksum can tell
+    shutil.move(local, aside)
+    s3.put_object(Bucket="gitlab-backups", Key=key, Body=bytes(bad))
+    try:
+        state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=backup_id, dry_run=False,
+                              approval_timeout_s=5, poll_interval_s=1)
+        assert state.is_failed() and "corrupt" in state.message
+        assert not local.exists() and not local.with_name(name + ".part").exists()
+    finally:
+        s3.put_object(Bucket="gitlab-backups", Key=key, Body=good)
+        shutil.move(aside, local)

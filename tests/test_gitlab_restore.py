@@ -1,0 +1,155 @@
+"""GitLab restore and drill against the sandbox: dry run, approval through Prefect's API, refusals."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from tests.conftest import run_flow_sync
+from tests.test_gitlab_backup import _files, _root
+
+
+def _projects(sb, name="production") -> list[dict]:
+    return json.loads((_root(sb, name) / "var/opt/gitlab/state/projects.json").read_text())
+
+
+def _commands(sb, name="production") -> list[list[str]]:
+    log = _root(sb, name) / "var/opt/gitlab/state/commands.log"
+    return [json.loads(line)["argv"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _paused_run_id(flow_name: str, timeout_s: float = 60):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    async def find():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            return runs[0].id if runs else None
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run_id = asyncio.run(find())
+        if run_id:
+            return run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no paused {flow_name} run within {timeout_s}s")
+
+
+def _run_in_thread(fn, **params):
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("state", run_flow_sync(fn, **params)), daemon=True)
+    t.start()
+    return t, box
+
+
+def test_dry_run_reports_the_plan_and_changes_nothing(gitlab_backup_state, gitlab_sandbox, sandbox_platform):
+    from flows.gitlab_restore import gitlab_restore
+
+    backup_id = gitlab_backup_state.result()["backup_id"]
+    before = _files(gitlab_sandbox)
+    state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=backup_id)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["dry_run"] and f"gitlab-backup restore BACKUP={backup_id} force=yes" in result["plan"]
+    assert _files(gitlab_sandbox) == before
+    assert not any(c[:2] == ["gitlab-backup", "restore"] for c in _commands(gitlab_sandbox))
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "1717000000_2024_05_29_17.0.1-ee; rm -rf /",
+                                 "1717000000_2024_05_29_17.0.1-ee/../x", "", "latest"])
+def test_restore_rejects_anything_but_a_gitlab_backup_id(bad, gitlab_sandbox, sandbox_platform):
+    from flows.gitlab_restore import gitlab_restore
+
+    state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=bad, dry_run=False)
+    assert state.is_failed() and "is not a GitLab backup id" in state.message
+
+
+def test_restore_refuses_a_different_installed_version(gitlab_backup_state, gitlab_sandbox, sandbox_platform):
+    from flows.gitlab_restore import gitlab_restore
+
+    manifest = _root(gitlab_sandbox) / "opt/gitlab/version-manifest.txt"
+    original = manifest.read_text()
+    manifest.write_text("gitlab-ee 17.0.2\n")
+    before = _files(gitlab_sandbox)
+    try:
+        state = run_flow_sync(gitlab_restore, platform=sandbox_platform,
+                              backup_id=gitlab_backup_state.result()["backup_id"], dry_run=False)
+    finally:
+        manifest.write_text(original)
+    assert state.is_failed() and "only restores onto the same version" in state.message
+    assert _files(gitlab_sandbox) == before
+
+
+def test_restore_without_approval_changes_nothing(gitlab_backup_state, gitlab_sandbox, sandbox_platform):
+    from flows.gitlab_restore import gitlab_restore
+
+    before, projects = _files(gitlab_sandbox), _projects(gitlab_sandbox)
+    state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=gitlab_backup_state.result()["backup_id"],
+                          dry_run=False, approval_timeout_s=2, poll_interval_s=1)
+    assert state.is_failed() and "never resumed" in state.message
+    assert _files(gitlab_sandbox) == before and _projects(gitlab_sandbox) == projects
+    assert not any(c[:2] in (["gitlab-backup", "restore"], ["gitlab-ctl", "stop"]) for c in _commands(gitlab_sandbox))
+
+
+def test_restore_with_approval_restores_data_and_runs_gitlab_check(gitlab_backup_state, gitlab_sandbox,
+                                                                    sandbox_platform):
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.gitlab_restore import gitlab_restore
+
+    sb = gitlab_sandbox
+    backup_id = gitlab_backup_state.result()["backup_id"]
+    backed_up = _projects(sb)
+    changed = [dict(p, last_commit="f" * 40) for p in backed_up] + [dict(backed_up[0], id=999, name="late")]
+    state_file = _root(sb) / "var/opt/gitlab/state/projects.json"
+    state_file.write_text(json.dumps(changed))  # work done after the backup: the restore rolls it back
+    before = set(_files(sb))
+    t, box = _run_in_thread(gitlab_restore, platform=sandbox_platform, backup_id=backup_id, dry_run=False,
+                            poll_interval_s=1, approval_timeout_s=120)
+    resume_flow_run(_paused_run_id("gitlab-restore"), run_input={"approve": True, "approver": "alice"})
+    t.join(180)
+    state = box["state"]
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["approver"] == "alice" and result["safety_backup"]
+    assert _projects(sb) == backed_up
+    cmds = _commands(sb)
+    assert ["gitlab-rake", "gitlab:check", "SANITIZE=true"] in cmds
+    assert ["gitlab-backup", "restore", f"BACKUP={backup_id}", "force=yes"] in cmds
+    i_stop, i_restore = cmds.index(["gitlab-ctl", "stop", "puma"]), cmds.index(
+        ["gitlab-backup", "restore", f"BACKUP={backup_id}", "force=yes"])
+    assert i_stop < i_restore
+    after = _files(sb)
+    assert before <= set(after)  # nothing lost; the safety backup was added
+    safety = _root(sb) / "var/opt/gitlab/backups" / f"{result['safety_backup']}_gitlab_backup.tar"
+    assert safety.exists() and json.loads(safety.with_name(
+        f"{result['safety_backup']}_gitlab_backup.manifest.json").read_text())["safety"]
+    assert result["health"]["ready"] and result["health"]["projects"] == len(backed_up)
+
+
+def test_drill_restores_newest_backup_on_scratch_and_reports_rto_rpo(gitlab_backup_state, gitlab_sandbox,
+                                                                      sandbox_platform):
+    from flows.gitlab_restore import gitlab_restore_drill
+
+    sb = gitlab_sandbox
+    prod_before = _files(sb)
+    state = run_flow_sync(gitlab_restore_drill, platform=sandbox_platform)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["ok"] and result["rto_seconds"] > 0 and result["rpo_seconds"] >= 0
+    assert result["comparison"]["matching"] == result["comparison"]["sampled"] > 0
+    assert _projects(sb, "scratch") == _projects(sb)
+    assert ["gitlab-rake", "gitlab:check", "SANITIZE=true"] in _commands(sb, "scratch")
+    assert set(prod_before) <= set(_files(sb))  # production untouched
+    secrets = _root(sb, "scratch") / "etc/gitlab/gitlab-secrets.json"
+    assert sb.extra["gitlab_secret_production"] in secrets.read_text()  # production's secrets came with it

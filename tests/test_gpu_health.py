@@ -1,0 +1,402 @@
+"""The GPU sweep's pure parts: PromQL answers, the join, classification, cordon plans, the heatmap.
+
+Hand-built data only: no Prefect, no network (httpx.MockTransport answers in-process).
+"""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+
+from tasks.gpu_health import (
+    CRITICAL_XIDS,
+    FINDING_ANNOTATION,
+    UNHEALTHY_TAINT_KEY,
+    ExporterPod,
+    FleetSnapshot,
+    GPUNode,
+    GPUPod,
+    GPUStatus,
+    Kind,
+    Severity,
+    SweepThresholds,
+    classify,
+    heatmap,
+    needs_detail,
+    plan_cordon,
+    plan_uncordon,
+)
+from tasks.prometheus import (
+    DCGMSnapshot,
+    PrometheusQueryError,
+    PrometheusUnavailable,
+    detail_query,
+    merge_answers,
+    query_vector,
+    sweep_queries,
+)
+
+TH = SweepThresholds(window="20s")
+OLD = "2020-01-01T00:00:00Z"
+NOW = 1_800_000_000.0
+
+
+def fleet(n=2, gpus=8, holders=None, exporters=True, **node_kw):
+    nodes = [GPUNode(f"g{i}", node_kw.get("ready", True), node_kw.get("unschedulable", False), gpus, gpus)
+             for i in range(n)]
+    exp = [ExporterPod("gpu-operator", f"dcgm-{i}", f"g{i}", f"10.0.0.{i}") for i in range(n)] if exporters else []
+    pods = holders if holders is not None else [
+        GPUPod("ml", f"train-{i}", f"g{i}", f"Workflow/wf-{i}", gpus, {}, OLD) for i in range(n)]
+    return FleetSnapshot(nodes, pods, exp)
+
+
+def series(m, value, **labels):
+    return {"metric": {"m": m, **labels}, "value": [NOW, str(value)]}
+
+
+def answers(n=2, gpus=8, util=70.0, temp=60.0, pods=True, skip=(), extra=()):
+    """Phase-one answers of a healthy fleet of n nodes (exporter pods dcgm-i)."""
+    util_s, temp_s, now_s = [], [], []
+    for i in range(n):
+        host = f"dcgm-{i}"
+        now_s.append(series("gpus_now", gpus, Hostname=host))
+        for g in range(gpus):
+            if (i, g, "util") not in skip:
+                holder = {"pod": f"train-{i}", "namespace": "ml"} if pods else {}
+                util_s.append(series("util_avg", util, Hostname=host, gpu=str(g), **holder))
+            if (i, g, "temp") not in skip:
+                temp_s.append(series("temp_max", temp, Hostname=host, gpu=str(g)))
+    return {"util": util_s, "temp": temp_s, "faults": list(extra), "exporters": now_s}
+
+
+def snapshot(ans, detail=None, detail_hosts=()):
+    snap = merge_answers(DCGMSnapshot(window="20s", at=NOW), ans)
+    if detail:
+        merge_answers(snap, {"detail": detail})
+        snap.detail_hosts.update(detail_hosts)
+    return snap
+
+
+def kinds(result):
+    return sorted((f.kind.value, f.node, f.gpu) for f in result.findings)
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+
+def test_sweep_queries_are_a_fixed_small_set_with_the_window():
+    q = sweep_queries("20s", temp_c=85, memory_temp_c=95, stale_after_s=120, exporter_job="dcgm-exporter")
+    assert set(q) == {"util", "temp", "faults", "exporters"}
+    assert "avg_over_time(DCGM_FI_DEV_GPU_UTIL[20s])" in q["util"]
+    assert "max_over_time(DCGM_FI_DEV_GPU_TEMP[20s])" in q["temp"]
+    for metric in ("DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+                   "DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_DEV_MEMORY_TEMP"):
+        assert metric in q["faults"]
+    assert 'up{job=~"dcgm-exporter"}' in q["exporters"] and "> 120" in q["exporters"]
+    scoped = sweep_queries("15m", metric_selector='cluster="a"')
+    assert 'DCGM_FI_DEV_GPU_UTIL{cluster="a"}[15m]' in scoped["util"]
+    with pytest.raises(ValueError, match="window"):
+        sweep_queries("15 minutes")
+    with pytest.raises(ValueError, match="exporter_job"):
+        sweep_queries("15m", exporter_job='x"} or vector(1) or {a="')
+    d = detail_query("20s", ["nvidia-dcgm-exporter-ab.c"])
+    assert 'Hostname=~"nvidia-dcgm-exporter-ab\\\\.c"' in d and "count_over_time" in d and "UUID" in d
+
+
+def _client(handler):
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+def test_query_vector_errors_are_typed_transient_or_not():
+    ok = {"status": "success", "data": {"resultType": "vector", "result": [series("x", 1)]}, "warnings": ["w"]}
+    result, warnings, size = query_vector(_client(lambda r: httpx.Response(200, json=ok)), "http://p", "x")
+    assert result[0]["value"][1] == "1" and warnings == ["w"] and size > 0
+    with pytest.raises(PrometheusUnavailable, match="503"):
+        query_vector(_client(lambda r: httpx.Response(503, text="overloaded")), "http://p", "x")
+    with pytest.raises(PrometheusQueryError, match="bad_data"):
+        query_vector(_client(lambda r: httpx.Response(400, json={"status": "error", "errorType": "bad_data",
+                                                                 "error": "parse error"})), "http://p", "x")
+    with pytest.raises(PrometheusUnavailable, match="ran out of time"):
+        query_vector(_client(lambda r: httpx.Response(422, json={
+            "status": "error", "errorType": "execution", "error": "expanding series: context deadline exceeded"})),
+            "http://p", "x")
+    with pytest.raises(PrometheusQueryError, match="not JSON"):
+        query_vector(_client(lambda r: httpx.Response(200, text="<html>login</html>")), "http://p", "x")
+
+    def refuse(request):
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(PrometheusUnavailable, match="cannot reach"):
+        query_vector(_client(refuse), "http://p", "x")
+    from tasks._retry import is_transient
+
+    assert is_transient(PrometheusUnavailable("x")) and not is_transient(PrometheusQueryError("x"))
+
+
+def test_duplicated_series_keep_the_worst_value_and_nan_loses_to_a_number():
+    ans = answers(n=1)
+    ans["temp"].append(series("temp_max", 91, Hostname="dcgm-0", gpu="3"))  # a second scrape job
+    ans["temp"].append(series("temp_max", "NaN", Hostname="dcgm-0", gpu="4"))
+    snap = snapshot(ans)
+    assert snap.values[("dcgm-0", "3")]["temp_max"] == 91
+    assert snap.values[("dcgm-0", "4")]["temp_max"] == 60
+    result = classify(fleet(1), snap, TH)
+    assert kinds(result) == [("gpu-hot", "g0", "3")]
+
+
+# --- classification --------------------------------------------------------------------------
+
+
+def test_clean_fleet_has_no_findings_and_every_gpu_healthy():
+    result = classify(fleet(), snapshot(answers()), TH)
+    assert result.findings == [] and result.status == "ok"
+    assert result.gpu_status_counts == {"healthy": 16}
+    assert result.gpus_reporting == 16 and result.gpus_held == 16 and result.fleet_util_pct == 70.0
+    assert needs_detail(fleet(), snapshot(answers()), TH) == set()
+
+
+def test_prometheus_unavailable_is_unknown_never_all_clear():
+    result = classify(fleet(), DCGMSnapshot.unavailable("20s", "connection refused"), TH)
+    assert result.status == "unknown"
+    assert [f.kind for f in result.findings] == [Kind.PROMETHEUS_UNAVAILABLE]
+    assert result.findings[0].severity is Severity.CRITICAL
+    assert {g.status for g in result.gpus} == {GPUStatus.UNKNOWN} and len(result.gpus) == 16
+
+
+def test_critical_xid_set_and_application_xids():
+    assert set(CRITICAL_XIDS) == {48, 63, 64, 74, 79, 92, 94, 95} == set(TH.critical_xids)
+    extra = [series("xid_max", 79, Hostname="dcgm-0", gpu="2"), series("xid_max", 13, Hostname="dcgm-1", gpu="5")]
+    snap = snapshot(answers(extra=extra))
+    assert needs_detail(fleet(), snap, TH) == {"dcgm-0", "dcgm-1"}
+    detail = [series("util", 70, Hostname="dcgm-0", gpu="2", UUID="GPU-abc", pod="train-0", namespace="ml")]
+    merge_answers(snap, {"detail": detail})
+    result = classify(fleet(), snap, TH)
+    crit = [f for f in result.findings if f.kind is Kind.CRITICAL_XID][0]
+    assert (crit.node, crit.gpu, crit.uuid, crit.pod, crit.namespace, crit.owner) == (
+        "g0", "2", "GPU-abc", "train-0", "ml", "Workflow/wf-0")
+    assert crit.cordon_reason == "xid-79" and "fell off the bus" in crit.summary
+    assert crit.evidence["window"] == "20s" and crit.evidence["DCGM_FI_DEV_XID_ERRORS"] == [79]
+    info = [f for f in result.findings if f.kind is Kind.XID][0]
+    assert info.severity is Severity.INFO and info.cordon_reason is None
+    assert result.status == "critical"
+
+
+def test_row_remap_and_memory_temperature_and_nan_from_filters():
+    extra = [series("rows_max", 2, Hostname="dcgm-0", gpu="1"), series("row_fail_max", 1, Hostname="dcgm-0", gpu="1"),
+             series("memory_temp_max", 101, Hostname="dcgm-1", gpu="0"),
+             series("xid_max", "NaN", Hostname="dcgm-1", gpu="7")]
+    result = classify(fleet(), snapshot(answers(extra=extra)), TH)
+    assert kinds(result) == [("memory-hot", "g1", "0"), ("metric-nan", "g1", "7"), ("row-remap", "g0", "1")]
+    row = [f for f in result.findings if f.kind is Kind.ROW_REMAP][0]
+    assert row.cordon_reason == "row-remap-failure" and row.severity is Severity.CRITICAL
+    nan = [g for g in result.gpus if (g.node, g.gpu) == ("g1", "7")][0]
+    assert nan.status is GPUStatus.UNKNOWN
+
+
+def test_metric_absent_on_some_gpus_and_all_nan_utilisation():
+    ans = answers(skip={(0, 3, "temp")})
+    ans["util"].append(series("util_avg", "NaN", Hostname="dcgm-1", gpu="6", pod="train-1", namespace="ml"))
+    ans["util"] = [s for s in ans["util"] if not (s["metric"]["Hostname"] == "dcgm-1" and s["metric"]["gpu"] == "6"
+                                                   and s["value"][1] != "NaN")]
+    result = classify(fleet(), snapshot(ans), TH)
+    assert kinds(result) == [("metric-missing", "g0", "3"), ("metric-nan", "g1", "6")]
+    assert "DCGM_FI_DEV_GPU_TEMP" in result.findings[0].summary
+    assert result.status == "warning"
+
+
+def test_gpu_missing_counts_against_capacity_and_names_the_gpu_from_details():
+    ans = answers()
+    ans["exporters"][0] = series("gpus_now", 7, Hostname="dcgm-0")
+    snap = snapshot(ans)
+    assert needs_detail(fleet(), snap, TH) == {"dcgm-0"}
+    detail = [series("util", 70, Hostname="dcgm-0", gpu=str(g), UUID=f"GPU-{g}") for g in range(8) if g != 4]
+    merge_answers(snap, {"detail": detail})
+    snap.detail_hosts.add("dcgm-0")
+    result = classify(fleet(), snap, TH)
+    missing = [f for f in result.findings if f.kind is Kind.GPU_MISSING]
+    assert len(missing) == 1 and missing[0].gpu == "4" and missing[0].cordon_reason == "gpu-missing"
+    assert missing[0].evidence["gpus_reporting"] == 7 and missing[0].evidence["capacity"] == 8
+    assert [g.status for g in result.gpus if g.node == "g0"].count(GPUStatus.MISSING) == 1
+
+
+def test_exporter_down_stale_and_absent_are_unknown_not_healthy():
+    ans = answers(n=3)
+    ans["exporters"] = [s for s in ans["exporters"] if s["metric"]["Hostname"] == "dcgm-2"]  # 0, 1: nothing now
+    ans["exporters"].append(series("up", 0, instance="dcgm-0:9400", job="dcgm-exporter"))
+    f = fleet(3)
+    f.exporters = [e for e in f.exporters if e.node != "g1"]  # g1 has no exporter pod at all, no metrics
+    for part in ("util", "temp"):
+        ans[part] = [s for s in ans[part] if s["metric"]["Hostname"] != "dcgm-1"]
+    result = classify(f, snapshot(ans), TH)
+    assert kinds(result) == [("exporter-down", "g0", None), ("no-exporter", "g1", None)]
+    assert {g.status for g in result.gpus if g.node in ("g0", "g1")} == {GPUStatus.UNKNOWN}
+    assert result.gpus_reporting == 8
+    stale = answers(n=1)
+    stale["exporters"].append(series("up_age", 600, instance="10.0.0.0:9400", job="dcgm-exporter"))
+    result = classify(fleet(1), snapshot(stale), TH)  # mapped through the exporter pod's IP
+    assert kinds(result) == [("exporter-stale", "g0", None)]
+
+
+def test_node_not_ready_or_cordoned_while_gpus_are_held():
+    result = classify(fleet(1, ready=False, unschedulable=True), snapshot(answers(n=1)), TH)
+    assert kinds(result) == [("cordoned-with-gpus-held", "g0", None), ("node-not-ready", "g0", None)]
+    assert [f.severity for f in result.findings if f.kind is Kind.NODE_NOT_READY] == [Severity.CRITICAL]
+    empty = classify(fleet(1, ready=None, holders=[]), snapshot(answers(n=1, pods=False)), TH)
+    assert [(f.kind, f.severity) for f in empty.findings] == [(Kind.NODE_NOT_READY, Severity.WARNING)]
+
+
+def _idle_detail(host, gpu, util_max, samples=10, gr=None, pod="train-0"):
+    out = [series("util", util_max, Hostname=host, gpu=gpu, UUID=f"GPU-{gpu}", pod=pod, namespace="ml"),
+           series("util_max", util_max, Hostname=host, gpu=gpu), series("util_samples", samples, Hostname=host, gpu=gpu),
+           series("fb_used", 40000, Hostname=host, gpu=gpu), series("power_avg", 80, Hostname=host, gpu=gpu)]
+    if gr is not None:
+        out.append(series("gr_max", gr, Hostname=host, gpu=gpu))
+    return out
+
+
+def test_idle_but_held_needs_the_whole_window_and_names_pod_and_owner():
+    ans = answers(n=1)
+    for s in ans["util"]:
+        if s["metric"]["gpu"] in ("0", "1", "2", "3"):
+            s["value"][1] = "1.0"
+    snap = snapshot(ans)
+    assert needs_detail(fleet(1), snap, TH) == {"dcgm-0"}
+    detail = (_idle_detail("dcgm-0", "0", 0.0) + _idle_detail("dcgm-0", "1", 30.0)  # busy once: not idle
+              + _idle_detail("dcgm-0", "2", 0.0, samples=1)  # too few samples to judge
+              + _idle_detail("dcgm-0", "3", 0.0, gr=0.4))  # graphics engine busy
+    merge_answers(snap, {"detail": detail})
+    snap.detail_hosts.add("dcgm-0")
+    result = classify(fleet(1), snap, TH)
+    assert kinds(result) == [("idle-but-held", "g0", "0")]
+    f = result.findings[0]
+    assert (f.pod, f.namespace, f.owner, f.uuid) == ("train-0", "ml", "Workflow/wf-0", "GPU-0")
+    assert f.evidence["DCGM_FI_DEV_GPU_UTIL_max"] == 0 and f.evidence["window"] == "20s"
+    assert f.evidence["fb_used_mib"] == 40000
+    young = fleet(1, holders=[GPUPod("ml", "train-0", "g0", "Job/j", 8, {}, "2099-01-01T00:00:00Z")])
+    assert classify(young, snap, TH).findings == []  # younger than the window: not judged
+
+
+def test_idle_without_dcgm_attribution_falls_back_to_the_nodes_gpu_pods():
+    holders = [GPUPod("ml", "solo", "g0", "Job/solo", 2, {}, OLD)]
+    ans = answers(n=1, util=0.0, pods=False)
+    f = fleet(1, holders=holders)
+    snap = snapshot(ans)
+    assert needs_detail(f, snap, TH) == {"dcgm-0"}  # 8 idle GPUs, only 6 free
+    detail = []
+    for g in range(8):
+        detail += _idle_detail("dcgm-0", str(g), 0.0, pod="")
+    merge_answers(snap, {"detail": detail})
+    snap.detail_hosts.add("dcgm-0")
+    result = classify(f, snap, TH)
+    assert [(x.kind, x.pod, x.owner) for x in result.findings] == [(Kind.IDLE_HELD, "solo", "Job/solo")]
+    assert result.findings[0].evidence["free_gpus"] == 6
+    # 2 busy GPUs (the pod's) and 6 idle free ones: nothing to report
+    busy = answers(n=1, util=0.0, pods=False)
+    for s in busy["util"][:2]:
+        s["value"][1] = "90"
+    assert needs_detail(f, snapshot(busy), TH) == set()
+    assert classify(f, snapshot(busy), TH).findings == []
+
+
+def test_hostname_as_node_name_and_unmapped_hostnames():
+    ans = answers(n=1)
+    for part in ans.values():
+        for s in part:
+            s["metric"]["Hostname"] = "g0"  # hostNetwork exporter: Hostname is the node
+    ans["temp"].append(series("temp_max", 50, Hostname="stranger", gpu="0"))
+    result = classify(fleet(1, exporters=False), snapshot(ans), TH)
+    assert kinds(result) == [("unmapped-exporter", None, None)]
+    assert result.gpus_reporting == 8
+
+
+def test_conflicting_holders_are_reported_in_the_owner_column():
+    ans = answers(n=1, extra=[series("xid_max", 79, Hostname="dcgm-0", gpu="0")])
+    ans["util"].append(series("util_avg", 70, Hostname="dcgm-0", gpu="0", pod="other", namespace="ml"))
+    snap = snapshot(ans)
+    assert snap.conflicts[("dcgm-0", "0")] == ["ml/other", "ml/train-0"] or \
+        sorted(snap.conflicts[("dcgm-0", "0")]) == ["ml/other", "ml/train-0"]
+    f = [x for x in classify(fleet(1), snap, TH).findings if x.kind is Kind.CRITICAL_XID][0]
+    assert "conflicting holders" in f.owner
+
+
+def test_thresholds_from_config_with_overrides():
+    from blocks.config import GPUThresholds
+
+    th = SweepThresholds.from_config(GPUThresholds(), window="20s", temp_c=None, stale_after="30s")
+    assert (th.window, th.window_s, th.temp_c, th.stale_after_s) == ("20s", 20, 85.0, 30.0)
+    with pytest.raises(ValueError):
+        SweepThresholds.from_config(GPUThresholds(), window="soon")
+
+
+# --- cordon plans ----------------------------------------------------------------------------
+
+
+def _critical_fleet(n, bad):
+    extra = [series("xid_max", 79, Hostname=f"dcgm-{i}", gpu="0") for i in bad]
+    f = fleet(n)
+    return f, classify(f, snapshot(answers(n=n, extra=extra)), TH)
+
+
+def test_cordon_plan_is_capped_and_idempotent():
+    f, result = _critical_fleet(20, bad=[1, 2, 3, 4])
+    plan = plan_cordon(result, f.nodes, 0.10)
+    assert plan.cap == 2 and len(plan.actions) == 2 and len(plan.over_cap) == 2
+    assert plan.actions[0].reason == "xid-79"
+    assert {a.node for a in plan.actions + plan.over_cap} == {"g1", "g2", "g3", "g4"}
+    f.nodes[1].unschedulable = True
+    f.nodes[1].taints = [{"key": UNHEALTHY_TAINT_KEY, "value": "xid-79", "effect": "NoSchedule"}]
+    again = plan_cordon(result, f.nodes, 0.10)
+    assert again.already == ["g1"] and len(again.actions) == 2 and "g1" not in again.nodes
+    small, res_small = _critical_fleet(3, bad=[0])
+    assert plan_cordon(res_small, small.nodes, 0.10).nodes == ["g0"]  # the cap is at least one node
+    md = plan.markdown(dry_run=True)
+    assert "Dry run" in md and "over the cap" in md.lower() and UNHEALTHY_TAINT_KEY in md
+    with pytest.raises(ValueError):
+        plan_cordon(result, f.nodes, 0)
+
+
+def test_warnings_never_cordon():
+    f = fleet(2)
+    result = classify(f, snapshot(answers(temp=99)), TH)
+    assert result.status == "warning" and plan_cordon(result, f.nodes, 1.0).actions == []
+
+
+def test_uncordon_only_our_nodes_and_only_when_healthy():
+    f, result = _critical_fleet(3, bad=[0])
+    for node in f.nodes[:2]:
+        node.unschedulable = True
+        node.taints = [{"key": UNHEALTHY_TAINT_KEY, "value": "xid-79", "effect": "NoSchedule"}]
+        node.annotations = {FINDING_ANNOTATION: "{}"}
+    plan = plan_uncordon(["g0", "g1", "g2", "nope"], f.nodes, result)
+    assert plan.actions == ["g1"]
+    assert set(plan.refused) == {"g0", "g2", "nope"} and "critical-xid" in plan.refused["g0"]
+    assert plan_uncordon(["g0"], f.nodes, result, force=True).actions == ["g0"]
+    unknown = classify(f, DCGMSnapshot.unavailable("20s", "down"), TH)
+    assert plan_uncordon(["g1"], f.nodes, unknown).actions == []
+
+
+# --- the heatmap -----------------------------------------------------------------------------
+
+
+def test_heatmap_marks_faults_and_bins_big_fleets():
+    f, result = _critical_fleet(4, bad=[2])
+    hm = heatmap(result)
+    assert hm.columns == 8 and hm.row_labels == ["g0", "g1", "g2", "g3"] and hm.nodes_per_row == 1
+    assert hm.bad[2][0] == 1 and sum(map(sum, hm.bad)) == 1 and hm.util[0][0] == 70.0
+    big, res_big = _critical_fleet(300, bad=[5])
+    hm = heatmap(res_big, max_rows=64)
+    assert len(hm.row_labels) <= 64 and hm.nodes_per_row == 5 and sum(map(sum, hm.bad)) == 1
+    unknown = heatmap(classify(fleet(1), DCGMSnapshot.unavailable("20s", "x"), TH))
+    assert all(math.isnan(v) for v in unknown.util[0]) and sum(unknown.unknown[0]) == 8
+
+
+def test_heatmap_png_stays_small_for_a_big_fleet():
+    from tasks.gpu_health import render_heatmap_png
+    from tasks.reports import png_data_uri
+
+    big, res_big = _critical_fleet(2000, bad=[5, 600])
+    fig = render_heatmap_png(heatmap(res_big), "2000 nodes")
+    uri = png_data_uri(fig)
+    assert uri.startswith("data:image/png;base64,") and len(uri) < 200_000

@@ -1,0 +1,233 @@
+"""The GPU sweep against the sandbox: the real Prometheus scraping simulated dcgm-exporters.
+
+One module-scoped fault injection serves the fault, cordon and uncordon tests (waiting out a
+window once); the sandbox is reset after it, as `clean_sandbox` does. The clean-fleet test runs
+first, the Prometheus-down test last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+from flows.gpu_monitoring_sweep import gpu_monitoring_sweep, gpu_node_uncordon, sweep
+from tasks.gpu_health import FINDING_ANNOTATION, UNHEALTHY_TAINT_KEY, Kind, SweepThresholds
+from tasks.kubernetes import api_client_from_kubeconfig, evict_pods_on, list_raw
+
+WINDOW = "20s"
+TH = SweepThresholds(window=WINDOW)
+# (fault, node, gpu) -> the finding it must produce
+FAULTS = [
+    ("xid", "gpu-node-0003", 2, 79, (Kind.CRITICAL_XID, "gpu-node-0003", "2")),
+    ("gpu-missing", "gpu-node-0005", 4, None, (Kind.GPU_MISSING, "gpu-node-0005", "4")),
+    ("remapped-rows", "gpu-node-0008", 0, None, (Kind.ROW_REMAP, "gpu-node-0008", "0")),
+    ("hot-gpu", "gpu-node-0006", 1, 93, (Kind.GPU_HOT, "gpu-node-0006", "1")),
+    ("idle-gpu", "gpu-node-0001", 3, 0, (Kind.IDLE_HELD, "gpu-node-0001", "3")),
+    ("exporter-down", "gpu-node-0007", None, None, (Kind.EXPORTER_DOWN, "gpu-node-0007", None)),
+]
+CRITICAL_NODES = {"gpu-node-0003", "gpu-node-0005", "gpu-node-0008"}
+
+
+def _sweep(sb):
+    with api_client_from_kubeconfig(str(sb.kubeconfig)) as api:
+        return sweep(api, sb.urls["prometheus"], TH, cluster="sandbox")
+
+
+def _found(result):
+    return {(f.kind, f.node, f.gpu) for f in result.findings}
+
+
+def _nodes(sb):
+    with api_client_from_kubeconfig(str(sb.kubeconfig)) as api:
+        return {n["metadata"]["name"]: n for n in list_raw(api, "nodes").items}
+
+
+def _ours(node):
+    return [t for t in node["spec"].get("taints") or [] if t.get("key") == UNHEALTHY_TAINT_KEY]
+
+
+def _artifacts(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
+
+
+def _run_and_approve(flow_fn, answer: dict, **params):
+    """Run a flow that pauses for approval in a thread; answer it from here; return its final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("state", flow_fn(**params, return_state=True)))
+    started = time.time()
+    thread.start()
+    paused = None
+    deadline = time.monotonic() + 90
+    while paused is None and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.5)
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs(limit=20):
+                if (run.state and run.state.type == StateType.PAUSED and run.flow_id
+                        and run.start_time and run.start_time.timestamp() >= started - 5):
+                    paused = run
+                    break
+    assert paused is not None, "the flow never paused for approval"
+    resume_flow_run(paused.id, run_input=answer)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    return box["state"], paused
+
+
+# --- a clean fleet -----------------------------------------------------------------------------
+
+
+def test_clean_fleet_yields_no_findings(sandbox):
+    deadline = time.monotonic() + 3 * TH.window_s  # let any earlier fault leave the window
+    result = _sweep(sandbox)
+    while result.findings and time.monotonic() < deadline:
+        time.sleep(2)
+        result = _sweep(sandbox)
+    assert [f.row() for f in result.findings] == []
+    assert result.status == "ok" and result.gpu_nodes == 16 and result.gpus_reporting == 128
+    assert result.gpu_status_counts == {"healthy": 128}
+    assert 0 < result.fleet_util_pct < 100 and result.gpus_held > 0
+    assert result.round_trips <= 10
+
+
+# --- every fault of the sandbox ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faulted(sandbox):
+    """The sandbox with one of each GPU fault, once Prometheus has seen them for a whole window."""
+    try:
+        for kind, node, gpu, value, _ in FAULTS:
+            sandbox.fault(kind, node=node, gpu=gpu, value=value)
+        want = {f[4] for f in FAULTS}
+        deadline = time.monotonic() + 4 * TH.window_s
+        result = _sweep(sandbox)
+        while not want <= _found(result) and time.monotonic() < deadline:
+            time.sleep(2)
+            result = _sweep(sandbox)
+        yield sandbox, result
+    finally:
+        sandbox.reset()
+
+
+def test_each_fault_yields_its_finding(faulted):
+    _, result = faulted
+    assert _found(result) == {f[4] for f in FAULTS}
+    by_kind = {f.kind: f for f in result.findings}
+    xid = by_kind[Kind.CRITICAL_XID]
+    assert xid.uuid.startswith("GPU-") and xid.pod and xid.owner.startswith("Workflow/")
+    assert xid.evidence["DCGM_FI_DEV_XID_ERRORS"] == [79] and xid.evidence["window"] == WINDOW
+    idle = by_kind[Kind.IDLE_HELD]
+    assert idle.namespace == "argo-job" and idle.owner.startswith("Workflow/rl-prod-")
+    assert idle.evidence["DCGM_FI_DEV_GPU_UTIL_max"] == 0 and idle.evidence["samples"] >= 2
+    assert by_kind[Kind.GPU_HOT].evidence["DCGM_FI_DEV_GPU_TEMP_max"] == 93
+    assert by_kind[Kind.GPU_MISSING].evidence["gpus_reporting"] == 7
+    assert all(f.action for f in result.findings)
+    unknown = [g for g in result.gpus if g.node == "gpu-node-0007"]
+    assert len(unknown) == 8 and {g.status.value for g in unknown} == {"unknown"}
+    assert result.status == "critical" and result.round_trips <= 10
+
+
+def test_dry_run_reports_the_capped_plan_and_changes_nothing(faulted, sandbox_platform):
+    sb, _ = faulted
+    before = _nodes(sb)
+    state = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, return_state=True)
+    assert state.is_completed()
+    out = state.result()
+    assert out["dry_run"] and out["cordoned"] == []
+    assert len(out["cordon_plan"]) == 1 and set(out["cordon_plan"] + out["cordon_over_cap"]) == CRITICAL_NODES
+    assert _nodes(sb) == before
+    found = _artifacts(state.state_details.flow_run_id)
+    md = [a for a in found if a.type == "markdown"][0].data
+    assert "Dry run: would cordon 1 node" in md and "data:image/png;base64," in md
+    assert "critical-xid" in md and "idle-but-held" in md
+    table = [a for a in found if a.type == "table"][0].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert {r["finding"] for r in rows} >= {"critical-xid", "gpu-missing", "row-remap", "gpu-hot", "idle-but-held",
+                                            "exporter-down"}
+
+
+def test_approved_run_cordons_exactly_the_plan_within_the_cap(faulted, sandbox_platform):
+    sb, _ = faulted
+    state, _ = _run_and_approve(gpu_monitoring_sweep, {"approve": True, "approver": "alice"},
+                                platform=sandbox_platform, window=WINDOW, dry_run=False, max_share=0.15)
+    assert state.is_completed(), state
+    out = state.result()
+    assert out["approved_by"] == "alice" and len(out["cordon_plan"]) == 2  # 15% of 16 nodes
+    assert out["cordoned"] == out["cordon_plan"]
+    nodes = _nodes(sb)
+    touched = {n for n, obj in nodes.items() if obj["spec"].get("unschedulable") or _ours(obj)}
+    assert touched == set(out["cordon_plan"]) and touched <= CRITICAL_NODES
+    for name in touched:
+        node = nodes[name]
+        assert node["spec"]["unschedulable"] is True
+        assert _ours(node)[0]["effect"] == "NoSchedule" and _ours(node)[0]["value"] in (
+            "xid-79", "gpu-missing", "row-remap-failure")
+        note = json.loads(node["metadata"]["annotations"][FINDING_ANNOTATION])
+        assert note["approved_by"] == "alice" and note["findings"]
+        assert {"key": "disable-node-scheduler", "value": "", "effect": "NoSchedule"} in node["spec"]["taints"]
+
+    # idempotent: the next run plans the third critical node only, never the cordoned ones again
+    again = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, max_share=0.15)
+    assert set(again["cordon_already"]) == touched and set(again["cordon_plan"]) == CRITICAL_NODES - touched
+
+    # uncordon: refused while the fault is still there, done when forced and approved
+    refused = gpu_node_uncordon(platform=sandbox_platform, nodes=sorted(touched), window=WINDOW)
+    assert refused["plan"] == [] and set(refused["refused"]) == touched
+    state, _ = _run_and_approve(gpu_node_uncordon, {"approve": True, "approver": "bob"}, platform=sandbox_platform,
+                                nodes=sorted(touched), window=WINDOW, dry_run=False, force=True)
+    assert state.is_completed(), state
+    assert set(state.result()["uncordoned"]) == touched
+    nodes = _nodes(sb)
+    for name in touched:
+        assert not nodes[name]["spec"].get("unschedulable") and not _ours(nodes[name])
+        assert FINDING_ANNOTATION not in nodes[name]["metadata"].get("annotations", {})
+
+
+def test_rejected_plan_changes_nothing(faulted, sandbox_platform):
+    sb, _ = faulted
+    before = _nodes(sb)
+    state, _ = _run_and_approve(gpu_monitoring_sweep, {"approve": False, "approver": "carol"},
+                                platform=sandbox_platform, window=WINDOW, dry_run=False)
+    assert state.is_completed()
+    assert state.result()["cordoned"] == [] and state.result()["approved_by"] == "carol"
+    assert _nodes(sb) == before
+
+
+# --- drain and Prometheus down ---------------------------------------------------------------------
+
+
+def test_drain_evicts_but_never_forces_a_pod_disruption_budget(clean_sandbox):
+    with api_client_from_kubeconfig(str(clean_sandbox.kubeconfig)) as api:
+        blocked = evict_pods_on(api, "gpu-node-0009")  # kind 8: inference behind a PDB
+        evicted = evict_pods_on(api, "gpu-node-0002")  # kind 1: one 8-GPU training pod
+        left = list_raw(api, "pods", field_selector="spec.nodeName=gpu-node-0009").items
+    assert [r["result"] for r in blocked] == ["blocked"] and "PodDisruptionBudget" in blocked[0]["detail"]
+    assert any(p["metadata"]["name"].startswith("llm-serving-") for p in left)
+    assert [r["result"] for r in evicted] == ["evicted"]
+
+
+def test_prometheus_down_is_unknown_and_fails_the_run(clean_sandbox, sandbox_platform):
+    clean_sandbox.fault("prometheus-down")
+    result = _sweep(clean_sandbox)
+    assert result.status == "unknown" and [f.kind for f in result.findings] == [Kind.PROMETHEUS_UNAVAILABLE]
+    assert {g.status.value for g in result.gpus} == {"unknown"}
+    state = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, return_state=True)
+    assert state.is_failed() and "unknown" in state.message
+    md = [a for a in _artifacts(state.state_details.flow_run_id) if a.type == "markdown"][0].data
+    assert "Status: UNKNOWN" in md and "prometheus-unavailable" in md
