@@ -27,6 +27,10 @@ POOL = "ai-platform-ops-demo"
 # The platform parameter comes from prefect.yaml ({{ $AI_PLATFORM_OPS_PLATFORM }} = sandbox).
 DEMO_RUNS: list[tuple[str, dict]] = [
     ("cluster-inventory/cluster-inventory", {}),
+    ("gpu-monitoring-sweep/gpu-monitoring-sweep", {"window": "1m"}),  # dry run: findings + plan, no change
+    ("gitlab-backup/gitlab-backup", {}),
+    ("gitlab-config-backup/gitlab-config-backup", {}),
+    ("gitlab-restore-drill/gitlab-restore-drill", {}),  # restores the backup above on the scratch host
 ]
 
 
@@ -96,6 +100,7 @@ class Demo:
         self.sandbox = Sandbox(state_dir=state, nodes=self.nodes).up()
         wait_for_first_scrape(self.sandbox)
         # secrets the sandbox components created (tokens, keys) for block loading and the worker
+        self.env.update({k: v for k, v in os.environ.items() if k.startswith("SANDBOX_")})
         env_file = state / "env"
         if env_file.exists():
             for line in env_file.read_text().splitlines():

@@ -65,6 +65,7 @@ def _artifacts(flow_run_id):
 def _run_and_approve(flow_fn, answer: dict, **params):
     """Run a flow that pauses for approval in a thread; answer it from here; return its final state."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
 
@@ -77,7 +78,8 @@ def _run_and_approve(flow_fn, answer: dict, **params):
     while paused is None and time.monotonic() < deadline and thread.is_alive():
         time.sleep(0.5)
         with get_client(sync_client=True) as client:
-            for run in client.read_flow_runs(limit=20):
+            paused_only = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+            for run in client.read_flow_runs(flow_run_filter=paused_only, limit=20):
                 if (run.state and run.state.type == StateType.PAUSED and run.flow_id
                         and run.start_time and run.start_time.timestamp() >= started - 5):
                     paused = run
