@@ -32,10 +32,12 @@ import socket
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from sandbox._http import JSONHandler
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent.parent / "shared" / "contracts" / "argo-workflows.schema.json"
 SCENARIO_LABEL = "sandbox/scenario"
@@ -217,21 +219,9 @@ class ArgoStandIn:
 
 
 def _handler(state: ArgoStandIn):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):  # quiet
-            pass
+    class Handler(JSONHandler):
 
         # -- plumbing --------------------------------------------------------------------
-
-        def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
         def _error(self, http: int, grpc: int, message: str) -> None:
             self._send(http, {"code": grpc, "message": message})

@@ -26,9 +26,11 @@ import json
 import os
 import threading
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
+
+from sandbox._http import JSONHandler
 
 STATES = ("pending", "running", "success", "failed", "canceled", "skipped")
 FINAL = {"success", "failed", "canceled", "skipped"}
@@ -161,19 +163,7 @@ class CIRoutes:
 
 
 def make_handler(routes: CIRoutes):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):  # quiet
-            pass
-
-        def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    class Handler(JSONHandler):
 
         def _body(self) -> dict[str, Any]:
             length = int(self.headers.get("Content-Length") or 0)

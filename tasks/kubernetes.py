@@ -145,15 +145,21 @@ class NodeInfo:
         return self.gpu_capacity > 0 or self.gpu_product is not None
 
 
+def node_ready(status: dict[str, Any]) -> bool | None:
+    """The Ready condition: True, False, or None when it is absent or Unknown (never assumed healthy)."""
+    ready: bool | None = None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Ready":
+            ready = {"True": True, "False": False}.get(cond.get("status"))
+    return ready
+
+
 def node_info(obj: dict[str, Any], gpu_label: str = "nvidia.com/gpu.product") -> NodeInfo:
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     labels = meta.get("labels") or {}
-    ready: bool | None = None
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "Ready":
-            ready = {"True": True, "False": False}.get(cond.get("status"))
+    ready = node_ready(status)
     return NodeInfo(
         name=meta.get("name", ""),
         ready=ready,
@@ -346,10 +352,7 @@ def _gpu_node(obj: dict[str, Any], gpu_label: str):
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     labels = meta.get("labels") or {}
-    ready: bool | None = None
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "Ready":
-            ready = {"True": True, "False": False}.get(cond.get("status"))
+    ready = node_ready(status)
     capacity = (status.get("capacity") or {}).get(WHOLE_GPU)
     if capacity is None:
         capacity = labels.get("nvidia.com/gpu.count")

@@ -93,7 +93,7 @@ def gitlab_sandbox(sandbox, sandbox_platform):
     """The sandbox's GitLab hosts, API stand-ins and S3 store, with block documents loaded."""
     need_binary("sshd", "openssh-server")
     if "gitlab" not in sandbox.config:
-        pytest.skip("the sandbox has no GitLab host component")
+        pytest.fail("the sandbox has no GitLab host component (sandbox/platform.py COMPONENTS)")
     return sandbox
 
 
@@ -130,7 +130,7 @@ def training_platform(sandbox, prefect_server):
     from sandbox.platform import free_port, http_ok, wait_for
 
     if "argo" not in sandbox.config or "gitlab_ci_api" not in sandbox.urls:
-        pytest.skip("the sandbox has no training component")
+        pytest.fail("the sandbox has no training component (sandbox/platform.py COMPONENTS)")
     registry = sandbox.config.get("registry")
     if registry is None:
         binary = need_binary("docker-registry", "docker-registry")
