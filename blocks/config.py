@@ -33,10 +33,12 @@ from pydantic_core import PydanticCustomError
 class ConfigError(ValueError):
     """The platform config is invalid; the message lists each wrong field and what was expected."""
 
+    document = "platform config"
+
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        super().__init__(f"invalid platform config {source}:\n  " + "\n  ".join(problems))
+        super().__init__(f"invalid {self.document} {source}:\n  " + "\n  ".join(problems))
 
 
 # --- field types with operator-readable errors -------------------------------------------
@@ -393,13 +395,18 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     return [f"{_loc(tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()]
 
 
-def parse_platform_config(data: Any, source: str = "<config>") -> PlatformConfig:
+def validate_document(model: type[BaseModel], data: Any, source: str, error: type[ConfigError] = ConfigError):
+    """Validate parsed YAML against `model`; raise `error` listing every wrong field, never a traceback."""
     if not isinstance(data, dict):
-        raise ConfigError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
+        raise error(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
     try:
-        return PlatformConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, format_validation_error(exc)) from None
+        raise error(source, format_validation_error(exc)) from None
+
+
+def parse_platform_config(data: Any, source: str = "<config>") -> PlatformConfig:
+    return validate_document(PlatformConfig, data, source)
 
 
 def load_platform_config(path: str | Path) -> PlatformConfig:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -450,7 +451,7 @@ def start_argo(sb) -> None:
     """Sandbox component: the Argo stand-in, and the platform config's `argo` section (token by reference)."""
     from sandbox.platform import PYTHON, free_port, http_ok, wait_for
 
-    os.environ.setdefault("SANDBOX_ARGO_TOKEN", "sandbox-argo-token")
+    os.environ.setdefault("SANDBOX_ARGO_TOKEN", secrets.token_urlsafe(24))  # a fresh token per sandbox, never a literal
     port = free_port()
     tick = os.environ.get("SANDBOX_ARGO_TICK", "0.5")
     proc = sb.spawn("argo", [PYTHON, "-m", "sandbox.argo", "--port", str(port), "--token-env", "SANDBOX_ARGO_TOKEN",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import threading
 from datetime import datetime, timezone
 from http.server import ThreadingHTTPServer
@@ -230,7 +231,7 @@ def start_gitlab_ci_api(sb) -> None:
     """
     from sandbox.platform import PYTHON, free_port, http_ok, wait_for
 
-    os.environ.setdefault("SANDBOX_GITLAB_CI_TOKEN", "sandbox-gitlab-ci-token")
+    os.environ.setdefault("SANDBOX_GITLAB_CI_TOKEN", secrets.token_urlsafe(24))  # a fresh token per sandbox, never a literal
     port = free_port()
     proc = sb.spawn("gitlab-ci-api", [PYTHON, "-m", "sandbox.gitlab_ci_api", "--port", str(port),
                                       "--token-env", "SANDBOX_GITLAB_CI_TOKEN"])

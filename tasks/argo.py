@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from blocks.config import format_validation_error
+from blocks.config import ConfigError, validate_document
 
 ARGO_TIMEOUT_S = 30.0
 """Timeout of every call to the Argo Server (connect and read)."""
@@ -44,13 +44,10 @@ TERMINAL_PHASES = {"Succeeded", "Failed", "Error"}
 # --- the training spec ---------------------------------------------------------------------
 
 
-class TrainingSpecError(ValueError):
+class TrainingSpecError(ConfigError):
     """The training spec is invalid; the message lists each wrong field and what was expected."""
 
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"invalid training spec {source}:\n  " + "\n  ".join(problems))
+    document = "training spec"
 
 
 _DNS_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,38}[a-z0-9])?$")
@@ -311,12 +308,7 @@ class TrainingSpec(_Spec):
 
 def parse_training_spec(data: Any, source: str = "<spec>") -> TrainingSpec:
     """Validate a training spec (already parsed YAML). Raises `TrainingSpecError` naming each wrong field."""
-    if not isinstance(data, dict):
-        raise TrainingSpecError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
-    try:
-        return TrainingSpec.model_validate(data)
-    except ValidationError as exc:
-        raise TrainingSpecError(source, format_validation_error(exc)) from None
+    return validate_document(TrainingSpec, data, source, TrainingSpecError)
 
 
 def load_training_spec(text: str, source: str = "<spec>") -> TrainingSpec:

@@ -56,16 +56,21 @@ def publish_markdown(key: str, markdown: str, description: str | None = None) ->
     return artifact_key(key)
 
 
-def publish_table(key: str, rows: Iterable[dict[str, Any]], description: str | None = None) -> int:
-    """Create a table artifact (at most MAX_TABLE_ROWS rows, the rest counted in the description)."""
+def _table(rows: Iterable[dict[str, Any]], description: str | None) -> tuple[list[dict], str | None, int]:
+    """The rows a table artifact shows (at most MAX_TABLE_ROWS, None as ''), its description, the row count."""
     rows = list(rows)
-    shown = rows[:MAX_TABLE_ROWS]
     if len(rows) > MAX_TABLE_ROWS:
         description = f"{description or ''} (first {MAX_TABLE_ROWS} of {len(rows)} rows)".strip()
+    table = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows[:MAX_TABLE_ROWS]]
+    return table or [{"result": "none"}], description, len(rows)
+
+
+def publish_table(key: str, rows: Iterable[dict[str, Any]], description: str | None = None) -> int:
+    """Create a table artifact (at most MAX_TABLE_ROWS rows, the rest counted in the description)."""
+    table, description, count = _table(rows, description)
     if _in_run_context():
-        clean = [{k: ("" if v is None else v) for k, v in r.items()} for r in shown]
-        create_table_artifact(key=artifact_key(key), table=clean or [{"result": "none"}], description=description)
-    return len(rows)
+        create_table_artifact(key=artifact_key(key), table=table, description=description)
+    return count
 
 
 class Progress:
@@ -122,15 +127,10 @@ async def apublish_table(key: str, rows: Iterable[dict[str, Any]], description: 
     """`publish_table` for async flows."""
     from prefect.artifacts import acreate_table_artifact
 
-    rows = list(rows)
-    shown = rows[:MAX_TABLE_ROWS]
-    if len(rows) > MAX_TABLE_ROWS:
-        description = f"{description or ''} (first {MAX_TABLE_ROWS} of {len(rows)} rows)".strip()
+    table, description, count = _table(rows, description)
     if _in_run_context():
-        clean = [{k: ("" if v is None else v) for k, v in r.items()} for r in shown]
-        await acreate_table_artifact(key=artifact_key(key), table=clean or [{"result": "none"}],
-                                     description=description)
-    return len(rows)
+        await acreate_table_artifact(key=artifact_key(key), table=table, description=description)
+    return count
 
 
 class AsyncProgress:
