@@ -34,13 +34,11 @@ import threading
 import time
 from datetime import datetime, timezone
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from sandbox._http import JSONHandler
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent.parent / "shared" / "contracts" / "argo-workflows.schema.json"
 SCENARIO_LABEL = "sandbox/scenario"
 STOP_LABEL = "sandbox/stop"
 
@@ -203,13 +201,11 @@ class ArgoStandIn:
         self.requests: list[dict[str, Any]] = []
         self.faults: dict[str, Any] = {}
         self.validator = None
-        if validate and SCHEMA_PATH.exists():
-            import jsonschema
+        if validate:
+            # a missing schema is an error (MissingContract), never a silent "accept everything"
+            from contracts import argo_workflow_validator
 
-            schema = json.loads(SCHEMA_PATH.read_text())
-            root = {"$ref": "#/definitions/io.argoproj.workflow.v1alpha1.Workflow",
-                    "definitions": schema["definitions"]}
-            self.validator = jsonschema.validators.validator_for(schema)(root)
+            self.validator = argo_workflow_validator()
 
     def reset(self) -> None:
         with self.lock:

@@ -17,9 +17,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-FIXTURES = SHARED / "fixtures" / "seed"
-CONTRACTS = SHARED / "contracts"
+FIXTURES = REPO / "tests" / "fixtures" / "seed"  # the platform guide's files, see tests/fixtures/README.md
+CONTRACTS = REPO / "contracts"  # published contracts, see contracts/README.md
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
