@@ -102,17 +102,24 @@ _DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
 _DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def duration_seconds(value: str) -> int:
-    m = _DURATION_RE.match(value)
-    assert m, value
+def parse_duration(value: Any) -> int:
+    """Seconds in a duration written as Prometheus and the config write it (`30s`, `15m`, `6h`, `7d`).
+
+    The one duration parser of the project; raises ValueError naming the bad value.
+    """
+    m = _DURATION_RE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"expected a duration such as 30s, 15m, 6h or 7d, got {value!r}")
     return int(m.group(1)) * _DURATION_SECONDS[m.group(2)]
 
 
 def _duration(value: Any) -> str:
-    if not isinstance(value, str) or not _DURATION_RE.match(value):
+    try:
+        parse_duration(value)
+    except ValueError:
         raise PydanticCustomError(
             "duration", "expected a duration such as 30s, 15m, 6h or 7d, got {value}", {"value": repr(value)}
-        )
+        ) from None
     return value
 
 
@@ -157,7 +164,7 @@ class SecretRef(_Model):
         from prefect.blocks.system import Secret
 
         try:
-            return SecretStr(str(Secret.load(self.block).get()))
+            return SecretStr(str(Secret.load(self.block, _sync=True).get()))
         except ValueError as exc:
             raise LookupError(
                 f"secret {self.describe()} not found: create the Prefect Secret block {self.block!r}"
@@ -168,7 +175,8 @@ def _reject_plain_secret(value: Any) -> Any:
     if isinstance(value, str):
         raise PydanticCustomError(
             "secret_ref",
-            "expected a reference ({{env: NAME}} or {{block: NAME}}), not the secret itself",
+            "expected a reference ({env} or {block}), not the secret itself",
+            {"env": "{env: NAME}", "block": "{block: NAME}"},
         )
     return value
 

@@ -120,6 +120,12 @@ class BackupStore(Block):
             ),
         )
 
+    def get_store(self, timeout_s: float = 60.0):
+        """The generic off-site store over this block (`tasks.storage.Store`): sinks, listings, deletes."""
+        from tasks.storage import Store
+
+        return Store(self, timeout_s=timeout_s)
+
     def local_dir(self) -> Path:
         if self.kind != "local" or not self.path:
             raise ValueError("this backup store is not a local directory")

@@ -1,82 +1,216 @@
-"""What a flow gets from the platform's block documents: config, clients, connections."""
+"""One way to reach the platform: a flow opens a `Platform` once and hands its clients to its tasks.
+
+    plat = Platform("main")                            # sync flows
+    plat = await Platform.aopen("main", "gitlab_host", "backup_store")   # async flows: preloads
+    api = plat.kubernetes()                           # official `kubernetes` ApiClient
+    host = plat.gitlab_host()                         # GitLabHost block (SSH connect kwargs)
+
+Each block document is loaded at most once per `Platform` (one per flow run), the way
+prefect-kubernetes' `KubernetesCredentials.get_client` hands out a client: flows load, tasks
+receive what they need and never load a block by name. `secrets()` gives every secret value the
+platform's blocks hold, for `tasks.redact`.
+
+Blocks are loaded with `_sync=True` when a sync accessor is called, so an accessor never returns
+a coroutine by surprise inside an async flow; `aopen`/`aprefetch` load them concurrently and
+without blocking the event loop.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+import asyncio
+from typing import Any
 
 from blocks.config import PlatformConfig
 
+# The parts a platform can have: (block type import path, document name suffix).
+_PARTS: dict[str, tuple[str, str]] = {
+    "settings": ("blocks.connections:PlatformSettings", ""),
+    "gitlab_host": ("blocks.connections:GitLabHost", ""),
+    "gitlab_host_scratch": ("blocks.connections:GitLabHost", "-scratch"),
+    "gitlab_api": ("blocks.connections:GitLabAPI", ""),
+    "gitlab_api_scratch": ("blocks.connections:GitLabAPI", "-scratch"),
+    "prometheus": ("blocks.connections:PrometheusServer", ""),
+    "argo": ("blocks.connections:ArgoServer", ""),
+    "registry": ("blocks.connections:ContainerRegistry", ""),
+    "backup_store": ("blocks.connections:BackupStore", ""),
+    "notifier": ("prefect.blocks.notifications:CustomWebhookNotificationBlock", ""),
+}
+# Parts that are optional: a missing document is `None`, not an error.
+_OPTIONAL = {"notifier"}
+# Secret-bearing fields of the blocks above.
+_SECRET_FIELDS = ("token", "password", "private_key", "access_key_id", "secret_access_key")
 
-@dataclass
+
+def _block_type(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class Platform:
-    """The platform named `name`, as loaded by `python -m blocks.load`."""
+    """The platform named `name`, as `python -m blocks.load` saved it; one instance per flow run."""
 
-    name: str
+    def __init__(self, name: str):
+        self.name = name
+        self._blocks: dict[str, Any] = {}
+        self._kube: dict[str, Any] = {}
 
-    @cached_property
+    def __repr__(self) -> str:
+        return f"Platform({self.name!r}, loaded={sorted(self._blocks)})"
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def _doc_name(self, part: str) -> str:
+        return f"{self.name}{_PARTS[part][1]}"
+
+    def _missing(self, part: str, exc: Exception) -> Exception:
+        block_type = _block_type(_PARTS[part][0])
+        if part == "settings":
+            return LookupError(f"platform {self.name!r} has no settings block: run "
+                               "`python -m blocks.load <platform.yaml>` first")
+        return LookupError(f"no {block_type.get_block_type_slug()} block named {self._doc_name(part)!r}: add that "
+                           "section to the platform config and run `python -m blocks.load <platform.yaml>`")
+
+    def _part(self, part: str) -> Any:
+        if part not in self._blocks:
+            try:
+                self._blocks[part] = _block_type(_PARTS[part][0]).load(self._doc_name(part), _sync=True)
+            except ValueError as exc:
+                if part not in _OPTIONAL:
+                    raise self._missing(part, exc) from exc
+                self._blocks[part] = None
+        return self._blocks[part]
+
+    async def _apart(self, part: str) -> Any:
+        if part not in self._blocks:
+            try:
+                block = await _block_type(_PARTS[part][0]).aload(self._doc_name(part))
+            except ValueError as exc:
+                if part not in _OPTIONAL:
+                    raise self._missing(part, exc) from exc
+                block = None
+            self._blocks.setdefault(part, block)
+        return self._blocks[part]
+
+    async def aprefetch(self, *parts: str) -> Platform:
+        """Load the settings and the named parts concurrently (async flows call this once)."""
+        unknown = [p for p in parts if p not in _PARTS]
+        if unknown:
+            raise ValueError(f"unknown platform parts {unknown}; known: {sorted(_PARTS)}")
+        await asyncio.gather(*(self._apart(p) for p in ("settings", *parts)))
+        return self
+
+    @classmethod
+    async def aopen(cls, name: str, *parts: str) -> Platform:
+        """A Platform with its settings and the named parts already loaded."""
+        return await cls(name).aprefetch(*parts)
+
+    # -- what flows hand to tasks ---------------------------------------------------------------
+
+    @property
     def config(self) -> PlatformConfig:
-        from blocks.connections import PlatformSettings
+        """The validated platform config (thresholds, names, secret references only)."""
+        return self._part("settings").platform()
 
-        try:
-            return PlatformSettings.load(self.name).platform()
-        except ValueError as exc:
-            raise LookupError(
-                f"platform {self.name!r} has no settings block: run `python -m blocks.load <platform.yaml>` first"
-            ) from exc
+    def kubernetes(self, cluster: str | None = None):
+        """An official `kubernetes` ApiClient for the cluster, built once per run.
 
-    def kubernetes_api_client(self, cluster: str | None = None):
-        """An official `kubernetes` ApiClient built from the cluster's KubernetesClusterConfig block."""
-        from tasks.kubernetes import api_client_for
-
+        From the cluster's `KubernetesClusterConfig` block (prefect-kubernetes), else its
+        kubeconfig file, else the in-cluster service account.
+        """
         cfg = self.config.cluster(cluster)
-        return api_client_for(cfg)
-
-    def _load(self, block_type, suffix: str = ""):
-        name = f"{self.name}{suffix}"
-        try:
-            return block_type.load(name)
-        except ValueError as exc:
-            raise LookupError(
-                f"no {block_type.get_block_type_slug()} block named {name!r}: add that section to the "
-                f"platform config and run `python -m blocks.load`"
-            ) from exc
-
-    def prometheus(self):
-        from blocks.connections import PrometheusServer
-
-        return self._load(PrometheusServer)
+        if cfg.name not in self._kube:
+            self._kube[cfg.name] = _kubernetes_client(cfg)
+        return self._kube[cfg.name]
 
     def gitlab_host(self, scratch: bool = False):
-        from blocks.connections import GitLabHost
-
-        return self._load(GitLabHost, "-scratch" if scratch else "")
+        """The omnibus GitLab host block (`connect_kwargs()` for SSH); `scratch` is the drill host."""
+        return self._part("gitlab_host_scratch" if scratch else "gitlab_host")
 
     def gitlab_api(self, scratch: bool = False):
-        from blocks.connections import GitLabAPI
+        """GitLab's API block (`get_client()` gives a python-gitlab client)."""
+        return self._part("gitlab_api_scratch" if scratch else "gitlab_api")
 
-        return self._load(GitLabAPI, "-scratch" if scratch else "")
+    def prometheus(self):
+        return self._part("prometheus")
 
     def argo(self):
-        from blocks.connections import ArgoServer
-
-        return self._load(ArgoServer)
+        return self._part("argo")
 
     def registry(self):
-        from blocks.connections import ContainerRegistry
-
-        return self._load(ContainerRegistry)
+        return self._part("registry")
 
     def backup_store(self):
-        from blocks.connections import BackupStore
-
-        return self._load(BackupStore)
+        """The off-site store (`tasks.storage.Store`) over the platform's BackupStore block."""
+        return self._part("backup_store").get_store()
 
     def notifier(self):
-        """The failure webhook, or None when the config names none."""
-        from prefect.blocks.notifications import CustomWebhookNotificationBlock
+        """The failure webhook (Prefect's CustomWebhookNotificationBlock), or None when none is configured."""
+        return self._part("notifier")
 
-        try:
-            return CustomWebhookNotificationBlock.load(self.name)
-        except ValueError:
-            return None
+    def secrets(self) -> list[str]:
+        """Every secret value held by this platform's blocks: what `tasks.redact` must never let through.
+
+        Loads the secret-bearing blocks the config describes (once); a block that is not saved
+        has no secrets to hide.
+        """
+        out: list[str] = []
+        for part in _secret_parts(self.config):
+            try:
+                out += secret_values(self._part(part))
+            except LookupError:
+                self._blocks.setdefault(part, None)
+        return out
+
+    async def asecrets(self) -> list[str]:
+        """`secrets()` for async flows: the blocks are loaded concurrently, off the event loop's path."""
+        parts = _secret_parts((await self._apart("settings")).platform())
+
+        async def quiet(part: str) -> None:
+            try:
+                await self._apart(part)
+            except LookupError:
+                self._blocks.setdefault(part, None)
+
+        await asyncio.gather(*(quiet(p) for p in parts))
+        return [v for p in parts for v in secret_values(self._blocks.get(p))]
+
+
+def _secret_parts(cfg: PlatformConfig) -> list[str]:
+    """The parts of a platform whose blocks hold secrets, as its config describes them."""
+    scratch = cfg.gitlab is not None and cfg.gitlab.scratch is not None
+    present = {"gitlab_api": cfg.gitlab is not None, "gitlab_host": cfg.gitlab is not None,
+               "gitlab_api_scratch": scratch, "gitlab_host_scratch": scratch, "argo": cfg.argo is not None,
+               "registry": cfg.registry is not None, "backup_store": cfg.backup_store is not None}
+    return [part for part, there in present.items() if there]
+
+
+def secret_values(block: Any) -> list[str]:
+    """The plain values of a block's `SecretStr` fields (for redaction only)."""
+    if block is None:
+        return []
+    out = []
+    for attr in _SECRET_FIELDS:
+        value = getattr(block, attr, None)
+        if value is not None and hasattr(value, "get_secret_value"):
+            out.append(value.get_secret_value())
+    return [v for v in out if v]
+
+
+def _kubernetes_client(cluster):
+    """An ApiClient from the cluster's KubernetesClusterConfig block, else its kubeconfig, else in-cluster."""
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+    from prefect_kubernetes.credentials import KubernetesClusterConfig
+
+    try:
+        block = KubernetesClusterConfig.load(cluster.name, _sync=True)
+        return k8s_config.new_client_from_config_dict(block.config, context=block.context_name)
+    except ValueError:
+        pass  # no block saved for this cluster: fall back to the file or in-cluster
+    if cluster.kubeconfig is not None:
+        return k8s_config.new_client_from_config(str(cluster.kubeconfig), context=cluster.context)
+    configuration = k8s.Configuration()
+    k8s_config.load_incluster_config(client_configuration=configuration)
+    return k8s.ApiClient(configuration)

@@ -102,15 +102,6 @@ def png_data_uri(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def severity_counts(items: Iterable[Any], attr: str = "severity") -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        value = getattr(item, attr, None) if not isinstance(item, dict) else item.get(attr)
-        value = getattr(value, "value", value)
-        counts[str(value)] = counts.get(str(value), 0) + 1
-    return counts
-
-
 # --- async flows: the same reports from an async flow (Prefect dispatches to async APIs there) --------
 
 
