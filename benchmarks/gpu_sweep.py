@@ -75,12 +75,13 @@ def run(size: int | None = None, repeat: int = 5) -> None:
             core = k8s.CoreV1Api(api)
             exporters = exporter_pod_names(size)
             client = httpx.Client(timeout=30)
+            sample = min(BASELINE_SAMPLE, size)  # a fleet smaller than the sample is timed whole
 
             def baseline_sample() -> int:
                 trips = 0
                 listing = list_raw(api, "nodes", label_selector="nvidia.com/gpu.product", page_size=500)
                 trips += listing.round_trips
-                for obj in listing.items[:BASELINE_SAMPLE]:
+                for obj in listing.items[:sample]:
                     name = obj["metadata"]["name"]
                     core.read_node(name, _preload_content=False)
                     core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={name}", _preload_content=False)
@@ -94,11 +95,11 @@ def run(size: int | None = None, repeat: int = 5) -> None:
 
             t = time.perf_counter()
             baseline_sample()
-            per_node = (time.perf_counter() - t) / BASELINE_SAMPLE
+            per_node = (time.perf_counter() - t) / sample
             baseline_seconds = per_node * size
             emit("gpu-sweep", size, seconds=seconds, baseline_seconds=baseline_seconds, peak_rss_mb=rss,
                  round_trips=result.round_trips, baseline="per-node", baseline_round_trips=size * (2 + len(
-                     BASELINE_QUERIES)) + 1, extrapolated_from=BASELINE_SAMPLE, gpus=size * 8,
+                     BASELINE_QUERIES)) + 1, extrapolated_from=sample, gpus=size * 8,
                  findings=len(result.findings), phases={k: round(v, 3) for k, v in result.timings.items()},
                  sandbox_setup_s=round(setup_s, 1), scrape_interval_s=sb.scrape_interval_s)
         finally:

@@ -273,13 +273,20 @@ class NotificationsConfig(_Model):
     webhook_url: SecretField | None = Field(None, description="webhook that receives failure notices")
 
 
+# The XIDs that cordon a node, defined once: NVIDIA's XID catalogue marks these as needing a GPU
+# reset or a node reboot (48 DBE ECC, 63/64 row remapping, 74 NVLink, 79 fell off the bus, 92 high
+# SBE rate, 94/95 contained/uncontained ECC). The Prometheus rule and the Grafana panel are tested
+# against this tuple; `thresholds.gpu.critical_xids` overrides it per platform.
+CRITICAL_XIDS: tuple[int, ...] = (48, 63, 64, 74, 79, 92, 94, 95)
+
+
 class GPUThresholds(_Model):
     window: Duration = "15m"
     temp_c: float = Field(85, gt=0, le=150)
     memory_temp_c: float = Field(95, gt=0, le=150)
     idle_util_pct: float = Field(5, ge=0, le=100)
     stale_after: Duration = "2m"
-    critical_xids: list[int] = Field(default_factory=lambda: [48, 63, 64, 74, 79, 92, 94, 95])
+    critical_xids: list[int] = Field(default_factory=lambda: list(CRITICAL_XIDS))
     cordon_max_share: float = Field(0.10, gt=0, le=1)
 
 

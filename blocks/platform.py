@@ -64,7 +64,7 @@ class Platform:
     def _doc_name(self, part: str) -> str:
         return f"{self.name}{_PARTS[part][1]}"
 
-    def _missing(self, part: str, exc: Exception) -> Exception:
+    def _missing(self, part: str) -> Exception:
         block_type = _block_type(_PARTS[part][0])
         if part == "settings":
             return LookupError(f"platform {self.name!r} has no settings block: run "
@@ -78,7 +78,7 @@ class Platform:
                 self._blocks[part] = _block_type(_PARTS[part][0]).load(self._doc_name(part), _sync=True)
             except ValueError as exc:
                 if part not in _OPTIONAL:
-                    raise self._missing(part, exc) from exc
+                    raise self._missing(part) from exc
                 self._blocks[part] = None
         return self._blocks[part]
 
@@ -88,7 +88,7 @@ class Platform:
                 block = await _block_type(_PARTS[part][0]).aload(self._doc_name(part))
             except ValueError as exc:
                 if part not in _OPTIONAL:
-                    raise self._missing(part, exc) from exc
+                    raise self._missing(part) from exc
                 block = None
             self._blocks.setdefault(part, block)
         return self._blocks[part]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from blocks.platform import Platform
 from tasks.kubernetes import ClusterInventory, list_gpu_pods, list_nodes, summarize_inventory
 from tasks.reports import md_table, publish_markdown, publish_table
 
@@ -19,8 +20,8 @@ def inventory_markdown(platform: str, cluster: str, inv: ClusterInventory) -> st
         f"- **Nodes:** {len(inv.nodes)} ({inv.gpu_nodes} with GPUs)",
         f"- **GPUs:** {inv.gpus_total} total, {inv.gpus_allocated} allocated as whole GPUs "
         f"({inv.allocation_pct:.1f}%)",
-        f"- **GPU products:** " + (", ".join(f"{k} x{v}" for k, v in sorted(inv.products.items())) or "none"),
-        f"- **Kubelet versions:** " + (", ".join(f"{k} ({v} nodes)" for k, v in sorted(inv.kubelet_versions.items()))
+        "- **GPU products:** " + (", ".join(f"{k} x{v}" for k, v in sorted(inv.products.items())) or "none"),
+        "- **Kubelet versions:** " + (", ".join(f"{k} ({v} nodes)" for k, v in sorted(inv.kubelet_versions.items()))
                                        or "unknown"),
         f"- **Not ready:** {', '.join(inv.not_ready) or 'none'}",
         f"- **Cordoned:** {', '.join(inv.cordoned) or 'none'}",
@@ -49,10 +50,13 @@ def _row(n) -> dict:
 def cluster_inventory(platform: str = "main", cluster: str | None = None) -> dict:
     """List the cluster's nodes and GPUs and who holds them; leave a summary and a table."""
     logger = get_run_logger()
-    nodes_future = list_nodes.submit(platform, cluster)
-    pods_future = list_gpu_pods.submit(platform, cluster)
+    plat = Platform(platform)
+    cluster_cfg = plat.config.cluster(cluster)
+    api = plat.kubernetes(cluster)
+    nodes_future = list_nodes.submit(api, cluster_cfg)
+    pods_future = list_gpu_pods.submit(api, cluster_cfg)
     inv = summarize_inventory(nodes_future.result(), pods_future.result())
-    cluster_name = cluster or "default"
+    cluster_name = cluster_cfg.name
     publish_markdown(f"inventory-{platform}-{cluster_name}", inventory_markdown(platform, cluster_name, inv),
                      description="Nodes, GPUs and their holders")
     publish_table(f"inventory-nodes-{platform}-{cluster_name}", [_row(n) for n in inv.nodes],

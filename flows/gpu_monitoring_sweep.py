@@ -24,9 +24,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
-from prefect.input import RunInput
 from prefect.states import Failed
 
+from blocks.platform import Platform
+from tasks.approval import Approval, ask_approval
 from tasks.gpu_health import (
     FINDING_ANNOTATION,
     UNHEALTHY_TAINT_KEY,
@@ -102,7 +103,7 @@ def sweep(api: Any, prometheus_url: str, thresholds: SweepThresholds, *, cluster
 def _metrics_or_error(url: str, th: SweepThresholds, metric_selector: str, exporter_job: str,
                       timeout_s: float) -> DCGMSnapshot:
     try:
-        return fetch_dcgm(url, th.window, temp_c=th.temp_c, memory_temp_c=th.memory_temp_c,
+        return fetch_dcgm(url, th.window, memory_temp_c=th.memory_temp_c,
                           stale_after_s=th.stale_after_s, metric_selector=metric_selector, exporter_job=exporter_job,
                           timeout_s=timeout_s)
     except PrometheusError as exc:
@@ -168,16 +169,6 @@ def publish_sweep_report(platform: str, result: SweepResult, plan: CordonPlan | 
     return key
 
 
-# --- approval --------------------------------------------------------------------------------
-
-
-class CordonApproval(RunInput):
-    """The operator's answer to a cordon plan."""
-
-    approve: bool = False
-    approver: str = ""
-
-
 # --- flows -----------------------------------------------------------------------------------
 
 
@@ -207,36 +198,26 @@ def gpu_monitoring_sweep(
 
     Thresholds come from the platform config (`thresholds.gpu`); any parameter given overrides them.
     """
-    from blocks.platform import Platform
-
     logger = get_run_logger()
     plat = Platform(platform)
     cfg = plat.config
     cluster_cfg = cfg.cluster(cluster)
+    api = plat.kubernetes(cluster)
+    prom = plat.prometheus()
     th = _thresholds(cfg, window=window, temp_c=temp_c, memory_temp_c=memory_temp_c,
                      idle_util_pct=idle_util_pct, stale_after=stale_after)
     share = max_share if max_share is not None else cfg.thresholds.gpu.cordon_max_share
-    prom = plat.prometheus()
     start = time.perf_counter()
 
-    fleet_f = list_gpu_fleet.submit(platform, cluster, page_size, exporter_selector)
-    metrics_f = query_dcgm_metrics.submit(prom.url, th.window, th.temp_c, th.memory_temp_c, th.stale_after_s,
-                                          metric_selector, exporter_job, prom.timeout_s)
+    fleet_f = list_gpu_fleet.submit(api, cluster_cfg, page_size, exporter_selector)
+    metrics_f = query_dcgm_metrics.submit(prom, th.window, th.memory_temp_c, th.stale_after_s, metric_selector,
+                                          exporter_job)
     fleet: FleetSnapshot = fleet_f.result()  # no node list: nothing to judge, the run fails here
-    metrics_f.wait()
-    metrics_state = metrics_f.state
-    if metrics_state.is_completed():
-        metrics: DCGMSnapshot = metrics_f.result()
-        hosts = needs_detail(fleet, metrics, th)
-        if hosts:
-            detail_f = query_dcgm_details.submit(prom.url, metrics, hosts, metric_selector, prom.timeout_s)
-            detail_f.wait()
-            if detail_f.state.is_completed():
-                metrics = detail_f.result()
-            else:
-                metrics = DCGMSnapshot.unavailable(th.window, _error_of(detail_f.state), metrics.round_trips + 1)
-    else:
-        metrics = DCGMSnapshot.unavailable(th.window, _error_of(metrics_state))
+    metrics = _snapshot_or_unknown(metrics_f, th)
+    hosts = needs_detail(fleet, metrics, th)
+    if hosts:
+        detail_f = query_dcgm_details.submit(prom, metrics, hosts, metric_selector)
+        metrics = _snapshot_or_unknown(detail_f, th, round_trips=metrics.round_trips + 1)
     result = classify(fleet, metrics, th, cluster=cluster_cfg.name)
     result.timings["total_s"] = time.perf_counter() - start
 
@@ -253,19 +234,19 @@ def gpu_monitoring_sweep(
     }
 
     if not dry_run and plan.actions:
-        approval = pause_for_approval(plan, approval_timeout_s)
-        summary["approved_by"] = approval.approver or None
+        approval = pause_for_approval(plan.markdown(dry_run=False), approval_timeout_s)
+        summary["approved_by"] = approval.who()
         if not approval.approve:
-            logger.warning("cordon plan rejected by %s: nothing changed", approval.approver or "(anonymous)")
+            logger.warning("cordon plan rejected by %s: nothing changed", approval.who())
             summary["rejected"] = True
         else:
-            note = {"by": "ai-platform-ops gpu-monitoring-sweep", "approved_by": approval.approver,
+            note = {"by": "ai-platform-ops gpu-monitoring-sweep", "approved_by": approval.who(),
                     "at": datetime.now(tz=timezone.utc).isoformat(timespec="seconds"), "flow_run": _flow_run_id()}
-            changes = cordon_gpu_nodes(platform, cluster, plan.actions, note)
+            changes = cordon_gpu_nodes(api, cluster_cfg, plan.actions, note)
             summary["cordoned"] = [c["node"] for c in changes if c["changed"]]
-            evictions = drain_gpu_nodes(platform, cluster, plan.nodes) if drain else []
+            evictions = drain_gpu_nodes(api, cluster_cfg, plan.nodes) if drain else []
             summary["evictions"] = evictions
-            publish_action_report(platform, cluster_cfg.name, "cordon", approval.approver, changes, evictions)
+            publish_action_report(platform, cluster_cfg.name, "cordon", approval.who(), changes, evictions)
 
     if result.metrics_error is not None:
         return Failed(message=f"GPU sweep could not read metrics, every GPU is unknown: {result.metrics_error}",
@@ -273,21 +254,26 @@ def gpu_monitoring_sweep(
     return summary
 
 
-def pause_for_approval(plan_or_markdown: Any, timeout_s: int) -> CordonApproval:
-    """Pause the run until an operator answers in the UI; the plan is the form's description."""
-    from prefect.flow_runs import pause_flow_run
+def _snapshot_or_unknown(future: Any, th: SweepThresholds, round_trips: int = 0) -> DCGMSnapshot:
+    """The Prometheus task's snapshot; when it failed (after its retries), an unavailable one: unknown, not healthy."""
+    future.wait()
+    if future.state.is_completed():
+        return future.result()
+    return DCGMSnapshot.unavailable(th.window, _error_of(future.state), round_trips)
 
-    text = plan_or_markdown if isinstance(plan_or_markdown, str) else plan_or_markdown.markdown(dry_run=False)
-    description = text + "\n\nSet **approve** and your name in **approver**, then resume."
-    publish_markdown("gpu-pending-approval", description, description="Waiting for approval")
-    return pause_flow_run(wait_for_input=CordonApproval.with_initial_data(description=description, approve=False),
-                          timeout=timeout_s, poll_interval=2)
+
+def pause_for_approval(plan_markdown: str, timeout_s: int) -> Approval:
+    """Publish the plan as the pending-approval artifact, then pause until an operator answers in the UI."""
+    publish_markdown("gpu-pending-approval", plan_markdown + "\n\nWaiting for approval: set **approve** and write "
+                     "your name in **approver** in the paused run's form, then resume it.",
+                     description="Waiting for approval")
+    return ask_approval(plan_markdown, timeout_s)
 
 
 @task(name="publish-gpu-action-report", cache_policy=NONE)
 def publish_action_report(platform: str, cluster: str, action: str, approver: str, changes: list[dict],
                           evictions: list[dict]) -> None:
-    lines = [f"# GPU node {action}: {platform}/{cluster}", "", f"Approved by **{approver or '(anonymous)'}**.", "",
+    lines = [f"# GPU node {action}: {platform}/{cluster}", "", f"Approved by **{approver}**.", "",
              md_table(changes, columns=["node", "changed", "detail"])]
     if evictions:
         blocked = [e for e in evictions if e["result"] == "blocked"]
@@ -322,19 +308,15 @@ def gpu_node_uncordon(platform: str = "main", nodes: list[str] | None = None, cl
     (`force=True` overrides). Only nodes this project cordoned are touched. Dry run by default; a
     real run pauses for approval.
     """
-    from blocks.platform import Platform
-
     logger = get_run_logger()
     plat = Platform(platform)
     cfg = plat.config
     cluster_cfg = cfg.cluster(cluster)
+    api = plat.kubernetes(cluster)
     th = _thresholds(cfg, window=window)
-    prom = plat.prometheus()
-    fleet: FleetSnapshot = list_gpu_fleet(platform, cluster)
-    metrics_f = query_dcgm_metrics.submit(prom.url, th.window, th.temp_c, th.memory_temp_c, th.stale_after_s)
-    metrics_f.wait()
-    state = metrics_f.state
-    metrics = metrics_f.result() if state.is_completed() else DCGMSnapshot.unavailable(th.window, _error_of(state))
+    metrics_f = query_dcgm_metrics.submit(plat.prometheus(), th.window, th.memory_temp_c, th.stale_after_s)
+    fleet: FleetSnapshot = list_gpu_fleet(api, cluster_cfg)
+    metrics = _snapshot_or_unknown(metrics_f, th)
     result = classify(fleet, metrics, th, cluster=cluster_cfg.name)
     plan = plan_uncordon(nodes or [], fleet.nodes, result, force=force)
     publish_markdown(f"gpu-uncordon-plan-{platform}-{cluster_cfg.name}", plan.markdown(dry_run),
@@ -344,15 +326,15 @@ def gpu_node_uncordon(platform: str = "main", nodes: list[str] | None = None, cl
     if dry_run or not plan.actions:
         return summary
     approval = pause_for_approval(plan.markdown(dry_run=False), approval_timeout_s)
-    summary["approved_by"] = approval.approver or None
+    summary["approved_by"] = approval.who()
     if not approval.approve:
-        logger.warning("uncordon rejected by %s", approval.approver or "(anonymous)")
+        logger.warning("uncordon rejected by %s", approval.who())
         return summary
-    changes = uncordon_gpu_nodes(platform, cluster, plan.actions)
+    changes = uncordon_gpu_nodes(api, cluster_cfg, plan.actions)
     summary["uncordoned"] = [c["node"] for c in changes if c["changed"]]
-    publish_action_report(platform, cluster_cfg.name, "uncordon", approval.approver, changes, [])
+    publish_action_report(platform, cluster_cfg.name, "uncordon", approval.who(), changes, [])
     return summary
 
 
-__all__ = ["gpu_monitoring_sweep", "gpu_node_uncordon", "sweep", "CordonApproval", "FINDING_ANNOTATION",
+__all__ = ["gpu_monitoring_sweep", "gpu_node_uncordon", "sweep", "FINDING_ANNOTATION",
            "UNHEALTHY_TAINT_KEY", "Severity"]

@@ -62,8 +62,9 @@ def is_transient(exc: BaseException | None) -> bool:
     return cause is not None and cause is not exc and is_transient(cause)
 
 
-def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry only when the failure was transient."""
+def retry_transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn` (called with the task, its run and the failed state): retry only
+    when the failure was transient."""
     try:
         state.result(_sync=True)  # async tasks too: a coroutine here would never raise
     except BaseException as exc:  # noqa: BLE001 - we classify, then re-decide

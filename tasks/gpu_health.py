@@ -13,8 +13,11 @@ attribution), else the pods on that node that request GPUs.
 **Unknown is not healthy.** No metrics (Prometheus down, exporter down, stale or absent, a metric
 missing or NaN) never reads as healthy: the GPU's status is ``unknown`` and a finding says why.
 
-**Critical XIDs** (NVIDIA's XID catalogue; each means the GPU or its memory is unreliable until reset
-or replaced, whatever the workload did):
+**Critical XIDs.** Which XIDs are critical is the platform config's `thresholds.gpu.critical_xids`;
+its default (`blocks.config.CRITICAL_XIDS`, here `DEFAULT_CRITICAL_XIDS`) is the project's one list,
+which the Prometheus alert rule and the Grafana panel repeat (tests/test_prometheus_rules.py derives
+their expressions from it). The default set, from NVIDIA's XID catalogue: each means the GPU or its
+memory is unreliable until reset or replaced, whatever the workload did:
 
 - 48 double-bit ECC error (DBE): uncorrectable memory error; the GPU must be reset.
 - 63 ECC page retirement or row-remapping recording event: a reset is needed to apply it.
@@ -26,6 +29,7 @@ or replaced, whatever the workload did):
 - 95 uncontained ECC error: every application on the GPU is affected; reset or reboot.
 
 Other XIDs (13, 31, 43, 45 ...) are usually the application's own faults: reported as `info`.
+`XID_MEANINGS` names the XIDs a finding may show, critical or not.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Iterable
 
+from blocks.config import CRITICAL_XIDS, parse_duration
 from tasks.prometheus import DCGMSnapshot
 
 # --- vocabulary ------------------------------------------------------------------------------
@@ -80,7 +85,15 @@ class GPUStatus(str, Enum):
     UNKNOWN = "unknown"  # no trustworthy data
 
 
-CRITICAL_XIDS: dict[int, str] = {
+# The critical XIDs unless the platform config says otherwise: the config's default, defined there once.
+DEFAULT_CRITICAL_XIDS: frozenset[int] = frozenset(CRITICAL_XIDS)
+
+# What an XID means, for a finding's summary (NVIDIA's XID catalogue); which are critical is configured.
+XID_MEANINGS: dict[int, str] = {
+    13: "graphics engine exception",
+    31: "GPU memory page fault",
+    43: "GPU stopped processing",
+    45: "preemptive cleanup",
     48: "double-bit ECC error",
     63: "ECC page retirement / row-remap event",
     64: "ECC page retirement / row-remap failure",
@@ -90,6 +103,12 @@ CRITICAL_XIDS: dict[int, str] = {
     94: "contained ECC error",
     95: "uncontained ECC error",
 }
+
+
+def _xid_text(codes: list[int]) -> str:
+    """`[79, 13]` -> `79 (GPU fell off the bus), 13 (graphics engine exception)`."""
+    return ", ".join(f"{c} ({XID_MEANINGS[c]})" if c in XID_MEANINGS else str(c) for c in codes)
+
 
 ACTIONS: dict[Kind, str] = {
     Kind.PROMETHEUS_UNAVAILABLE: "Check Prometheus (its URL in the platform config, `/-/ready`); every GPU is unknown "
@@ -144,38 +163,31 @@ class SweepThresholds:
     memory_temp_c: float = 95.0
     idle_util_pct: float = 5.0
     stale_after_s: float = 120.0
-    critical_xids: frozenset[int] = frozenset(CRITICAL_XIDS)
+    critical_xids: frozenset[int] = DEFAULT_CRITICAL_XIDS
     min_window_samples: int = 2  # idle is judged on at least this many scrapes
 
     @property
     def window_s(self) -> int:
-        return _duration_s(self.window)
+        return parse_duration(self.window)
 
     @classmethod
     def from_config(cls, gpu: Any, **overrides: Any) -> SweepThresholds:
         """From `blocks.config.GPUThresholds`, with any non-None keyword overriding it."""
         values = {
             "window": gpu.window, "temp_c": float(gpu.temp_c), "memory_temp_c": float(gpu.memory_temp_c),
-            "idle_util_pct": float(gpu.idle_util_pct), "stale_after_s": float(_duration_s(gpu.stale_after)),
+            "idle_util_pct": float(gpu.idle_util_pct), "stale_after_s": float(parse_duration(gpu.stale_after)),
             "critical_xids": frozenset(int(x) for x in gpu.critical_xids),
         }
         for key, value in overrides.items():
             if value is None:
                 continue
             if key == "stale_after":
-                key, value = "stale_after_s", float(_duration_s(value))
+                key, value = "stale_after_s", float(parse_duration(value))
             elif key == "critical_xids":
                 value = frozenset(int(x) for x in value)
             values[key] = value
-        _duration_s(values["window"])
+        parse_duration(values["window"])
         return cls(**values)
-
-
-def _duration_s(text: str) -> int:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if not isinstance(text, str) or len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
-        raise ValueError(f"expected a duration such as 20s, 15m or 1h, got {text!r}")
-    return int(text[:-1]) * units[text[-1]]
 
 
 # --- the Kubernetes side ---------------------------------------------------------------------
@@ -190,7 +202,6 @@ class GPUNode:
     allocatable: int
     taints: list[dict[str, Any]] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
-    product: str | None = None
 
 
 @dataclass(slots=True)
@@ -607,8 +618,7 @@ def classify(fleet: FleetSnapshot, metrics: DCGMSnapshot, th: SweepThresholds, *
             if critical:
                 findings.append(Finding(
                     Kind.CRITICAL_XID, Severity.CRITICAL, node.name,
-                    f"XID {', '.join(map(str, critical))}: "
-                    + "; ".join(CRITICAL_XIDS.get(c, "critical XID (configured)") for c in critical),
+                    f"XID {_xid_text(critical)}",
                     {"DCGM_FI_DEV_XID_ERRORS": critical, "last": _fmt(v.get("xid")),
                      "max_over_window": _fmt(v.get("xid_max")), "window": window},
                     cordon_reason=f"xid-{critical[0]}", **common,
@@ -616,7 +626,7 @@ def classify(fleet: FleetSnapshot, metrics: DCGMSnapshot, th: SweepThresholds, *
                 state.status = _worse(state.status, GPUStatus.FAULTY)
             elif codes:
                 findings.append(Finding(
-                    Kind.XID, Severity.INFO, node.name, f"XID {', '.join(map(str, codes))} (not in the critical set)",
+                    Kind.XID, Severity.INFO, node.name, f"XID {_xid_text(codes)}: not in the critical set",
                     {"DCGM_FI_DEV_XID_ERRORS": codes, "window": window}, **common,
                 ))
             rows = v.get("rows_max", 0.0) if has_fault else 0.0

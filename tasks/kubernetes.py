@@ -7,8 +7,11 @@ model deserialisation costs seconds for a few thousand nodes and is never used f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
+
+import json
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 from kubernetes import client as k8s
@@ -18,6 +21,14 @@ from prefect.cache_policies import NONE
 
 from blocks.config import ClusterConfig
 from tasks._retry import TRANSIENT_RETRIES
+from tasks.gpu_health import (
+    FINDING_ANNOTATION,
+    UNHEALTHY_TAINT_KEY,
+    ExporterPod,
+    FleetSnapshot,
+    GPUNode,
+    GPUPod,
+)
 
 # Extended resources that hold (part of) a GPU: whole GPUs, HAMi's shares, Alibaba's GPU share.
 GPU_RESOURCES = (
@@ -33,33 +44,20 @@ DEFAULT_PAGE_SIZE = 500
 
 
 # --- clients -------------------------------------------------------------------------------
-
-
-def api_client_for(cluster: ClusterConfig) -> k8s.ApiClient:
-    """An ApiClient for the cluster: its KubernetesClusterConfig block, else its kubeconfig, else in-cluster."""
-    from prefect_kubernetes.credentials import KubernetesClusterConfig
-
-    try:
-        block = KubernetesClusterConfig.load(cluster.name)
-        return k8s_config.new_client_from_config_dict(block.config, context=block.context_name)
-    except ValueError:
-        pass  # no block saved for this cluster: fall back to the file or in-cluster
-    if cluster.kubeconfig is not None:
-        return k8s_config.new_client_from_config(str(cluster.kubeconfig), context=cluster.context)
-    configuration = k8s.Configuration()
-    k8s_config.load_incluster_config(client_configuration=configuration)
-    return k8s.ApiClient(configuration)
+#
+# A flow gets its ApiClient from its `Platform` (`plat.kubernetes(cluster)`, one per run) and hands
+# it, with the cluster's config, to the tasks below; the tasks never build or close one.
 
 
 def api_client_from_kubeconfig(path: str, context: str | None = None) -> k8s.ApiClient:
+    """An ApiClient straight from a kubeconfig file (benchmarks and sandbox tests, outside any flow)."""
     return k8s_config.new_client_from_config(str(path), context=context)
 
 
 @dataclass
 class Listing:
-    items: list[dict[str, Any]]
+    items: list[Any]
     round_trips: int
-    resource_version: str | None = None
 
 
 def list_raw(
@@ -82,7 +80,6 @@ def list_raw(
     items: list[dict[str, Any]] = []
     cont: str | None = None
     trips = 0
-    rv = None
     while True:
         kwargs: dict[str, Any] = {"limit": page_size, "_preload_content": False, "_request_timeout": timeout_s}
         if label_selector:
@@ -100,11 +97,9 @@ def list_raw(
         else:
             items.extend(kept for kept in map(transform, page) if kept is not None)
         del page
-        meta = body.get("metadata") or {}
-        rv = meta.get("resourceVersion", rv)
-        cont = meta.get("continue")
+        cont = (body.get("metadata") or {}).get("continue")
         if not cont:
-            return Listing(items, trips, rv)
+            return Listing(items, trips)
 
 
 # --- what nodes and pods mean (pure) ---------------------------------------------------------
@@ -132,17 +127,10 @@ class NodeInfo:
     unschedulable: bool
     gpu_product: str | None
     gpu_capacity: int
-    gpu_allocatable: int
     taints: list[dict[str, str]]
     kubelet_version: str | None
     labels: dict[str, str]
     annotations: dict[str, str]
-    images: list[dict[str, Any]] = field(default_factory=list)
-    created: str | None = None
-
-    @property
-    def is_gpu_node(self) -> bool:
-        return self.gpu_capacity > 0 or self.gpu_product is not None
 
 
 def node_ready(status: dict[str, Any]) -> bool | None:
@@ -159,20 +147,16 @@ def node_info(obj: dict[str, Any], gpu_label: str = "nvidia.com/gpu.product") ->
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     labels = meta.get("labels") or {}
-    ready = node_ready(status)
     return NodeInfo(
         name=meta.get("name", ""),
-        ready=ready,
+        ready=node_ready(status),
         unschedulable=bool(spec.get("unschedulable")),
         gpu_product=labels.get(gpu_label),
         gpu_capacity=int(_quantity((status.get("capacity") or {}).get(WHOLE_GPU))),
-        gpu_allocatable=int(_quantity((status.get("allocatable") or {}).get(WHOLE_GPU))),
         taints=list(spec.get("taints") or []),
         kubelet_version=(status.get("nodeInfo") or {}).get("kubeletVersion"),
         labels=labels,
         annotations=meta.get("annotations") or {},
-        images=list(status.get("images") or []),
-        created=meta.get("creationTimestamp"),
     )
 
 
@@ -295,30 +279,18 @@ def summarize_inventory(nodes: Iterable[NodeInfo], pods: Iterable[PodInfo]) -> C
 # --- tasks ---------------------------------------------------------------------------------
 
 
-def _cluster(platform: str, cluster: str | None) -> ClusterConfig:
-    from blocks.platform import Platform
-
-    return Platform(platform).config.cluster(cluster)
-
-
 @task(name="list-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
-def list_nodes(platform: str, cluster: str | None = None, label_selector: str | None = None) -> list[NodeInfo]:
+def list_nodes(api: k8s.ApiClient, cluster: ClusterConfig, label_selector: str | None = None) -> list[NodeInfo]:
     """All nodes of the cluster (paginated), as `NodeInfo`."""
-    cfg = _cluster(platform, cluster)
-    with api_client_for(cfg) as api:
-        listing = list_raw(api, "nodes", label_selector=label_selector, timeout_s=cfg.request_timeout_s)
-    return [node_info(o, cfg.gpu_node_label) for o in listing.items]
+    listing = list_raw(api, "nodes", label_selector=label_selector, timeout_s=cluster.request_timeout_s)
+    return [node_info(o, cluster.gpu_node_label) for o in listing.items]
 
 
 @task(name="list-gpu-pods", cache_policy=NONE, **TRANSIENT_RETRIES)
-def list_gpu_pods(platform: str, cluster: str | None = None) -> list[PodInfo]:
+def list_gpu_pods(api: k8s.ApiClient, cluster: ClusterConfig) -> list[PodInfo]:
     """Pods on any node that hold GPU resources (whole GPUs or shares), not yet finished."""
-    cfg = _cluster(platform, cluster)
-    with api_client_for(cfg) as api:
-        listing = list_raw(
-            api, "pods", field_selector="status.phase!=Succeeded,status.phase!=Failed",
-            timeout_s=cfg.request_timeout_s,
-        )
+    listing = list_raw(api, "pods", field_selector="status.phase!=Succeeded,status.phase!=Failed",
+                       timeout_s=cluster.request_timeout_s)
     return [p for p in (pod_info(o) for o in listing.items) if p.holds_gpu]
 
 
@@ -345,14 +317,11 @@ def _equality_selector(selector: str) -> list[tuple[str, str]]:
     return terms
 
 
-def _gpu_node(obj: dict[str, Any], gpu_label: str):
-    from tasks.gpu_health import GPUNode
-
+def _gpu_node(obj: dict[str, Any]):
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     labels = meta.get("labels") or {}
-    ready = node_ready(status)
     capacity = (status.get("capacity") or {}).get(WHOLE_GPU)
     if capacity is None:
         capacity = labels.get("nvidia.com/gpu.count")
@@ -364,14 +333,12 @@ def _gpu_node(obj: dict[str, Any], gpu_label: str):
         alloc = int(_quantity((status.get("allocatable") or {}).get(WHOLE_GPU, cap)))
     except ValueError:
         alloc = 0
-    return GPUNode(name=meta.get("name", ""), ready=ready, unschedulable=bool(spec.get("unschedulable")),
+    return GPUNode(name=meta.get("name", ""), ready=node_ready(status), unschedulable=bool(spec.get("unschedulable")),
                    capacity=cap, allocatable=alloc, taints=list(spec.get("taints") or []),
-                   annotations=meta.get("annotations") or {}, product=labels.get(gpu_label))
+                   annotations=meta.get("annotations") or {})
 
 
 def _sweep_pod(obj: dict[str, Any], exporter_terms: list[tuple[str, str]]):
-    from tasks.gpu_health import ExporterPod, GPUPod
-
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
@@ -395,14 +362,10 @@ def fetch_gpu_fleet(api: k8s.ApiClient, *, gpu_node_label: str = "nvidia.com/gpu
                     exporter_selector: str = DEFAULT_EXPORTER_SELECTOR, page_size: int = SWEEP_PAGE_SIZE,
                     timeout_s: float = 15.0):
     """GPU nodes, pods holding GPUs and exporter pods of one cluster: two paginated listings, run together."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tasks.gpu_health import ExporterPod, FleetSnapshot
-
     terms = _equality_selector(exporter_selector)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="k8s-list") as pool:
         nodes_f = pool.submit(list_raw, api, "nodes", label_selector=gpu_node_label, page_size=page_size,
-                              timeout_s=timeout_s, transform=lambda o: _gpu_node(o, gpu_node_label))
+                              timeout_s=timeout_s, transform=_gpu_node)
         pods_f = pool.submit(list_raw, api, "pods", field_selector="status.phase!=Succeeded,status.phase!=Failed",
                              page_size=page_size, timeout_s=timeout_s, transform=lambda o: _sweep_pod(o, terms))
         nodes, pods = nodes_f.result(), pods_f.result()
@@ -413,13 +376,11 @@ def fetch_gpu_fleet(api: k8s.ApiClient, *, gpu_node_label: str = "nvidia.com/gpu
 
 
 @task(name="list-gpu-fleet", cache_policy=NONE, **TRANSIENT_RETRIES)
-def list_gpu_fleet(platform: str, cluster: str | None = None, page_size: int = SWEEP_PAGE_SIZE,
+def list_gpu_fleet(api: k8s.ApiClient, cluster: ClusterConfig, page_size: int = SWEEP_PAGE_SIZE,
                    exporter_selector: str = DEFAULT_EXPORTER_SELECTOR):
     """The cluster's GPU nodes, GPU-holding pods and dcgm-exporter pods (`FleetSnapshot`)."""
-    cfg = _cluster(platform, cluster)
-    with api_client_for(cfg) as api:
-        return fetch_gpu_fleet(api, gpu_node_label=cfg.gpu_node_label, exporter_selector=exporter_selector,
-                               page_size=page_size, timeout_s=cfg.request_timeout_s)
+    return fetch_gpu_fleet(api, gpu_node_label=cluster.gpu_node_label, exporter_selector=exporter_selector,
+                           page_size=page_size, timeout_s=cluster.request_timeout_s)
 
 
 # --- cordon, taint, uncordon, drain ----------------------------------------------------------------
@@ -505,36 +466,25 @@ def evict_pods_on(api: k8s.ApiClient, node: str, timeout_s: float = 15.0) -> lis
 
 
 @task(name="cordon-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
-def cordon_gpu_nodes(platform: str, cluster: str | None, actions: list[Any], annotation: dict[str, Any]) -> list[dict]:
+def cordon_gpu_nodes(api: k8s.ApiClient, cluster: ClusterConfig, actions: list[Any],
+                     annotation: dict[str, Any]) -> list[dict]:
     """Cordon and taint each planned node (`tasks.gpu_health.NodeAction`); idempotent, so safe to retry."""
-    import json
-
-    from tasks.gpu_health import FINDING_ANNOTATION, UNHEALTHY_TAINT_KEY
-
-    cfg = _cluster(platform, cluster)
     results = []
-    with api_client_for(cfg) as api:
-        for action in actions:
-            note = json.dumps({**annotation, "reason": action.reason, "findings": action.findings}, sort_keys=True)
-            results.append(cordon_and_taint(api, action.node, action.reason, note, taint_key=UNHEALTHY_TAINT_KEY,
-                                            annotation_key=FINDING_ANNOTATION, timeout_s=cfg.request_timeout_s))
+    for action in actions:
+        note = json.dumps({**annotation, "reason": action.reason, "findings": action.findings}, sort_keys=True)
+        results.append(cordon_and_taint(api, action.node, action.reason, note, taint_key=UNHEALTHY_TAINT_KEY,
+                                        annotation_key=FINDING_ANNOTATION, timeout_s=cluster.request_timeout_s))
     return results
 
 
 @task(name="uncordon-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
-def uncordon_gpu_nodes(platform: str, cluster: str | None, nodes: list[str]) -> list[dict]:
+def uncordon_gpu_nodes(api: k8s.ApiClient, cluster: ClusterConfig, nodes: list[str]) -> list[dict]:
     """Remove the unhealthy taint and annotation and uncordon each node; idempotent."""
-    from tasks.gpu_health import FINDING_ANNOTATION, UNHEALTHY_TAINT_KEY
-
-    cfg = _cluster(platform, cluster)
-    with api_client_for(cfg) as api:
-        return [uncordon_and_untaint(api, n, taint_key=UNHEALTHY_TAINT_KEY, annotation_key=FINDING_ANNOTATION,
-                                     timeout_s=cfg.request_timeout_s) for n in nodes]
+    return [uncordon_and_untaint(api, n, taint_key=UNHEALTHY_TAINT_KEY, annotation_key=FINDING_ANNOTATION,
+                                 timeout_s=cluster.request_timeout_s) for n in nodes]
 
 
 @task(name="drain-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
-def drain_gpu_nodes(platform: str, cluster: str | None, nodes: list[str]) -> list[dict]:
+def drain_gpu_nodes(api: k8s.ApiClient, cluster: ClusterConfig, nodes: list[str]) -> list[dict]:
     """Evict the non-DaemonSet pods of each node, respecting PodDisruptionBudgets (429: reported, not forced)."""
-    cfg = _cluster(platform, cluster)
-    with api_client_for(cfg) as api:
-        return [r for n in nodes for r in evict_pods_on(api, n, cfg.request_timeout_s)]
+    return [r for n in nodes for r in evict_pods_on(api, n, cluster.request_timeout_s)]

@@ -27,6 +27,7 @@ import orjson
 from prefect import task
 from prefect.cache_policies import NONE
 
+from blocks.config import parse_duration
 from tasks._retry import TRANSIENT_RETRIES, TransientError
 
 
@@ -46,8 +47,8 @@ class PrometheusQueryError(PrometheusError):
 
 
 def query_vector(client: httpx.Client, base_url: str, expr: str, at: float | None = None,
-                 timeout_s: float = 15.0) -> tuple[list[dict[str, Any]], list[str], int]:
-    """Run an instant query; return (result series, warnings, response bytes).
+                 timeout_s: float = 15.0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Run an instant query; return (result series, warnings).
 
     The timeout goes both to the HTTP request and, as `timeout=`, to Prometheus' evaluation, so
     a slow query is stopped on the server too.
@@ -81,7 +82,7 @@ def query_vector(client: httpx.Client, base_url: str, expr: str, at: float | Non
     data = body.get("data") or {}
     if data.get("resultType") != "vector":
         raise PrometheusQueryError(f"expected a vector result, got {data.get('resultType')!r}")
-    return list(data.get("result") or []), list(body.get("warnings") or []), len(response.content)
+    return list(data.get("result") or []), list(body.get("warnings") or [])
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -104,17 +105,18 @@ def _error_text(response: httpx.Response) -> str:
 # GPUs that need more (a UUID for an RMA, utilisation's max and sample count for idleness, which
 # GPU fell off the bus) are asked in one follow-up query restricted to their Hostnames.
 
-PHASE_ONE = ("util", "temp", "faults", "exporters")
 MAX_DETAIL_HOSTS = 400
 
 
 def _window_ok(window: str) -> str:
-    if not _WINDOW_RE.match(window):
-        raise ValueError(f"window: expected a duration such as 15m or 20s, got {window!r}")
+    """`window` itself once it reads as a duration (`parse_duration`'s syntax is also PromQL's)."""
+    try:
+        parse_duration(window)
+    except ValueError as exc:
+        raise ValueError(f"window: {exc}") from None
     return window
 
 
-_WINDOW_RE = re.compile(r"^\d+[smhd]$")
 _LABEL_VALUE_RE = re.compile(r'^[^"\\\n]*$')
 
 
@@ -129,8 +131,8 @@ def _sel(selector: str, *more: str) -> str:
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-def sweep_queries(window: str, *, temp_c: float = 85.0, memory_temp_c: float = 95.0, stale_after_s: float = 120.0,
-                  metric_selector: str = "", exporter_job: str = ".*dcgm.*") -> dict[str, str]:
+def sweep_queries(window: str, *, memory_temp_c: float = 95.0, stale_after_s: float = 120.0, metric_selector: str = "",
+                  exporter_job: str = ".*dcgm.*") -> dict[str, str]:
     """The sweep's first four queries, whatever the fleet's size.
 
     `metric_selector` narrows the DCGM series (e.g. `cluster="gpu-prod"` when one Prometheus
@@ -236,7 +238,6 @@ class DCGMSnapshot:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     round_trips: int = 0
-    bytes: int = 0
 
     @property
     def available(self) -> bool:
@@ -319,37 +320,35 @@ def _holder(labels: dict[str, str]) -> str:
 
 
 def _run_queries(client: httpx.Client, base_url: str, queries: dict[str, str], at: float,
-                 timeout_s: float) -> tuple[dict[str, list[dict[str, Any]]], list[str], int]:
+                 timeout_s: float) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     with ThreadPoolExecutor(max_workers=max(1, len(queries)), thread_name_prefix="promql") as pool:
         futures = {name: pool.submit(query_vector, client, base_url, expr, at, timeout_s)
                    for name, expr in queries.items()}
-        answers, warnings, size = {}, [], 0
+        answers: dict[str, list[dict[str, Any]]] = {}
+        warnings: list[str] = []
         for name, future in futures.items():
-            result, warns, nbytes = future.result()
-            answers[name] = result
+            answers[name], warns = future.result()
             warnings += warns
-            size += nbytes
-    return answers, warnings, size
+    return answers, warnings
 
 
-def fetch_dcgm(base_url: str, window: str, *, temp_c: float = 85.0, memory_temp_c: float = 95.0,
-               stale_after_s: float = 120.0, metric_selector: str = "", exporter_job: str = ".*dcgm.*",
-               timeout_s: float = 15.0, client: httpx.Client | None = None) -> DCGMSnapshot:
+def fetch_dcgm(base_url: str, window: str, *, memory_temp_c: float = 95.0, stale_after_s: float = 120.0,
+               metric_selector: str = "", exporter_job: str = ".*dcgm.*", timeout_s: float = 15.0,
+               client: httpx.Client | None = None) -> DCGMSnapshot:
     """The sweep's first phase: four queries, concurrently, at one instant. Raises `PrometheusError`."""
-    queries = sweep_queries(window, temp_c=temp_c, memory_temp_c=memory_temp_c, stale_after_s=stale_after_s,
+    queries = sweep_queries(window, memory_temp_c=memory_temp_c, stale_after_s=stale_after_s,
                             metric_selector=metric_selector, exporter_job=exporter_job)
     at = time.time()
     own = client is None
     client = client or httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=len(queries)))
     try:
-        answers, warnings, size = _run_queries(client, base_url, queries, at, timeout_s)
+        answers, warnings = _run_queries(client, base_url, queries, at, timeout_s)
     finally:
         if own:
             client.close()
     snap = merge_answers(DCGMSnapshot(window=window, at=at), answers)
     snap.warnings = warnings
     snap.round_trips = len(queries)
-    snap.bytes = size
     return snap
 
 
@@ -359,37 +358,39 @@ def fetch_dcgm_detail(base_url: str, snap: DCGMSnapshot, hosts: set[str], *, met
     if not hosts or not snap.available:
         return snap
     chosen = sorted(hosts)[:MAX_DETAIL_HOSTS]
-    if len(hosts) > len(chosen):
-        snap.warnings.append(f"details (idleness, UUIDs) asked for {len(chosen)} of {len(hosts)} exporters; "
-                             "the rest are judged on the window average only")
     expr = detail_query(snap.window, chosen, metric_selector=metric_selector)
     own = client is None
     client = client or httpx.Client(timeout=timeout_s)
     try:
-        answers, warnings, size = _run_queries(client, base_url, {"detail": expr}, snap.at, timeout_s)
+        answers, warnings = _run_queries(client, base_url, {"detail": expr}, snap.at, timeout_s)
     finally:
         if own:
             client.close()
+    # `snap` changes only once the answer is in, so a retried task never merges or warns twice
+    if len(hosts) > len(chosen):
+        snap.warnings.append(f"details (idleness, UUIDs) asked for {len(chosen)} of {len(hosts)} exporters; "
+                             "the rest are judged on the window average only")
     merge_answers(snap, answers)
     snap.detail_hosts.update(chosen)
     snap.warnings += warnings
     snap.round_trips += 1
-    snap.bytes += size
     return snap
 
 
 @task(name="query-dcgm-metrics", cache_policy=NONE, **TRANSIENT_RETRIES)
-def query_dcgm_metrics(prometheus_url: str, window: str, temp_c: float = 85.0, memory_temp_c: float = 95.0,
-                       stale_after_s: float = 120.0, metric_selector: str = "", exporter_job: str = ".*dcgm.*",
-                       timeout_s: float = 15.0) -> DCGMSnapshot:
-    """The fleet's dcgm-exporter metrics over `window`: four PromQL queries, whatever the fleet's size."""
-    return fetch_dcgm(prometheus_url, window, temp_c=temp_c, memory_temp_c=memory_temp_c,
-                      stale_after_s=stale_after_s, metric_selector=metric_selector, exporter_job=exporter_job,
-                      timeout_s=timeout_s)
+def query_dcgm_metrics(prometheus: Any, window: str, memory_temp_c: float = 95.0, stale_after_s: float = 120.0,
+                       metric_selector: str = "", exporter_job: str = ".*dcgm.*") -> DCGMSnapshot:
+    """The fleet's dcgm-exporter metrics over `window`: four PromQL queries, whatever the fleet's size.
+
+    `prometheus` is the platform's `PrometheusServer` block (its `url` and `timeout_s`).
+    """
+    return fetch_dcgm(prometheus.url, window, memory_temp_c=memory_temp_c, stale_after_s=stale_after_s,
+                      metric_selector=metric_selector, exporter_job=exporter_job, timeout_s=prometheus.timeout_s)
 
 
 @task(name="query-dcgm-details", cache_policy=NONE, **TRANSIENT_RETRIES)
-def query_dcgm_details(prometheus_url: str, snap: DCGMSnapshot, hosts: set[str], metric_selector: str = "",
-                       timeout_s: float = 15.0) -> DCGMSnapshot:
+def query_dcgm_details(prometheus: Any, snap: DCGMSnapshot, hosts: set[str], metric_selector: str = ""
+                       ) -> DCGMSnapshot:
     """Details for the GPUs that need them (one query restricted to their exporters)."""
-    return fetch_dcgm_detail(prometheus_url, snap, hosts, metric_selector=metric_selector, timeout_s=timeout_s)
+    return fetch_dcgm_detail(prometheus.url, snap, hosts, metric_selector=metric_selector,
+                             timeout_s=prometheus.timeout_s)

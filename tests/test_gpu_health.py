@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tasks.gpu_health import (
-    CRITICAL_XIDS,
+    DEFAULT_CRITICAL_XIDS,
     FINDING_ANNOTATION,
     UNHEALTHY_TAINT_KEY,
     ExporterPod,
@@ -87,7 +87,7 @@ def kinds(result):
 
 
 def test_sweep_queries_are_a_fixed_small_set_with_the_window():
-    q = sweep_queries("20s", temp_c=85, memory_temp_c=95, stale_after_s=120, exporter_job="dcgm-exporter")
+    q = sweep_queries("20s", memory_temp_c=95, stale_after_s=120, exporter_job="dcgm-exporter")
     assert set(q) == {"util", "temp", "faults", "exporters"}
     assert "avg_over_time(DCGM_FI_DEV_GPU_UTIL[20s])" in q["util"]
     assert "max_over_time(DCGM_FI_DEV_GPU_TEMP[20s])" in q["temp"]
@@ -111,19 +111,19 @@ def _client(handler):
 
 def test_query_vector_errors_are_typed_transient_or_not():
     ok = {"status": "success", "data": {"resultType": "vector", "result": [series("x", 1)]}, "warnings": ["w"]}
-    result, warnings, size = query_vector(_client(lambda r: httpx.Response(200, json=ok)), "http://p", "x")
-    assert result[0]["value"][1] == "1" and warnings == ["w"] and size > 0
+    result, warnings = query_vector(_client(lambda _: httpx.Response(200, json=ok)), "http://p", "x")
+    assert result[0]["value"][1] == "1" and warnings == ["w"]
     with pytest.raises(PrometheusUnavailable, match="503"):
-        query_vector(_client(lambda r: httpx.Response(503, text="overloaded")), "http://p", "x")
+        query_vector(_client(lambda _: httpx.Response(503, text="overloaded")), "http://p", "x")
     with pytest.raises(PrometheusQueryError, match="bad_data"):
-        query_vector(_client(lambda r: httpx.Response(400, json={"status": "error", "errorType": "bad_data",
+        query_vector(_client(lambda _: httpx.Response(400, json={"status": "error", "errorType": "bad_data",
                                                                  "error": "parse error"})), "http://p", "x")
     with pytest.raises(PrometheusUnavailable, match="ran out of time"):
-        query_vector(_client(lambda r: httpx.Response(422, json={
+        query_vector(_client(lambda _: httpx.Response(422, json={
             "status": "error", "errorType": "execution", "error": "expanding series: context deadline exceeded"})),
             "http://p", "x")
     with pytest.raises(PrometheusQueryError, match="not JSON"):
-        query_vector(_client(lambda r: httpx.Response(200, text="<html>login</html>")), "http://p", "x")
+        query_vector(_client(lambda _: httpx.Response(200, text="<html>login</html>")), "http://p", "x")
 
     def refuse(request):
         raise httpx.ConnectError("connection refused", request=request)
@@ -166,7 +166,6 @@ def test_prometheus_unavailable_is_unknown_never_all_clear():
 
 
 def test_critical_xid_set_and_application_xids():
-    assert set(CRITICAL_XIDS) == {48, 63, 64, 74, 79, 92, 94, 95} == set(TH.critical_xids)
     extra = [series("xid_max", 79, Hostname="dcgm-0", gpu="2"), series("xid_max", 13, Hostname="dcgm-1", gpu="5")]
     snap = snapshot(answers(extra=extra))
     assert needs_detail(fleet(), snap, TH) == {"dcgm-0", "dcgm-1"}
@@ -180,7 +179,26 @@ def test_critical_xid_set_and_application_xids():
     assert crit.evidence["window"] == "20s" and crit.evidence["DCGM_FI_DEV_XID_ERRORS"] == [79]
     info = [f for f in result.findings if f.kind is Kind.XID][0]
     assert info.severity is Severity.INFO and info.cordon_reason is None
+    assert (info.node, info.gpu) == ("g1", "5") and "13 (graphics engine exception)" in info.summary
     assert result.status == "critical"
+
+
+def test_configured_critical_xids_decide_what_is_critical():
+    """The configured set is what counts: a listed XID is critical, an unlisted one only `info`."""
+    from blocks.config import GPUThresholds
+
+    extra = [series("xid_max", 79, Hostname="dcgm-0", gpu="2"), series("xid_max", 13, Hostname="dcgm-1", gpu="5")]
+    th = SweepThresholds.from_config(GPUThresholds(critical_xids=[13]), window="20s")
+    assert 79 in DEFAULT_CRITICAL_XIDS and 13 not in DEFAULT_CRITICAL_XIDS  # the config's default, not this test's
+    by_kind = {f.kind: f for f in classify(fleet(), snapshot(answers(extra=extra)), th).findings}
+    assert set(by_kind) == {Kind.CRITICAL_XID, Kind.XID}
+    assert (by_kind[Kind.CRITICAL_XID].node, by_kind[Kind.CRITICAL_XID].gpu) == ("g1", "5")
+    assert by_kind[Kind.CRITICAL_XID].cordon_reason == "xid-13"
+    assert (by_kind[Kind.XID].node, by_kind[Kind.XID].gpu, by_kind[Kind.XID].severity) == ("g0", "2", Severity.INFO)
+    # an XID no catalogue names still classifies by the configured set, shown by its number
+    odd = SweepThresholds(window="20s", critical_xids=frozenset({140}))
+    res = classify(fleet(), snapshot(answers(extra=[series("xid_max", 140, Hostname="dcgm-0", gpu="1")])), odd)
+    assert [(f.kind, f.summary) for f in res.findings] == [(Kind.CRITICAL_XID, "XID 140")]
 
 
 def test_row_remap_and_memory_temperature_and_nan_from_filters():
@@ -326,8 +344,10 @@ def test_thresholds_from_config_with_overrides():
 
     th = SweepThresholds.from_config(GPUThresholds(), window="20s", temp_c=None, stale_after="30s")
     assert (th.window, th.window_s, th.temp_c, th.stale_after_s) == ("20s", 20, 85.0, 30.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'soon'"):
         SweepThresholds.from_config(GPUThresholds(), window="soon")
+    with pytest.raises(ValueError, match="'2 minutes'"):
+        SweepThresholds.from_config(GPUThresholds(), stale_after="2 minutes")
 
 
 # --- cordon plans ----------------------------------------------------------------------------
@@ -353,7 +373,7 @@ def test_cordon_plan_is_capped_and_idempotent():
     assert plan_cordon(res_small, small.nodes, 0.10).nodes == ["g0"]  # the cap is at least one node
     md = plan.markdown(dry_run=True)
     assert "Dry run" in md and "over the cap" in md.lower() and UNHEALTHY_TAINT_KEY in md
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_share"):
         plan_cordon(result, f.nodes, 0)
 
 
@@ -385,7 +405,7 @@ def test_heatmap_marks_faults_and_bins_big_fleets():
     hm = heatmap(result)
     assert hm.columns == 8 and hm.row_labels == ["g0", "g1", "g2", "g3"] and hm.nodes_per_row == 1
     assert hm.bad[2][0] == 1 and sum(map(sum, hm.bad)) == 1 and hm.util[0][0] == 70.0
-    big, res_big = _critical_fleet(300, bad=[5])
+    _, res_big = _critical_fleet(300, bad=[5])
     hm = heatmap(res_big, max_rows=64)
     assert len(hm.row_labels) <= 64 and hm.nodes_per_row == 5 and sum(map(sum, hm.bad)) == 1
     unknown = heatmap(classify(fleet(1), DCGMSnapshot.unavailable("20s", "x"), TH))
@@ -396,7 +416,7 @@ def test_heatmap_png_stays_small_for_a_big_fleet():
     from tasks.gpu_health import render_heatmap_png
     from tasks.reports import png_data_uri
 
-    big, res_big = _critical_fleet(2000, bad=[5, 600])
+    _, res_big = _critical_fleet(2000, bad=[5, 600])
     fig = render_heatmap_png(heatmap(res_big), "2000 nodes")
     uri = png_data_uri(fig)
     assert uri.startswith("data:image/png;base64,") and len(uri) < 200_000

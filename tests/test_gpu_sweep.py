@@ -12,10 +12,13 @@ import json
 import threading
 import time
 
+import httpx
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from flows.gpu_monitoring_sweep import gpu_monitoring_sweep, gpu_node_uncordon, sweep
 from tasks.gpu_health import FINDING_ANNOTATION, UNHEALTHY_TAINT_KEY, Kind, SweepThresholds
+from tasks._retry import TRANSIENT_RETRIES
 from tasks.kubernetes import api_client_from_kubeconfig, evict_pods_on, list_raw
 
 WINDOW = "20s"
@@ -48,6 +51,28 @@ def _nodes(sb):
 
 def _ours(node):
     return [t for t in node["spec"].get("taints") or [] if t.get("key") == UNHEALTHY_TAINT_KEY]
+
+
+def _api_requests(sb) -> int:
+    """How many requests the sandbox's Kubernetes API server has answered so far (its own count)."""
+    return httpx.get(f"{sb.urls['control']}/control/state", timeout=10).json()["api_requests_served"]
+
+
+def _task_runs(flow_run_id, terminal: set[str] = frozenset()) -> dict[str, object]:
+    """The flow run's task runs by task name; waits until the tasks named in `terminal` have finished
+    (task run states reach the API as events, a moment after the flow returns)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        by_name = {r.name.rsplit("-", 1)[0]: r for r in runs}
+        done = all(by_name.get(n) and by_name[n].state and by_name[n].state.is_final() for n in terminal)
+        if done or time.monotonic() > deadline:
+            return by_name
+        time.sleep(0.5)
 
 
 def _artifacts(flow_run_id):
@@ -104,7 +129,7 @@ def test_clean_fleet_yields_no_findings(sandbox):
     assert result.status == "ok" and result.gpu_nodes == 16 and result.gpus_reporting == 128
     assert result.gpu_status_counts == {"healthy": 128}
     assert 0 < result.fleet_util_pct < 100 and result.gpus_held > 0
-    assert result.round_trips <= 10
+    assert result.round_trips == 6  # two listings (one page each) and four queries: nothing needs details
 
 
 # --- every fault of the sandbox ------------------------------------------------------------------
@@ -142,14 +167,19 @@ def test_each_fault_yields_its_finding(faulted):
     assert all(f.action for f in result.findings)
     unknown = [g for g in result.gpus if g.node == "gpu-node-0007"]
     assert len(unknown) == 8 and {g.status.value for g in unknown} == {"unknown"}
-    assert result.status == "critical" and result.round_trips <= 10
+    assert result.status == "critical" and result.round_trips == 7  # 2 listings, 4 queries, 1 for details
 
 
 def test_dry_run_reports_the_capped_plan_and_changes_nothing(faulted, sandbox_platform):
     sb, _ = faulted
     before = _nodes(sb)
+    requests = _api_requests(sb)
     state = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, return_state=True)
     assert state.is_completed()
+    # a handful of tasks, and a constant number of API calls: one page of nodes and one of pods
+    assert _api_requests(sb) - requests == 2
+    tasks = {"list-gpu-fleet", "query-dcgm-metrics", "query-dcgm-details", "publish-gpu-sweep-report"}
+    assert set(_task_runs(state.state_details.flow_run_id, tasks)) == tasks
     out = state.result()
     assert out["dry_run"] and out["cordoned"] == []
     assert len(out["cordon_plan"]) == 1 and set(out["cordon_plan"] + out["cordon_over_cap"]) == CRITICAL_NODES
@@ -226,10 +256,30 @@ def test_drain_evicts_but_never_forces_a_pod_disruption_budget(clean_sandbox):
 
 def test_prometheus_down_is_unknown_and_fails_the_run(clean_sandbox, sandbox_platform):
     clean_sandbox.fault("prometheus-down")
+    with pytest.raises(httpx.ConnectError):  # the fault fired: nothing listens at Prometheus' address
+        httpx.get(f"{clean_sandbox.urls['prometheus']}/-/ready", timeout=2)
     result = _sweep(clean_sandbox)
     assert result.status == "unknown" and [f.kind for f in result.findings] == [Kind.PROMETHEUS_UNAVAILABLE]
     assert {g.status.value for g in result.gpus} == {"unknown"}
     state = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, return_state=True)
-    assert state.is_failed() and "unknown" in state.message
+    assert state.is_failed() and "unknown" in state.message and "cannot reach Prometheus" in state.message
     md = [a for a in _artifacts(state.state_details.flow_run_id) if a.type == "markdown"][0].data
     assert "Status: UNKNOWN" in md and "prometheus-unavailable" in md
+    # a connection refused is transient: the query task ran once and was retried every time allowed
+    query = _task_runs(state.state_details.flow_run_id, {"query-dcgm-metrics"})["query-dcgm-metrics"]
+    assert query.state.is_failed() and query.run_count == 1 + TRANSIENT_RETRIES["retries"]
+
+
+def test_kubernetes_api_down_fails_the_run_after_the_retries(clean_sandbox, sandbox_platform):
+    clean_sandbox.fault("api-down")
+    requests = _api_requests(clean_sandbox)
+    state = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, return_state=True)
+    assert state.is_failed()  # without the node list there is nothing to judge
+    with pytest.raises(ApiException) as info:
+        state.result()
+    assert info.value.status == 503
+    attempts = 1 + TRANSIENT_RETRIES["retries"]  # a 503 is transient
+    # the fault fired on every attempt: two listings each, refused by the API server
+    assert _api_requests(clean_sandbox) - requests == 2 * attempts
+    fleet = _task_runs(state.state_details.flow_run_id, {"list-gpu-fleet"})["list-gpu-fleet"]
+    assert fleet.state.is_failed() and fleet.run_count == attempts

@@ -71,8 +71,10 @@ def test_inventory_flow_reports_the_sandbox(sandbox_platform, clean_sandbox):
     result = state.result()
     assert result["nodes"] == 20 and result["gpu_nodes"] == 16 and result["gpus"] == 128
     assert result["not_ready"] == ["gpu-node-0003"]
-    # the seed holds whole GPUs on nodes of kinds 0-3 (8), 4-5 (2x4), 6 (2x1), 8 (2)
-    assert 0 < result["gpus_allocated"] < 128
+    # the seed gives GPU node i the workload kind i % 10; whole GPUs are held on kinds 0-3 (one 8-GPU
+    # job), 4-5 (two 4-GPU jobs), 6 (two 1-GPU notebooks) and 8 (one 2-GPU server), none on 7 (a share)
+    # or 9: 16 nodes are kinds 0-9 then 0-5, so 8 nodes x 8 + 4 nodes x 8 + 2 + 2
+    assert result["gpus_allocated"] == 8 * 8 + 4 * 8 + 2 + 2 == 100
 
     async def artifacts():
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId

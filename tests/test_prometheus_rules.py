@@ -9,7 +9,7 @@ import subprocess
 
 import yaml
 
-from tasks.gpu_health import CRITICAL_XIDS, Kind
+from tasks.gpu_health import DEFAULT_CRITICAL_XIDS, Kind
 from tests.conftest import CONTRACTS, REPO, need_binary
 
 PROM_DIR = REPO / "configs" / "prometheus"
@@ -42,6 +42,15 @@ def test_promtool_unit_tests_pass():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def _xid_alternatives(selector: str = "") -> str:
+    """`X == 48 or X == 63 or ...` over the one list of critical XIDs (the platform config's default)."""
+    return " or ".join(f"DCGM_FI_DEV_XID_ERRORS{selector} == {x}" for x in sorted(DEFAULT_CRITICAL_XIDS))
+
+
+def _squash(expr: str) -> str:
+    return " ".join(expr.split())
+
+
 def test_rules_raise_the_sweeps_findings_with_the_same_critical_xids():
     rules = [r for g in yaml.safe_load((PROM_DIR / "gpu.rules.yml").read_text())["groups"] for r in g["rules"]]
     findings = {r["labels"]["finding"] for r in rules}
@@ -49,7 +58,7 @@ def test_rules_raise_the_sweeps_findings_with_the_same_critical_xids():
                                           Kind.MEMORY_HOT, Kind.IDLE_HELD, Kind.EXPORTER_DOWN, Kind.EXPORTER_STALE,
                                           Kind.NODE_NOT_READY, Kind.CORDONED_HELD)}
     xid_rule = next(r for r in rules if r["alert"] == "GPUCriticalXID")
-    assert {int(x) for x in re.findall(r"== (\d+)", xid_rule["expr"])} == set(CRITICAL_XIDS)
+    assert _squash(xid_rule["expr"]) == f"max by (Hostname, gpu, UUID, pod, namespace) ( {_xid_alternatives()} )"
     for r in rules:
         assert r["labels"]["severity"] in ("critical", "warning") and r["annotations"]["action"]
 
@@ -88,4 +97,7 @@ def test_dashboard_parses_and_uses_only_contract_metrics():
             used |= {m for m in re.findall(r"label_values\((\w+)", var["definition"])}
     assert used and used <= contract, sorted(used - contract)
     assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_GPU_TEMP"} <= used
+    xid_panel = next(p for p in dash["panels"] if p["title"] == "GPUs with a critical XID")
+    per_host = '{Hostname=~"$hostname"}'
+    assert [t["expr"] for t in xid_panel["targets"]] == [f"count({_xid_alternatives(per_host)}) or vector(0)"]
     assert _metric_names('max by (Hostname) (up{job="x"}) == 0 or rate(foo_total[5m])') == {"up", "foo_total"}

@@ -54,28 +54,49 @@ def test_policy_shape():
     assert 0 < TRANSIENT_RETRIES["retry_jitter_factor"] <= 1
 
 
-def test_task_retries_transient_but_not_client_errors(prefect_server):
+@pytest.mark.usefixtures("prefect_server")
+def test_task_retries_transient_but_not_client_errors():
     from prefect import flow, task
 
-    calls = {"transient": 0, "client": 0}
+    retries = TRANSIENT_RETRIES["retries"]
+    attempts = {"flaky": 0, "down": 0, "forbidden": 0}
+    faults: dict[str, list[BaseException]] = {"flaky": [], "down": [], "forbidden": []}  # every fault raised
+
+    def fail(name: str, exc: BaseException):
+        faults[name].append(exc)
+        raise exc
 
     @task(**{**TRANSIENT_RETRIES, "retry_delay_seconds": 0})
     def flaky():
-        calls["transient"] += 1
-        if calls["transient"] < 3:
-            raise httpx.ConnectError("peer down")
+        attempts["flaky"] += 1
+        if len(faults["flaky"]) < 2:
+            fail("flaky", httpx.ConnectError("peer down"))
         return "ok"
 
     @task(**{**TRANSIENT_RETRIES, "retry_delay_seconds": 0})
+    def down():
+        attempts["down"] += 1
+        fail("down", httpx.ConnectError("peer gone for good"))
+
+    @task(**{**TRANSIENT_RETRIES, "retry_delay_seconds": 0})
     def forbidden():
-        calls["client"] += 1
-        raise ApiException(status=403, reason="Forbidden")
+        attempts["forbidden"] += 1
+        fail("forbidden", ApiException(status=403, reason="Forbidden"))
 
     @flow
-    def both():
-        a = flaky()
-        b = forbidden(return_state=True)
-        return a, b.is_failed()
+    def all_three():
+        return flaky(), down(return_state=True), forbidden(return_state=True)
 
-    assert both() == ("ok", True)
-    assert calls == {"transient": 3, "client": 1}
+    ok, down_state, forbidden_state = all_three()
+    assert attempts == {"flaky": 3, "down": 1 + retries, "forbidden": 1}
+    # a transient fault passes on the third attempt: two faults fired, three attempts
+    assert ok == "ok" and [type(e) for e in faults["flaky"]] == [httpx.ConnectError] * 2
+    # a fault that never passes: the first attempt and every retry, then the task fails with it
+    assert len(faults["down"]) == 1 + retries
+    with pytest.raises(httpx.ConnectError, match="gone for good"):
+        down_state.result()
+    # a client error: one attempt, never retried
+    assert len(faults["forbidden"]) == 1
+    with pytest.raises(ApiException) as info:
+        forbidden_state.result()
+    assert info.value.status == 403
