@@ -37,8 +37,10 @@ _PARTS: dict[str, tuple[str, str]] = {
 }
 # Parts that are optional: a missing document is `None`, not an error.
 _OPTIONAL = {"notifier"}
-# Secret-bearing fields of the blocks above.
+# Secret-bearing fields of the blocks above: `SecretStr` fields, and the notifier's URL (the config
+# treats a webhook URL as a secret: it usually carries the token, as Slack's and Teams' do).
 _SECRET_FIELDS = ("token", "password", "private_key", "access_key_id", "secret_access_key")
+_PLAIN_SECRET_FIELDS = {"notifier": ("url",)}
 
 
 def _block_type(path: str):
@@ -55,6 +57,7 @@ class Platform:
         self.name = name
         self._blocks: dict[str, Any] = {}
         self._kube: dict[str, Any] = {}
+        self._store: Any = None
 
     def __repr__(self) -> str:
         return f"Platform({self.name!r}, loaded={sorted(self._blocks)})"
@@ -142,8 +145,10 @@ class Platform:
         return self._part("registry")
 
     def backup_store(self):
-        """The off-site store (`tasks.storage.Store`) over the platform's BackupStore block."""
-        return self._part("backup_store").get_store()
+        """The off-site store (`tasks.storage.Store`) over the platform's BackupStore block, built once."""
+        if self._store is None:
+            self._store = self._part("backup_store").get_store()
+        return self._store
 
     def notifier(self):
         """The failure webhook (Prefect's CustomWebhookNotificationBlock), or None when none is configured."""
@@ -158,7 +163,7 @@ class Platform:
         out: list[str] = []
         for part in _secret_parts(self.config):
             try:
-                out += secret_values(self._part(part))
+                out += secret_values(self._part(part), _PLAIN_SECRET_FIELDS.get(part, ()))
             except LookupError:
                 self._blocks.setdefault(part, None)
         return out
@@ -174,7 +179,7 @@ class Platform:
                 self._blocks.setdefault(part, None)
 
         await asyncio.gather(*(quiet(p) for p in parts))
-        return [v for p in parts for v in secret_values(self._blocks.get(p))]
+        return [v for p in parts for v in secret_values(self._blocks.get(p), _PLAIN_SECRET_FIELDS.get(p, ()))]
 
 
 def _secret_parts(cfg: PlatformConfig) -> list[str]:
@@ -182,12 +187,13 @@ def _secret_parts(cfg: PlatformConfig) -> list[str]:
     scratch = cfg.gitlab is not None and cfg.gitlab.scratch is not None
     present = {"gitlab_api": cfg.gitlab is not None, "gitlab_host": cfg.gitlab is not None,
                "gitlab_api_scratch": scratch, "gitlab_host_scratch": scratch, "argo": cfg.argo is not None,
-               "registry": cfg.registry is not None, "backup_store": cfg.backup_store is not None}
+               "registry": cfg.registry is not None, "backup_store": cfg.backup_store is not None,
+               "notifier": cfg.notifications.webhook_url is not None}
     return [part for part, there in present.items() if there]
 
 
-def secret_values(block: Any) -> list[str]:
-    """The plain values of a block's `SecretStr` fields (for redaction only)."""
+def secret_values(block: Any, plain_fields: tuple[str, ...] = ()) -> list[str]:
+    """The values of a block's `SecretStr` fields and of `plain_fields` (for redaction only)."""
     if block is None:
         return []
     out = []
@@ -195,6 +201,7 @@ def secret_values(block: Any) -> list[str]:
         value = getattr(block, attr, None)
         if value is not None and hasattr(value, "get_secret_value"):
             out.append(value.get_secret_value())
+    out += [getattr(block, attr) for attr in plain_fields if isinstance(getattr(block, attr, None), str)]
     return [v for v in out if v]
 
 

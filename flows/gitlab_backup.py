@@ -4,16 +4,22 @@ Replaces the guide's crontab lines (`gitlab-backup create CRON=1` at 02:00, `git
 backup-etc` at 04:15 Tue-Sat, `find -mtime +5 -delete`). One backup or restore per GitLab host at
 a time (global concurrency limit `gitlab-host-<platform>`). Retention runs only after a fully
 verified run and never deletes the newest verified backup. A failure notifies the webhook.
+
+Each run opens the platform once (`blocks.platform.Platform`) and hands its tasks the GitLab host
+and API blocks, the off-site `Store` and one `Redactor` built from the platform's secrets.
 """
 
 from __future__ import annotations
 
 import posixpath
 from datetime import datetime, timezone
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.concurrency.asyncio import concurrency
 
+from blocks.config import BackupThresholds
+from blocks.platform import Platform
 from tasks.gitlab import (
     BackupFile,
     BackupRecord,
@@ -28,16 +34,22 @@ from tasks.gitlab import (
     human_bytes,
     human_duration,
     list_host_backups,
-    load_block,
-    load_config,
-    load_notifier,
     parse_backup_id,
     plan_retention,
     space_problem,
     write_host_manifest,
 )
+from tasks.redact import Redactor
 from tasks.reports import AsyncProgress, apublish_markdown, apublish_table, md_table
-from tasks.storage import delete_offsite_backups, list_offsite_manifests, write_offsite_manifest
+from tasks.storage import (
+    Store,
+    delete_offsite_backups,
+    list_offsite_manifests,
+    write_offsite_manifest,
+)
+
+# What a backup run needs from the platform (loaded concurrently, once per run).
+PARTS = ("gitlab_host", "gitlab_api", "backup_store", "notifier")
 
 
 class BackupFailed(RuntimeError):
@@ -48,19 +60,16 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-async def notify_failure(platform: str, subject: str, body: str) -> bool:
-    """Send a failure notice to the platform's webhook (if one is configured); never raises."""
+async def notify_failure(notifier: Any, subject: str, body: str) -> None:
+    """Send a failure notice through `notifier` (the platform's webhook block, or None); never raises."""
     logger = get_run_logger()
+    if notifier is None:
+        logger.warning("no notifications.webhook_url configured: failure not sent anywhere")
+        return
     try:
-        notifier = await load_notifier(platform)
-        if notifier is None:
-            logger.warning("no notifications.webhook_url configured: failure not sent anywhere")
-            return False
         await notifier.notify(body=body, subject=subject)
-        return True
     except Exception as exc:  # noqa: BLE001 - a notice that fails must not hide the real failure
         logger.error("could not send the failure notice: %s", type(exc).__name__)
-        return False
 
 
 def rpo_seconds(manifests: list[dict], now: datetime) -> float | None:
@@ -70,48 +79,50 @@ def rpo_seconds(manifests: list[dict], now: datetime) -> float | None:
     return (now - max(m.finished_at for m in verified)).total_seconds()
 
 
-async def _config_and_secrets(platform: str, kind: str, backup_id: str | None,
+async def _config_and_secrets(host: Any, store: Store, redactor: Redactor, kind: str, backup_id: str | None,
                               progress: AsyncProgress) -> tuple[list[BackupFile], str]:
     """backup-etc + secrets copy on the host, both verified and copied off-site under `<kind>/<id>/`
     (`id` defaults to the config archive's stamp)."""
-    cfg = await create_config_backup(platform)
+    cfg = await create_config_backup(host, redactor)
     await progress.advance()
     backup_id = backup_id or cfg["stamp"]
     files = []
     for role, name, archive in (("config", cfg["config_archive"], True), ("secrets", cfg["secrets_copy"], False)):
         path = posixpath.join(cfg["directory"], name)
-        copied = await copy_offsite(platform, path, f"{kind}/{backup_id}/{name}", archive=archive)
+        copied = await copy_offsite(host, path, archive=archive, store=store, store_key=f"{kind}/{backup_id}/{name}")
         files.append(BackupFile(role=role, name=name, host_path=path, size=copied["size"], sha256=copied["sha256"],
                                 offsite=copied["location"]))
         await progress.advance()
     return files, cfg["stamp"]
 
 
-async def apply_retention(platform: str, kind: str, run_succeeded: bool, now: datetime) -> list[dict]:
-    """Plan and apply retention for one kind, on the host and off-site; returns the decisions as rows."""
-    t = (await load_config(platform)).thresholds.backup
+async def apply_retention(host: Any, store: Store, thresholds: BackupThresholds, kind: str,
+                          now: datetime) -> list[dict]:
+    """Plan and apply retention for one kind after a verified run, on the host and off-site; returns the
+    decisions as rows. `plan_retention` never deletes the newest verified backup."""
+    t = thresholds
     keep_days, keep_count = (t.keep_days, t.keep_count) if kind == "data" else (t.config_keep_days,
                                                                                  t.config_keep_count)
     rows = []
-    host = await list_host_backups(platform)
+    on_host = await list_host_backups(host)
     records = [BackupRecord(b["id"], datetime.fromtimestamp(b["created"], timezone.utc), b["verified"], b["size"])
-               for b in host[kind]]
-    plan = plan_retention(records, now=now, keep_days=keep_days, keep_count=keep_count, run_succeeded=run_succeeded)
+               for b in on_host[kind]]
+    plan = plan_retention(records, now=now, keep_days=keep_days, keep_count=keep_count, run_succeeded=True)
     doomed = {d.id for d in plan if d.action == "delete"}
-    paths = [p for b in host[kind] if b["id"] in doomed for p in b["files"]]
+    paths = [p for b in on_host[kind] if b["id"] in doomed for p in b["files"]]
     # archives first, manifests last: an interrupted deletion never leaves a manifest without its doubt
     paths.sort(key=lambda p: p.endswith(".manifest.json"))
     if paths:
-        await delete_host_files(platform, paths)
+        await delete_host_files(host, paths)
     rows += [_decision_row("host", kind, d) for d in plan]
 
-    manifests = await list_offsite_manifests(platform, kind)
+    manifests = await list_offsite_manifests(store, kind)
     records = [BackupRecord(m["id"], Manifest.model_validate(m).finished_at,
                             bool(m.get("verified") and m.get("offsite"))) for m in manifests]
-    plan = plan_retention(records, now=now, keep_days=keep_days, keep_count=keep_count, run_succeeded=run_succeeded)
+    plan = plan_retention(records, now=now, keep_days=keep_days, keep_count=keep_count, run_succeeded=True)
     doomed_offsite = [d.id for d in plan if d.action == "delete"]
     if doomed_offsite:
-        await delete_offsite_backups(platform, kind, doomed_offsite)
+        await delete_offsite_backups(store, kind, doomed_offsite)
     rows += [_decision_row("off-site", kind, d) for d in plan]
     return rows
 
@@ -135,7 +146,8 @@ def _summary(platform: str, title: str, manifest: Manifest | None, preflight: di
                   f"- **Size:** {human_bytes(manifest.total_size)}",
                   f"- **Verified:** {'yes' if manifest.verified else 'NO'}"]
     lines += [f"- **Duration:** {human_duration(seconds)}", f"- **Off-site location:** {location}",
-              f"- **RPO (age of newest verified off-site copy):** {human_duration(rpo) if rpo is not None else 'none!'}",
+              "- **RPO (age of newest verified off-site copy):** "
+              f"{human_duration(rpo) if rpo is not None else 'none!'}",
               f"- **Host free space:** {human_bytes(preflight.get('free_bytes', 0))}" if preflight else "", ""]
     if manifest:
         lines += ["## Files", "", md_table([{"role": f.role, "name": f.name, "size": human_bytes(f.size),
@@ -149,74 +161,75 @@ def _summary(platform: str, title: str, manifest: Manifest | None, preflight: di
 async def _run_backup(platform: str, kind: str, options: dict[str, str] | None) -> dict:
     logger = get_run_logger()
     started = _now()
+    plat = await Platform.aopen(platform, *PARTS)
+    redactor = Redactor.of(await plat.asecrets())
+    host, api, store, notifier = plat.gitlab_host(), plat.gitlab_api(), plat.backup_store(), plat.notifier()
+    thresholds = plat.config.thresholds.backup
     limit = await ensure_host_limit(platform)
     preflight: dict = {}
     manifest: Manifest | None = None
     rows: list[dict] = []
     error = None
-    config = await load_config(platform)
-    host = await load_block("host", platform)
-    store = await load_block("store", platform)
-    location = (f"s3://{store.bucket}/{store.prefix}{kind}/" if store.kind == "s3" else f"{store.path}/{kind}/")
+    location = store.describe(kind) + "/"
     progress = await AsyncProgress.start(f"gitlab-{kind}-backup-progress-{platform}",
                                          total=7 if kind == "data" else 4, description=f"GitLab {kind} backup")
     try:
         async with concurrency(limit, occupy=1, timeout_seconds=3600):
-            preflight = await gitlab_preflight(platform)
+            preflight = await gitlab_preflight(host, api, redactor)
             await progress.advance()
             if preflight["problems"]:
                 raise BackupFailed("preflight: " + "; ".join(preflight["problems"]))
             if kind == "data":
-                needed = int(preflight["last_backup_size"] * config.thresholds.backup.free_space_factor)
+                needed = int(preflight["last_backup_size"] * thresholds.free_space_factor)
                 problem = space_problem(preflight["free_bytes"], needed, "a new backup (last backup size x factor)")
                 if problem:
                     raise BackupFailed("preflight: " + problem)
-                backup_id = await create_data_backup(platform, options)
+                backup_id = await create_data_backup(host, redactor, options)
                 await progress.advance()
                 bid = parse_backup_id(backup_id)
                 archive_path = posixpath.join(host.backup_path, bid.archive)
-                copied = await copy_offsite(platform, archive_path, f"data/{backup_id}/{bid.archive}", archive=True,
+                copied = await copy_offsite(host, archive_path, archive=True, store=store,
+                                            store_key=f"data/{backup_id}/{bid.archive}",
                                             expected_version=preflight["gitlab_version"])
                 await progress.advance()
                 files = [BackupFile(role="data", name=bid.archive, host_path=archive_path, size=copied["size"],
                                     sha256=copied["sha256"], offsite=copied["location"])]
-                extra, _ = await _config_and_secrets(platform, "data", backup_id, progress)
+                extra, _ = await _config_and_secrets(host, store, redactor, "data", backup_id, progress)
                 files += extra
                 manifest_path = posixpath.join(host.backup_path, f"{backup_id}_gitlab_backup.manifest.json")
                 components, skipped = copied["components"], copied["skipped"]
             else:
-                files, backup_id = await _config_and_secrets(platform, "config", None, progress)
-                stamp = backup_id
-                manifest_path = posixpath.join(host.config_backup_path, f"gitlab_config_{stamp}.manifest.json")
+                files, backup_id = await _config_and_secrets(host, store, redactor, "config", None, progress)
+                manifest_path = posixpath.join(host.config_backup_path, f"gitlab_config_{backup_id}.manifest.json")
                 components, skipped = [], []
             manifest = Manifest(
                 id=backup_id, kind=kind, platform=platform, host=preflight["host"],
                 gitlab_version=preflight["gitlab_version"], edition=preflight["edition"], components=components,
                 skipped=skipped, files=files, etc_dir=posixpath.dirname(host.secrets_file), started_at=started,
                 finished_at=_now(), verified=True, offsite=True)
-            await write_host_manifest(platform, manifest_path, manifest.model_dump(mode="json"))
-            await write_offsite_manifest(platform, kind, backup_id, manifest.model_dump(mode="json"))
+            await write_host_manifest(host, manifest_path, manifest.model_dump(mode="json"))
+            await write_offsite_manifest(store, kind, backup_id, manifest.model_dump(mode="json"))
             await progress.advance()
-            rows = await apply_retention(platform, kind, run_succeeded=True, now=_now())
+            rows = await apply_retention(host, store, thresholds, kind, now=_now())
             await progress.set(progress.total)
     except Exception as exc:  # noqa: BLE001 - reported, notified, then re-raised
-        error = f"{type(exc).__name__}: {exc}"
+        error = redactor.error(exc)
         logger.error("GitLab %s backup failed: %s", kind, error)
     finished = _now()
     try:
-        manifests = await list_offsite_manifests(platform, kind)
+        manifests = await list_offsite_manifests(store, kind)
     except Exception:  # noqa: BLE001 - the store may be what failed; RPO then reads "none"
         manifests = []
     rpo = rpo_seconds(manifests, finished)
     seconds = (finished - started).total_seconds()
     title = "GitLab backup" if kind == "data" else "GitLab config backup"
     await apublish_markdown(f"gitlab-{kind}-backup-{platform}",
-                     _summary(platform, title, manifest, preflight, rows, rpo, seconds, error, location),
-                     description=f"{title}: size, duration, location, RPO")
+                            _summary(platform, title, manifest, preflight, rows, rpo, seconds, error, location),
+                            description=f"{title}: size, duration, location, RPO")
     if rows:
         await apublish_table(f"gitlab-{kind}-backup-retention-{platform}", rows, description="Retention decisions")
     if error is not None:
-        await notify_failure(platform, f"{title} FAILED on {platform}",
+        await notify_failure(notifier, f"{title} FAILED on {platform}",
                              f"{error}\nNothing was deleted. RPO is now "
                              f"{human_duration(rpo) if rpo is not None else 'unknown (no verified copy)'}.")
         raise BackupFailed(error)

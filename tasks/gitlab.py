@@ -18,8 +18,8 @@ import posixpath
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Literal
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -52,10 +52,6 @@ class BackupId(BaseModel):
     @property
     def gitlab_version(self) -> str:
         return f"{self.version}-ee" if self.edition == "ee" else self.version
-
-    @property
-    def created_at(self) -> datetime:
-        return datetime.fromtimestamp(self.epoch, timezone.utc)
 
 
 def parse_backup_id(value: Any) -> BackupId:
@@ -355,56 +351,32 @@ def sample_ids(ids: list[int], size: int) -> list[int]:
 
 
 # === tasks =============================================================================================
+#
+# Tasks receive what they work on: the `GitLabHost` block (which host: production or scratch is the
+# flow's choice of block), the `GitLabAPI` block, the off-site `Store`, and a `Redactor` for what
+# they log and return. They never load a block by name.
 
 from prefect import get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
 from tasks._retry import TRANSIENT_RETRIES  # noqa: E402
+from tasks.redact import Redactor  # noqa: E402
 from tasks.ssh import SFTPWriter, connect, run_command, sftp_chunks  # noqa: E402
 from tasks.storage import (  # noqa: E402
+    ChecksumMismatch,
     CopyResult,
     NullSink,
     Store,
     TarStreamVerifier,
+    VerificationError,
     copy_stream_async,
 )
 
+if TYPE_CHECKING:
+    from blocks.connections import GitLabAPI, GitLabHost
+
 GITLAB_COMMANDS = {"gitlab-backup", "gitlab-ctl", "gitlab-rake"}
 _SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9_.@/\-]+\Z")
-
-
-async def load_block(kind: str, platform: str, scratch: bool = False):
-    """A block document of the platform, loaded the async way (flows and tasks here are async)."""
-    from blocks.connections import BackupStore, GitLabAPI, GitLabHost, PlatformSettings
-
-    cls = {"host": GitLabHost, "api": GitLabAPI, "store": BackupStore, "settings": PlatformSettings}[kind]
-    name = f"{platform}-scratch" if scratch else platform
-    try:
-        return await cls.aload(name)
-    except ValueError as exc:
-        raise LookupError(f"no {cls.get_block_type_slug()} block named {name!r}: add that section to the platform "
-                          "config and run `python -m blocks.load`") from exc
-
-
-async def load_config(platform: str):
-    return (await load_block("settings", platform)).platform()
-
-
-async def load_store(platform: str) -> Store:
-    return Store(await load_block("store", platform))
-
-
-async def load_notifier(platform: str):
-    from prefect.blocks.notifications import CustomWebhookNotificationBlock
-
-    try:
-        return await CustomWebhookNotificationBlock.aload(platform)
-    except ValueError:
-        return None
-
-
-async def _host(platform: str, scratch: bool = False):
-    return await load_block("host", platform, scratch)
 
 
 def _safe_path(path: str) -> str:
@@ -419,17 +391,6 @@ def _within(directory: str, name: str) -> str:
     return _safe_path(posixpath.join(directory, name))
 
 
-async def _secrets_of(platform: str) -> list[str]:
-    """Values that must never appear in a log line (the API tokens)."""
-    out = []
-    for scratch in (False, True):
-        try:
-            out.append((await load_block("api", platform, scratch)).token.get_secret_value())
-        except LookupError:
-            pass
-    return out
-
-
 async def ensure_host_limit(name: str) -> str:
     """The global concurrency limit that keeps backups and restores of one GitLab host apart."""
     from prefect.client.orchestration import get_client
@@ -441,32 +402,29 @@ async def ensure_host_limit(name: str) -> str:
 
 
 @task(name="gitlab-command", cache_policy=NONE, timeout_seconds=7200)
-async def gitlab_command(platform: str, argv: list[str], timeout_s: float = 1800, scratch: bool = False) -> dict:
+async def gitlab_command(host: GitLabHost, argv: list[str], timeout_s: float, redactor: Redactor) -> dict:
     """Run one of omnibus' commands on the host, output streamed into the flow's log. Not retried:
     these commands change state; a failure is reported, not repeated."""
     if not argv or argv[0] not in GITLAB_COMMANDS:
         raise ValueError(f"only {sorted(GITLAB_COMMANDS)} run through gitlab_command, got {argv[:1]}")
-    host = await _host(platform, scratch)
     async with connect(host.connect_kwargs()) as conn:
-        r = await run_command(conn, argv, timeout_s=timeout_s, logger=get_run_logger(), redact=await _secrets_of(platform))
-    return {"argv": argv, "exit_status": r.exit_status, "seconds": round(r.seconds, 1), "tail": r.stdout[-20:]}
+        r = await run_command(conn, argv, timeout_s=timeout_s, logger=get_run_logger(), redact=redactor)
+    return redactor.value({"argv": argv, "exit_status": r.exit_status, "seconds": round(r.seconds, 1),
+                           "tail": r.stdout[-20:]})
 
 
 @task(name="gitlab-preflight", cache_policy=NONE, timeout_seconds=120, **TRANSIENT_RETRIES)
-async def gitlab_preflight(platform: str, scratch: bool = False) -> dict:
+async def gitlab_preflight(host: GitLabHost, api: GitLabAPI, redactor: Redactor) -> dict:
     """Readiness, version and edition from the API; free space, last backup size, secrets file over SSH."""
+    import gitlab.exceptions
     import httpx
 
-    api = await load_block("api", platform, scratch)
-    host = await _host(platform, scratch)
     out: dict[str, Any] = {"host": f"{host.host}:{host.port}", "problems": []}
     async with httpx.AsyncClient(timeout=api.timeout_s) as client:
         r = await client.get(f"{api.url}/-/readiness")
         out["ready"] = r.status_code == 200 and r.json().get("status") == "ok"
         if not out["ready"]:
             out["problems"].append(f"GitLab is not ready: /-/readiness answered {r.status_code}")
-    import gitlab.exceptions
-
     if out["ready"]:  # unknown is not healthy: a GitLab that is not ready gets no version, and the run stops
         try:
             info = await asyncio.to_thread(lambda: api.get_client().http_get("/version"))
@@ -480,7 +438,7 @@ async def gitlab_preflight(platform: str, scratch: bool = False) -> dict:
         out.update(edition=None, version=None, gitlab_version=None)
     backup_path = _safe_path(host.backup_path)
     async with connect(host.connect_kwargs()) as conn:
-        df = await run_command(conn, ["df", "-PB1", "--", backup_path], timeout_s=30)
+        df = await run_command(conn, ["df", "-PB1", "--", backup_path], timeout_s=30, redact=redactor)
         out["free_bytes"] = parse_df(df.text)
         secrets = await run_command(conn, ["test", "-f", _safe_path(host.secrets_file)], timeout_s=30, check=False)
         out["secrets_present"] = secrets.exit_status == 0
@@ -493,21 +451,20 @@ async def gitlab_preflight(platform: str, scratch: bool = False) -> dict:
     if not out["secrets_present"]:
         out["problems"].append(f"{host.secrets_file} is missing: a backup without it cannot be restored "
                                "(restore it from the last config backup first)")
-    return out
+    return redactor.value(out)
 
 
 @task(name="gitlab-backup-create", cache_policy=NONE, timeout_seconds=6 * 3600, **TRANSIENT_RETRIES)
-async def create_data_backup(platform: str, options: dict[str, str] | None = None, scratch: bool = False,
+async def create_data_backup(host: GitLabHost, redactor: Redactor, options: dict[str, str] | None = None,
                              timeout_s: float = 6 * 3600) -> str:
     """`gitlab-backup create` with the host's options; returns the new backup id. A lost session is retried."""
-    host = await _host(platform, scratch)
     opts = dict(host.backup_options if options is None else options)
     argv = ["gitlab-backup", "create", *backup_option_args(opts)]
     backup_path = _safe_path(host.backup_path)
     async with connect(host.connect_kwargs()) as conn:
         async with conn.start_sftp_client() as sftp:
             before = {n.filename for n in await sftp.readdir(backup_path)}
-        r = await run_command(conn, argv, timeout_s=timeout_s, logger=get_run_logger(), redact=await _secrets_of(platform))
+        r = await run_command(conn, argv, timeout_s=timeout_s, logger=get_run_logger(), redact=redactor)
         async with conn.start_sftp_client() as sftp:
             after = {n.filename for n in await sftp.readdir(backup_path)}
     new = sorted((b for b in (backup_id_from_archive(n) for n in after - before) if b), key=lambda b: b.epoch)
@@ -521,63 +478,60 @@ async def create_data_backup(platform: str, options: dict[str, str] | None = Non
 
 
 @task(name="gitlab-backup-etc", cache_policy=NONE, timeout_seconds=900, **TRANSIENT_RETRIES)
-async def create_config_backup(platform: str, scratch: bool = False) -> dict:
+async def create_config_backup(host: GitLabHost, redactor: Redactor) -> dict:
     """`gitlab-ctl backup-etc` and a copy of gitlab-secrets.json beside it (cp -p: still 0600)."""
-    host = await _host(platform, scratch)
     directory = _safe_path(host.config_backup_path)
     async with connect(host.connect_kwargs()) as conn:
         r = await run_command(conn, ["gitlab-ctl", "backup-etc", "--backup-path", directory], timeout_s=600,
-                              logger=get_run_logger(), redact=await _secrets_of(platform))
-        names = [m for m in re.findall(r"(gitlab_config_\d+_\d{4}_\d{2}_\d{2}\.tar)", r.text)]
+                              logger=get_run_logger(), redact=redactor)
+        names = re.findall(r"(gitlab_config_\d+_\d{4}_\d{2}_\d{2}\.tar)", r.text)
         if not names:
             raise RuntimeError("gitlab-ctl backup-etc did not name the archive it wrote")
         archive = names[-1]
         stamp = config_stamp_from_archive(archive)
         secrets_copy = secrets_copy_name(stamp)
         await run_command(conn, ["cp", "-p", "--", _safe_path(host.secrets_file), _within(directory, secrets_copy)],
-                          timeout_s=60, log_output=False)
+                          timeout_s=60, log_output=False, redact=redactor)
     return {"stamp": stamp, "config_archive": archive, "secrets_copy": secrets_copy, "directory": directory}
 
 
 @task(name="verify-and-copy-offsite", cache_policy=NONE, timeout_seconds=6 * 3600, **TRANSIENT_RETRIES)
-async def copy_offsite(platform: str, remote_path: str, store_key: str | None, *, archive: bool,
-                       expected_version: str | None = None, scratch: bool = False) -> dict:
+async def copy_offsite(host: GitLabHost, remote_path: str, *, archive: bool, store: Store | None = None,
+                       store_key: str | None = None, expected_version: str | None = None) -> dict:
     """Stream a file from the host: SHA-256, tar check (archives) and off-site copy in one pass.
 
-    `store_key=None` verifies in place without copying. The off-site copy only becomes visible
-    once the store confirms it (see tasks.storage). Returns size, sha256, components, location.
+    Without a `store` (and `store_key`) the file is verified in place, not copied. The off-site
+    copy only becomes visible once the store confirms it (see tasks.storage). Returns size,
+    sha256, components, location.
     """
-    host = await _host(platform, scratch)
+    if (store is None) != (store_key is None):
+        raise ValueError("copy_offsite needs both a store and a store_key, or neither (verify in place)")
     path = _safe_path(remote_path)
     verifier = TarStreamVerifier(capture={"backup_information.yml"}) if archive else None
-    store = await load_store(platform) if store_key else None
-    sink = store.sink(store_key) if store else NullSink()
+    sink = store.sink(store_key) if store is not None else NullSink()
     async with connect(host.connect_kwargs()) as conn:
         async with conn.start_sftp_client() as sftp:
             result: CopyResult = await copy_stream_async(posixpath.basename(path), sftp_chunks(sftp, path), sink,
                                                          verifier)
     out = {"name": result.name, "size": result.size, "sha256": result.sha256,
-           "location": result.location if store_key else None, "seconds": round(result.seconds, 2)}
+           "location": result.location if store is not None else None, "seconds": round(result.seconds, 2)}
     if archive and expected_version is not None:
         info = result.captured.get("backup_information.yml")
         check = check_archive(result.members, info.decode() if info else None, expected_version)
         if not check.ok:
-            if store_key:
-                await asyncio.to_thread(store.delete, [store_key])  # the copy we just made: never a pre-existing object
-            from tasks.storage import VerificationError
-
+            if store is not None:  # the copy we just made: never a pre-existing object
+                await asyncio.to_thread(store.delete, [store_key])
             raise VerificationError(f"{result.name}: " + "; ".join(check.problems))
         out.update(components=check.components, skipped=check.skipped, gitlab_version=check.gitlab_version)
     elif archive:
         out["members"] = len(result.members)
     get_run_logger().info("%s: %d bytes, sha256 %s, %s", result.name, result.size, result.sha256,
-                          f"copied to {result.location}" if store_key else "verified in place")
+                          f"copied to {result.location}" if store is not None else "verified in place")
     return out
 
 
 @task(name="write-host-manifest", cache_policy=NONE, timeout_seconds=120, **TRANSIENT_RETRIES)
-async def write_host_manifest(platform: str, path: str, manifest: dict, scratch: bool = False) -> str:
-    host = await _host(platform, scratch)
+async def write_host_manifest(host: GitLabHost, path: str, manifest: dict) -> str:
     body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
     async with connect(host.connect_kwargs()) as conn:
         async with conn.start_sftp_client() as sftp:
@@ -588,9 +542,8 @@ async def write_host_manifest(platform: str, path: str, manifest: dict, scratch:
 
 
 @task(name="list-host-backups", cache_policy=NONE, timeout_seconds=120, **TRANSIENT_RETRIES)
-async def list_host_backups(platform: str, scratch: bool = False) -> dict:
+async def list_host_backups(host: GitLabHost) -> dict:
     """Data archives and config archives on the host, with their manifests (if any)."""
-    host = await _host(platform, scratch)
     out: dict[str, list[dict]] = {"data": [], "config": []}
     async with connect(host.connect_kwargs()) as conn:
         async with conn.start_sftp_client() as sftp:
@@ -626,18 +579,18 @@ async def list_host_backups(platform: str, scratch: bool = False) -> dict:
     return out
 
 
+_DELETABLE_RE = re.compile(r"^(\d+_\d{4}_\d{2}_\d{2}(_[\d.]+(-ee)?_gitlab_backup)?|gitlab_config_\d+_\d{4}_\d{2}_\d{2})"
+                           r"\.manifest\.json$|^gitlab-secrets_\d+_\d{4}_\d{2}_\d{2}\.json$")
+
+
 @task(name="delete-host-backups", cache_policy=NONE, timeout_seconds=300, **TRANSIENT_RETRIES)
-async def delete_host_files(platform: str, paths: list[str], scratch: bool = False) -> list[str]:
+async def delete_host_files(host: GitLabHost, paths: list[str]) -> list[str]:
     """Delete backup files on the host; only names GitLab's backups use, only in the backup directories."""
-    host = await _host(platform, scratch)
     allowed_dirs = {_safe_path(host.backup_path).rstrip("/"), _safe_path(host.config_backup_path).rstrip("/")}
     for p in paths:
         name = posixpath.basename(_safe_path(p))
         if posixpath.dirname(p) not in allowed_dirs or not (
-                backup_id_from_archive(name) or CONFIG_ARCHIVE_RE.match(name)
-                or re.match(r"^(\d+_\d{4}_\d{2}_\d{2}(_[\d.]+(-ee)?_gitlab_backup)?|gitlab_config_\d+_\d{4}_\d{2}_\d{2})"
-                            r"\.manifest\.json$", name)
-                or re.match(r"^gitlab-secrets_\d+_\d{4}_\d{2}_\d{2}\.json$", name)):
+                backup_id_from_archive(name) or CONFIG_ARCHIVE_RE.match(name) or _DELETABLE_RE.match(name)):
             raise ValueError(f"refusing to delete {p!r}: not a backup file in the backup directories")
     async with connect(host.connect_kwargs()) as conn:
         async with conn.start_sftp_client() as sftp:
@@ -647,9 +600,8 @@ async def delete_host_files(platform: str, paths: list[str], scratch: bool = Fal
 
 
 @task(name="host-file-sha256", cache_policy=NONE, timeout_seconds=3600, **TRANSIENT_RETRIES)
-async def host_file_sha256(platform: str, path: str, scratch: bool = False) -> dict | None:
+async def host_file_sha256(host: GitLabHost, path: str) -> dict | None:
     """(size, sha256) of a file on the host, computed there with `sha256sum`; None if it does not exist."""
-    host = await _host(platform, scratch)
     path = _safe_path(path)
     async with connect(host.connect_kwargs()) as conn:
         exists = await run_command(conn, ["test", "-f", path], timeout_s=30, check=False)
@@ -661,15 +613,13 @@ async def host_file_sha256(platform: str, path: str, scratch: bool = False) -> d
 
 
 @task(name="fetch-to-host", cache_policy=NONE, timeout_seconds=6 * 3600, **TRANSIENT_RETRIES)
-async def fetch_to_host(platform: str, store_key: str, remote_path: str, expected_sha256: str,
-                        archive: bool = False, scratch: bool = False) -> dict:
+async def fetch_to_host(host: GitLabHost, store: Store, store_key: str, remote_path: str, expected_sha256: str,
+                        archive: bool = False) -> dict:
     """Stream an off-site copy onto the host (`NAME.part`, renamed only when its SHA-256 matches)."""
-    host = await _host(platform, scratch)
-    path = _safe_path(remote_path)
-    store = await load_store(platform)
-    verifier = TarStreamVerifier() if archive else None
     import hashlib
 
+    path = _safe_path(remote_path)
+    verifier = TarStreamVerifier() if archive else None
     sha, size = hashlib.sha256(), 0
     iterator = store.chunks(store_key)
     async with connect(host.connect_kwargs()) as conn:
@@ -687,8 +637,6 @@ async def fetch_to_host(platform: str, store_key: str, remote_path: str, expecte
                 if verifier:
                     verifier.finish()
                 if sha.hexdigest() != expected_sha256:
-                    from tasks.storage import ChecksumMismatch
-
                     raise ChecksumMismatch(f"off-site copy {store.describe(store_key)} has sha256 "
                                            f"{sha.hexdigest()[:16]}..., the manifest says {expected_sha256[:16]}...: "
                                            "it is corrupt; nothing was written to the host")
@@ -698,11 +646,10 @@ async def fetch_to_host(platform: str, store_key: str, remote_path: str, expecte
 
 
 @task(name="restore-config-files", cache_policy=NONE, timeout_seconds=600)
-async def restore_config_files(platform: str, config_archive: str | None, secrets_copy: str, source_etc_dir: str,
-                               scratch: bool = False) -> dict:
+async def restore_config_files(host: GitLabHost, config_archive: str | None, secrets_copy: str,
+                               source_etc_dir: str) -> dict:
     """Unpack the config archive into the host's /etc/gitlab, then put the secrets copy in place (0600).
     Member paths are rebased from the backed-up host's etc dir to this host's (`--strip-components`)."""
-    host = await _host(platform, scratch)
     target_etc = posixpath.dirname(_safe_path(host.secrets_file))
     strip = len([p for p in _safe_path(source_etc_dir).split("/") if p])
     async with connect(host.connect_kwargs()) as conn:
@@ -717,16 +664,15 @@ async def restore_config_files(platform: str, config_archive: str | None, secret
 
 
 @task(name="gitlab-api-health", cache_policy=NONE, timeout_seconds=120, **TRANSIENT_RETRIES)
-async def api_health(platform: str, scratch: bool = False, wait_s: float = 60) -> dict:
+async def api_health(api: GitLabAPI, redactor: Redactor, wait_s: float = 60) -> dict:
     """Readiness, version and project count through the API; waits up to `wait_s` for readiness."""
-    return await asyncio.to_thread(_api_health, await load_block("api", platform, scratch), wait_s)
+    return redactor.value(await asyncio.to_thread(_api_health, api, wait_s))
 
 
-def _api_health(api, wait_s: float = 60) -> dict:
+def _api_health(api: GitLabAPI, wait_s: float) -> dict:
     import httpx
 
     deadline = time.monotonic() + wait_s
-    status = None
     while True:
         try:
             r = httpx.get(f"{api.url}/-/readiness", timeout=api.timeout_s)
@@ -745,13 +691,12 @@ def _api_health(api, wait_s: float = 60) -> dict:
 
 
 @task(name="gitlab-project-states", cache_policy=NONE, timeout_seconds=300, **TRANSIENT_RETRIES)
-async def project_states(platform: str, scratch: bool = False, ids: list[int] | None = None,
-                         sample: int = 20) -> dict:
+async def project_states(api: GitLabAPI, redactor: Redactor, ids: list[int] | None = None, sample: int = 20) -> dict:
     """Project count, and last commit SHA of a sample of projects (all pages walked, ids sampled)."""
-    return await asyncio.to_thread(_project_states, await load_block("api", platform, scratch), ids, sample)
+    return redactor.value(await asyncio.to_thread(_project_states, api, ids, sample))
 
 
-def _project_states(api, ids: list[int] | None, sample: int) -> dict:
+def _project_states(api: GitLabAPI, ids: list[int] | None, sample: int) -> dict:
     gl = api.get_client()
     listing = list(gl.projects.list(iterator=True, per_page=100, order_by="id", sort="asc"))
     chosen = ids if ids is not None else sample_ids([p.id for p in listing], sample)

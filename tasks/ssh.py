@@ -8,8 +8,10 @@ lines for the error message, and raises:
 - `SessionLost` (a `TransientError`) when the session drops before an exit status arrives,
 - `TimeoutError` when the command outlives `timeout_s` (the remote process gets SIGTERM first).
 
-Values known to be secret can be passed as `redact=`; any line containing one is replaced.
-Other lifecycles (certificate checks, node initialisation) reuse this module.
+`redact=` takes a `tasks.redact.Redactor` (or the secret values to build one from): every streamed
+line, every kept line and so every error tail is redacted before it is logged or kept, and so is
+the text of the errors raised here. Other lifecycles (certificate checks, node initialisation)
+reuse this module.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Sequence
 
 from tasks._retry import TransientError
+from tasks.redact import Redactor
 
 DEFAULT_TIMEOUT_S = 600.0
 SFTP_CHUNK = 4 * 1024 * 1024
@@ -64,13 +67,11 @@ def quote_argv(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
-def _redactor(secrets: Iterable[str]):
-    values = [s for s in secrets if s and len(s) >= 4]
-
-    def clean(line: str) -> str:
-        return "[redacted: line contained a secret]" if any(v in line for v in values) else line
-
-    return clean
+def as_redactor(redact: Redactor | Iterable[str] | None) -> Redactor:
+    """A `Redactor` from one, from secret values, or (None) one that masks credentials of known shapes."""
+    if isinstance(redact, Redactor):
+        return redact
+    return Redactor.of(redact or ())
 
 
 @asynccontextmanager
@@ -105,23 +106,24 @@ async def run_command(
     logger: logging.Logger | logging.LoggerAdapter | None = None,
     log_output: bool = True,
     check: bool = True,
-    redact: Iterable[str] = (),
+    redact: Redactor | Iterable[str] | None = None,
     keep: int = 200,
 ) -> CommandResult:
     """Run `argv` on `conn`, streaming output lines to `logger`; see the module docstring."""
     import asyncssh
 
     command = quote_argv(argv)
-    clean = _redactor(redact)
+    redactor = as_redactor(redact)
+    shown = redactor.text(command)
     out: deque[str] = deque(maxlen=keep)
     err: deque[str] = deque(maxlen=keep)
     start = time.monotonic()
     if logger is not None:
-        logger.info("$ %s", command)
+        logger.info("$ %s", shown)
 
     async def pump(stream, sink: deque[str], level: int) -> None:
         async for raw in stream:
-            line = clean(raw.rstrip("\n"))
+            line = redactor.text(raw.rstrip("\n"))
             sink.append(line)
             if logger is not None and log_output and line.strip():
                 logger.log(level, "%s", line)
@@ -129,7 +131,7 @@ async def run_command(
     try:
         proc = await conn.create_process(command, encoding="utf-8", errors="replace")
     except (asyncssh.Error, OSError) as exc:
-        raise SessionLost(f"could not start `{command}`: {exc}") from exc
+        raise SessionLost(redactor.text(f"could not start `{command}`: {exc}")) from exc
     try:
         async with asyncio.timeout(timeout_s):
             await asyncio.gather(pump(proc.stdout, out, logging.INFO), pump(proc.stderr, err, logging.WARNING))
@@ -137,16 +139,16 @@ async def run_command(
     except TimeoutError:
         proc.terminate()
         proc.close()
-        raise TimeoutError(f"`{command}` did not finish within {timeout_s:.0f}s; it was sent SIGTERM") from None
+        raise TimeoutError(f"`{shown}` did not finish within {timeout_s:.0f}s; it was sent SIGTERM") from None
     except (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError, ConnectionError) as exc:
-        raise SessionLost(f"SSH session lost while running `{command}`: {exc}") from exc
+        raise SessionLost(redactor.text(f"SSH session lost while running `{command}`: {exc}")) from exc
     status = completed.exit_status
     if status is None or status < 0:
-        raise SessionLost(f"SSH session lost while running `{command}` (no exit status"
+        raise SessionLost(f"SSH session lost while running `{shown}` (no exit status"
                           f"{', signal ' + str(completed.exit_signal[0]) if completed.exit_signal else ''})")
     result = CommandResult(list(argv), status, list(out), list(err), time.monotonic() - start)
     if check and status != 0:
-        raise RemoteCommandError(argv, status, (list(out) + list(err))[-keep:])
+        raise RemoteCommandError(redactor.value(list(argv)), status, (list(out) + list(err))[-keep:])
     return result
 
 

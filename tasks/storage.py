@@ -355,39 +355,33 @@ class _Pass:
             self.verifier.feed(data)
         self.size += len(data)
 
-    def done(self, expected_sha256: str | None) -> CopyResult:
+    def done(self) -> CopyResult:
         digest = self.sha.hexdigest()
         if self.verifier is not None:
             self.verifier.finish()
-        if expected_sha256 is not None and digest != expected_sha256:
-            raise ChecksumMismatch(f"{self.name}: sha256 {digest[:16]}... does not match the manifest's "
-                                   f"{expected_sha256[:16]}...: the copy is corrupt")
         self.sink.commit(self.size, digest)
         v = self.verifier
         return CopyResult(self.name, self.size, digest, self.sink.location, time.monotonic() - self.start,
                           v.members if v else [], v.captured if v else {})
 
 
-def copy_stream(name: str, chunks: Iterable[bytes], sink: Sink, verifier: TarStreamVerifier | None = None,
-                expected_sha256: str | None = None) -> CopyResult:
+def copy_stream(name: str, chunks: Iterable[bytes], sink: Sink,
+                verifier: TarStreamVerifier | None = None) -> CopyResult:
     """Hash, verify and write `chunks` to `sink` in one pass; the sink is aborted on any failure."""
     p = _Pass(name, sink, verifier)
     try:
         for data in chunks:
             p.chunk(data)
             sink.write(data)
-        return p.done(expected_sha256)
+        return p.done()
     except BaseException:
         sink.abort()
         raise
 
 
 async def copy_stream_async(name: str, chunks: AsyncIterable[bytes], sink: Sink,
-                            verifier: TarStreamVerifier | None = None,
-                            expected_sha256: str | None = None) -> CopyResult:
+                            verifier: TarStreamVerifier | None = None) -> CopyResult:
     """`copy_stream` for an async source (SFTP); sink writes run in a thread."""
-    import asyncio
-
     p = _Pass(name, sink, verifier)
     pending = None
     try:
@@ -398,7 +392,7 @@ async def copy_stream_async(name: str, chunks: AsyncIterable[bytes], sink: Sink,
             pending = asyncio.ensure_future(asyncio.to_thread(sink.write, data))
         if pending is not None:
             await pending
-        return await asyncio.to_thread(p.done, expected_sha256)
+        return await asyncio.to_thread(p.done)
     except BaseException:
         if pending is not None and not pending.done():
             try:
@@ -514,18 +508,10 @@ class Store:
             (self._root / self._key(r)).unlink(missing_ok=True)
 
 
-def store_for(platform: str) -> Store:
-    from blocks.platform import Platform
-
-    return Store(Platform(platform).backup_store())
-
-
 @task(name="list-offsite-manifests", cache_policy=NONE, timeout_seconds=300, **TRANSIENT_RETRIES)
-async def list_offsite_manifests(platform: str, kind: str) -> list[dict]:
+async def list_offsite_manifests(store: Store, kind: str) -> list[dict]:
     """Every manifest stored off-site for backups of `kind` ('data' or 'config')."""
-    from tasks.gitlab import load_store
-
-    return await asyncio.to_thread(_list_manifests, await load_store(platform), kind)
+    return await asyncio.to_thread(_list_manifests, store, kind)
 
 
 def _list_manifests(store: Store, kind: str) -> list[dict]:
@@ -534,11 +520,9 @@ def _list_manifests(store: Store, kind: str) -> list[dict]:
 
 
 @task(name="delete-offsite-backups", cache_policy=NONE, timeout_seconds=600, **TRANSIENT_RETRIES)
-async def delete_offsite_backups(platform: str, kind: str, backup_ids: list[str]) -> list[str]:
+async def delete_offsite_backups(store: Store, kind: str, backup_ids: list[str]) -> list[str]:
     """Delete whole backups (every object under `<kind>/<id>/`), the manifest last."""
-    from tasks.gitlab import load_store
-
-    return await asyncio.to_thread(_delete_backups, await load_store(platform), kind, backup_ids)
+    return await asyncio.to_thread(_delete_backups, store, kind, backup_ids)
 
 
 def _delete_backups(store: Store, kind: str, backup_ids: list[str]) -> list[str]:
@@ -553,20 +537,14 @@ def _delete_backups(store: Store, kind: str, backup_ids: list[str]) -> list[str]
 
 
 @task(name="write-offsite-manifest", cache_policy=NONE, timeout_seconds=120, **TRANSIENT_RETRIES)
-async def write_offsite_manifest(platform: str, kind: str, backup_id: str, manifest: dict) -> str:
+async def write_offsite_manifest(store: Store, kind: str, backup_id: str, manifest: dict) -> str:
     """The manifest goes last: its presence is what marks an off-site backup complete."""
-    from tasks.gitlab import load_store
-
-    store = await load_store(platform)
     return await asyncio.to_thread(store.write_json, f"{kind}/{backup_id}/manifest.json", manifest)
 
 
 @task(name="read-offsite-manifest", cache_policy=NONE, timeout_seconds=120, **TRANSIENT_RETRIES)
-async def read_offsite_manifest(platform: str, kind: str, backup_id: str) -> dict | None:
+async def read_offsite_manifest(store: Store, kind: str, backup_id: str) -> dict | None:
     """The manifest of one off-site backup, or None when there is none (the backup is not complete there)."""
-    from tasks.gitlab import load_store
-
-    store = await load_store(platform)
     rel = f"{kind}/{backup_id}/manifest.json"
 
     def read() -> dict | None:

@@ -9,7 +9,9 @@ import shutil
 import pytest
 
 from tests.conftest import run_flow_sync
-from tests.test_gitlab_backup import _files, _objects, _root, _s3
+from tests.test_gitlab_backup import _attempts, _files, _objects, _ran, _root, _s3, _task_runs
+
+CREATE = ["gitlab-backup", "create"]
 
 
 def _arm(sb, command: str, kind: str, times: int = 1) -> None:
@@ -21,6 +23,11 @@ def _disarm(sb) -> None:
         f.unlink()
 
 
+def _armed(sb, command: str) -> bool:
+    """Whether a fault is still armed for `command` (the stand-in consumes one per run it fails)."""
+    return (_root(sb) / "faults" / f"{command}.json").exists()
+
+
 def _notices(sb) -> list[dict]:
     from pathlib import Path
 
@@ -29,7 +36,7 @@ def _notices(sb) -> list[dict]:
 
 
 @pytest.fixture
-def snapshot(gitlab_backup_state, gitlab_sandbox):
+def snapshot(gitlab_backup_state, gitlab_sandbox):  # noqa: ARG001 - a backup must exist before
     """Files on the host and objects off-site before the test; asserts afterwards that all survive unchanged."""
     sb = gitlab_sandbox
     files, objects = _files(sb), _objects(sb)
@@ -47,20 +54,27 @@ def _backup(platform):
 
 
 def test_ssh_session_lost_mid_backup_is_retried(snapshot, sandbox_platform):
+    ran = _ran(snapshot, CREATE)
     _arm(snapshot, "gitlab-backup-create", "ssh-drop", times=1)
     state = _backup(sandbox_platform)
     assert state.is_completed(), state.message
-    assert not (_root(snapshot) / "faults" / "gitlab-backup-create.json").exists()  # the fault fired
+    assert not _armed(snapshot, "gitlab-backup-create")  # the stand-in took the fault: it dropped the session
+    assert _ran(snapshot, CREATE) - ran == 2  # the dropped run, then the retry
+    assert _attempts(state, "gitlab-backup-create") == [2]  # one task run, attempted twice
+    assert _attempts(state, "verify-and-copy-offsite") == [1, 1, 1]
 
 
 def test_disk_full_fails_notifies_and_deletes_nothing(snapshot, sandbox_platform):
-    notices = len(_notices(snapshot))
-    _arm(snapshot, "gitlab-backup-create", "disk-full")
+    notices, ran = len(_notices(snapshot)), _ran(snapshot, CREATE)
+    _arm(snapshot, "gitlab-backup-create", "disk-full", times=2)
     state = _backup(sandbox_platform)
     assert state.is_failed() and "No space left on device" in state.message
+    assert _ran(snapshot, CREATE) - ran == 1 and _attempts(state, "gitlab-backup-create") == [1]  # not retried
+    assert _armed(snapshot, "gitlab-backup-create")  # the second armed failure was never reached
     new = _notices(snapshot)[notices:]
-    assert new and "FAILED" in new[-1]["body"]
+    assert len(new) == 1 and "FAILED" in new[0]["body"] and "No space left on device" in new[0]["body"]
     assert not list((_root(snapshot) / "var/opt/gitlab/backups").glob("*.partial"))
+    assert "delete-host-backups" not in _task_runs(state)  # retention never ran
 
 
 def test_corrupt_archive_is_never_copied_offsite(snapshot, sandbox_platform):
@@ -68,16 +82,22 @@ def test_corrupt_archive_is_never_copied_offsite(snapshot, sandbox_platform):
     before = _objects(snapshot)
     state = _backup(sandbox_platform)
     assert state.is_failed() and "truncated" in state.message
-    assert set(_objects(snapshot)) == set(before)  # no partial or unverified upload left behind
+    assert not _armed(snapshot, "gitlab-backup-create")  # the stand-in wrote the short archive
+    assert _attempts(state, "gitlab-backup-create") == [1]
+    assert _attempts(state, "verify-and-copy-offsite") == [1]  # a failed check is not retried
+    assert _objects(snapshot) == before  # no partial or unverified upload left behind
 
 
 def test_truncated_upload_is_detected_and_removed(snapshot, sandbox_platform, monkeypatch):
     from tasks import storage
 
+    truncated: list[int] = []
+
     class TruncatingSink(storage.S3Sink):
-        def _send_part(self, number, data, md5):
+        def _send_part(self, number, data, _md5):
             if number > 1:  # the network lost the end of the last part; S3 stored what arrived
                 data = data[:-100]
+                truncated.append(number)
             return super()._send_part(number, data, hashlib.md5(data).digest())
 
     def sink(self, rel):
@@ -95,12 +115,26 @@ def test_truncated_upload_is_detected_and_removed(snapshot, sandbox_platform, mo
     finally:
         size_file.write_text(str(256 * 1024))
     assert state.is_failed() and "upload was damaged" in state.message
-    assert set(_objects(snapshot)) == set(before)
+    assert truncated == [2]  # the fault fired once: the archive's second (last) part
+    assert _attempts(state, "verify-and-copy-offsite") == [1]  # a damaged copy is not retried
+    assert _objects(snapshot) == before
 
 
-def test_s3_error_fails_without_deleting_anything(snapshot, sandbox_platform):
+@pytest.mark.usefixtures("snapshot")
+def test_s3_error_fails_without_deleting_anything(sandbox_platform, monkeypatch):
     from blocks.connections import BackupStore
+    from tasks import storage
 
+    answers: list[tuple[str, str | None]] = []  # (S3 operation, error code) of every call the store made
+    real_init = storage.Store.__init__
+
+    def recording_init(self, block, timeout_s=60.0):
+        real_init(self, block, timeout_s)
+        if self._client is not None:
+            self._client.meta.events.register("after-call.s3", lambda model, parsed, **_: answers.append(
+                (model.name, parsed.get("Error", {}).get("Code"))))
+
+    monkeypatch.setattr(storage.Store, "__init__", recording_init)
     good = BackupStore.load(sandbox_platform)
     bad = good.model_copy(update={"bucket": "no-such-bucket"})
     bad.save(sandbox_platform, overwrite=True)
@@ -109,17 +143,23 @@ def test_s3_error_fails_without_deleting_anything(snapshot, sandbox_platform):
     finally:
         good.save(sandbox_platform, overwrite=True)
     assert state.is_failed() and "NoSuchBucket" in state.message
+    # the fault fired where the archive was uploaded, once (a 404 is not retried), and nothing was deleted
+    assert answers == [("PutObject", "NoSuchBucket"), ("ListObjectsV2", "NoSuchBucket")]
+    assert _attempts(state, "verify-and-copy-offsite") == [1]
 
 
 def test_missing_secrets_file_fails_preflight(snapshot, sandbox_platform):
     secrets = _root(snapshot) / "etc/gitlab/gitlab-secrets.json"
     aside = secrets.with_name("gitlab-secrets.json.aside")
+    ran = _ran(snapshot, CREATE)
     secrets.rename(aside)
     try:
         state = _backup(sandbox_platform)
     finally:
         aside.rename(secrets)
     assert state.is_failed() and "gitlab-secrets.json is missing" in state.message
+    assert _attempts(state, "gitlab-preflight") == [1]  # a failed check is not retried
+    assert _ran(snapshot, CREATE) == ran  # and no backup was started
 
 
 def test_restore_refuses_an_offsite_copy_with_a_bad_checksum(snapshot, gitlab_backup_state, sandbox_platform):
@@ -141,6 +181,7 @@ def test_restore_refuses_an_offsite_copy_with_a_bad_checksum(snapshot, gitlab_ba
         state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=backup_id, dry_run=False,
                               approval_timeout_s=5, poll_interval_s=1)
         assert state.is_failed() and "corrupt" in state.message
+        assert _attempts(state, "fetch-to-host") == [1]  # a checksum mismatch is not retried
         assert not local.exists() and not local.with_name(name + ".part").exists()
     finally:
         s3.put_object(Bucket="gitlab-backups", Key=key, Body=good)

@@ -161,3 +161,115 @@ def test_drill_comparison_tolerates_only_changes_made_after_the_backup():
     assert c.ok and c.matching == 1 and c.changed_since_backup == ["b"]
     bad = compare_restore(2, 2, [prod[0].model_copy(update={"last_commit": "x"})], restored, t)
     assert not bad.ok and bad.mismatched == ["a"]
+
+
+# --- redaction of remote output, the store without GitLab ------------------------------------------
+
+
+class _Lines:
+    def __init__(self, lines):
+        self._lines = iter(lines)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return next(self._lines) + "\n"
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+class _Conn:
+    """An SSH connection stand-in: runs nothing, answers with the given output and exit status."""
+
+    def __init__(self, stdout, stderr, status):
+        self.out, self.err, self.status, self.commands = stdout, stderr, status, []
+
+    async def create_process(self, command, **_):
+        from types import SimpleNamespace
+
+        self.commands.append(command)
+
+        async def wait(check=False):  # noqa: ARG001 - asyncssh's signature
+            return SimpleNamespace(exit_status=self.status, exit_signal=None)
+
+        return SimpleNamespace(stdout=_Lines(self.out), stderr=_Lines(self.err), wait=wait)
+
+
+SECRET = "hunter2-is-the-db-password"
+OUT = [f"connecting with {SECRET}", "Dumping database ... done"]
+ERR = ["PRIVATE-TOKEN: glpat-abcdefghijklmnopqrst refused", f"rake aborted! password {SECRET}"]
+
+
+@pytest.mark.parametrize("redact", [[SECRET], "redactor"])
+def test_run_command_redacts_every_streamed_kept_and_error_line(redact, caplog):
+    import asyncio
+    import logging
+
+    from tasks.redact import Redactor
+    from tasks.ssh import RemoteCommandError, run_command
+
+    redact = Redactor.of([SECRET]) if redact == "redactor" else redact
+    logger = logging.getLogger("test-ssh-redaction")
+    conn = _Conn(OUT, ERR, 1)
+    with caplog.at_level(logging.INFO, logger=logger.name), pytest.raises(RemoteCommandError) as failed:
+        asyncio.run(run_command(conn, ["echo", SECRET], logger=logger, redact=redact))
+    assert conn.commands == [f"echo {SECRET}"]  # the host got the real command
+    logged = caplog.text
+    assert "$ echo ***" in logged and "connecting with ***" in logged and "Dumping database ... done" in logged
+    assert "PRIVATE-TOKEN: ***" in logged
+    error = failed.value
+    assert error.tail == ["connecting with ***", "Dumping database ... done", "PRIVATE-TOKEN: *** refused",
+                          "rake aborted! password ***"]
+    for text in (logged, str(error), " ".join(error.argv)):
+        assert SECRET not in text and "glpat-abcdefghijklmnopqrst" not in text
+
+    ok = asyncio.run(run_command(_Conn(OUT, [], 0), ["true"], redact=redact))
+    assert ok.stdout == ["connecting with ***", "Dumping database ... done"]
+
+
+def test_the_generic_store_does_not_know_gitlab_and_tasks_load_no_blocks():
+    import ast
+
+    from tests.conftest import REPO
+
+    def imports(path: str) -> set[str]:
+        tree = ast.parse((REPO / path).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert not {m for m in imports("tasks/storage.py") if "gitlab" in m or m.startswith("blocks")}
+    for path in ("tasks/gitlab.py", "tasks/ssh.py", "tasks/storage.py"):
+        assert "blocks.platform" not in imports(path), path
+
+
+def test_offsite_manifest_tasks_work_on_the_store_they_are_given(tmp_path):
+    import asyncio
+
+    from blocks.connections import BackupStore
+    from tasks.storage import (
+        Store,
+        delete_offsite_backups,
+        list_offsite_manifests,
+        read_offsite_manifest,
+        write_offsite_manifest,
+    )
+
+    store = Store(BackupStore(kind="local", path=str(tmp_path), prefix="gitlab/"))
+    (tmp_path / "gitlab/data/b1").mkdir(parents=True)
+    (tmp_path / "gitlab/data/b1/archive.tar").write_bytes(b"x" * 10)
+
+    async def scenario():
+        for backup_id in ("b1", "b2"):
+            await write_offsite_manifest.fn(store, "data", backup_id, {"id": backup_id})
+        listed = sorted(m["id"] for m in await list_offsite_manifests.fn(store, "data"))
+        deleted = await delete_offsite_backups.fn(store, "data", ["b1"])
+        return listed, sorted(deleted), await read_offsite_manifest.fn(store, "data", "b1"), \
+            await read_offsite_manifest.fn(store, "data", "b2")
+
+    listed, deleted, gone, kept = asyncio.run(scenario())
+    assert listed == ["b1", "b2"]
+    assert deleted == ["data/b1/archive.tar", "data/b1/manifest.json"]
+    assert gone is None and kept == {"id": "b2"}
+    assert sorted(p.name for p in (tmp_path / "gitlab/data").rglob("*") if p.is_file()) == ["manifest.json"]

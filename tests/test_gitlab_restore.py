@@ -9,16 +9,11 @@ import time
 import pytest
 
 from tests.conftest import run_flow_sync
-from tests.test_gitlab_backup import _files, _root
+from tests.test_gitlab_backup import _attempts, _commands, _files, _root, _tree
 
 
 def _projects(sb, name="production") -> list[dict]:
     return json.loads((_root(sb, name) / "var/opt/gitlab/state/projects.json").read_text())
-
-
-def _commands(sb, name="production") -> list[list[str]]:
-    log = _root(sb, name) / "var/opt/gitlab/state/commands.log"
-    return [json.loads(line)["argv"] for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def _paused_run_id(flow_name: str, timeout_s: float = 60):
@@ -26,7 +21,12 @@ def _paused_run_id(flow_name: str, timeout_s: float = 60):
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType)
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     async def find():
@@ -56,18 +56,19 @@ def test_dry_run_reports_the_plan_and_changes_nothing(gitlab_backup_state, gitla
     from flows.gitlab_restore import gitlab_restore
 
     backup_id = gitlab_backup_state.result()["backup_id"]
-    before = _files(gitlab_sandbox)
+    before = _tree(gitlab_sandbox)
     state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=backup_id)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["dry_run"] and f"gitlab-backup restore BACKUP={backup_id} force=yes" in result["plan"]
-    assert _files(gitlab_sandbox) == before
-    assert not any(c[:2] == ["gitlab-backup", "restore"] for c in _commands(gitlab_sandbox))
+    assert [r["step"] for r in result["steps"]] == ["find manifest", "preflight"]
+    assert _tree(gitlab_sandbox) == before  # every file's content, the command log included
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "1717000000_2024_05_29_17.0.1-ee; rm -rf /",
                                  "1717000000_2024_05_29_17.0.1-ee/../x", "", "latest"])
-def test_restore_rejects_anything_but_a_gitlab_backup_id(bad, gitlab_sandbox, sandbox_platform):
+@pytest.mark.usefixtures("gitlab_sandbox")
+def test_restore_rejects_anything_but_a_gitlab_backup_id(bad, sandbox_platform):
     from flows.gitlab_restore import gitlab_restore
 
     state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=bad, dry_run=False)
@@ -79,26 +80,46 @@ def test_restore_refuses_a_different_installed_version(gitlab_backup_state, gitl
 
     manifest = _root(gitlab_sandbox) / "opt/gitlab/version-manifest.txt"
     original = manifest.read_text()
+    before = _tree(gitlab_sandbox)
     manifest.write_text("gitlab-ee 17.0.2\n")
-    before = _files(gitlab_sandbox)
     try:
         state = run_flow_sync(gitlab_restore, platform=sandbox_platform,
                               backup_id=gitlab_backup_state.result()["backup_id"], dry_run=False)
     finally:
         manifest.write_text(original)
     assert state.is_failed() and "only restores onto the same version" in state.message
-    assert _files(gitlab_sandbox) == before
+    assert _tree(gitlab_sandbox) == before
 
 
 def test_restore_without_approval_changes_nothing(gitlab_backup_state, gitlab_sandbox, sandbox_platform):
     from flows.gitlab_restore import gitlab_restore
 
-    before, projects = _files(gitlab_sandbox), _projects(gitlab_sandbox)
-    state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=gitlab_backup_state.result()["backup_id"],
-                          dry_run=False, approval_timeout_s=2, poll_interval_s=1)
+    before = _tree(gitlab_sandbox)
+    state = run_flow_sync(gitlab_restore, platform=sandbox_platform,
+                          backup_id=gitlab_backup_state.result()["backup_id"], dry_run=False, approval_timeout_s=2,
+                          poll_interval_s=1)
     assert state.is_failed() and "never resumed" in state.message
-    assert _files(gitlab_sandbox) == before and _projects(gitlab_sandbox) == projects
-    assert not any(c[:2] in (["gitlab-backup", "restore"], ["gitlab-ctl", "stop"]) for c in _commands(gitlab_sandbox))
+    assert _tree(gitlab_sandbox) == before  # no command ran, no file changed
+
+
+def test_declined_restore_records_who_declined_and_changes_nothing(gitlab_backup_state, gitlab_sandbox,
+                                                                    sandbox_platform):
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.gitlab_restore import gitlab_restore
+
+    before = _tree(gitlab_sandbox)
+    t, box = _run_in_thread(gitlab_restore, platform=sandbox_platform,
+                            backup_id=gitlab_backup_state.result()["backup_id"], dry_run=False, poll_interval_s=1,
+                            approval_timeout_s=120)
+    resume_flow_run(_paused_run_id("gitlab-restore"), run_input={"approve": False, "approver": " bob "})
+    t.join(120)
+    state = box["state"]
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert (result["approved"], result["approver"]) == (False, "bob")
+    assert result["steps"][-1] == {"step": "approval", "status": "skipped", "seconds": 0, "detail": "declined by bob"}
+    assert _tree(gitlab_sandbox) == before
 
 
 def test_restore_with_approval_restores_data_and_runs_gitlab_check(gitlab_backup_state, gitlab_sandbox,
@@ -113,7 +134,7 @@ def test_restore_with_approval_restores_data_and_runs_gitlab_check(gitlab_backup
     changed = [dict(p, last_commit="f" * 40) for p in backed_up] + [dict(backed_up[0], id=999, name="late")]
     state_file = _root(sb) / "var/opt/gitlab/state/projects.json"
     state_file.write_text(json.dumps(changed))  # work done after the backup: the restore rolls it back
-    before = set(_files(sb))
+    before = _files(sb)
     t, box = _run_in_thread(gitlab_restore, platform=sandbox_platform, backup_id=backup_id, dry_run=False,
                             poll_interval_s=1, approval_timeout_s=120)
     resume_flow_run(_paused_run_id("gitlab-restore"), run_input={"approve": True, "approver": "alice"})
@@ -130,19 +151,20 @@ def test_restore_with_approval_restores_data_and_runs_gitlab_check(gitlab_backup
         ["gitlab-backup", "restore", f"BACKUP={backup_id}", "force=yes"])
     assert i_stop < i_restore
     after = _files(sb)
-    assert before <= set(after)  # nothing lost; the safety backup was added
+    assert before.items() <= after.items()  # no backup file lost or changed; the safety backup was added
+    assert _attempts(state, "gitlab-backup-create") == [1]  # the safety backup
     safety = _root(sb) / "var/opt/gitlab/backups" / f"{result['safety_backup']}_gitlab_backup.tar"
     assert safety.exists() and json.loads(safety.with_name(
         f"{result['safety_backup']}_gitlab_backup.manifest.json").read_text())["safety"]
     assert result["health"]["ready"] and result["health"]["projects"] == len(backed_up)
 
 
-def test_drill_restores_newest_backup_on_scratch_and_reports_rto_rpo(gitlab_backup_state, gitlab_sandbox,
-                                                                      sandbox_platform):
+@pytest.mark.usefixtures("gitlab_backup_state")
+def test_drill_restores_newest_backup_on_scratch_and_reports_rto_rpo(gitlab_sandbox, sandbox_platform):
     from flows.gitlab_restore import gitlab_restore_drill
 
     sb = gitlab_sandbox
-    prod_before = _files(sb)
+    prod_before = _tree(sb)
     state = run_flow_sync(gitlab_restore_drill, platform=sandbox_platform)
     assert state.is_completed(), state.message
     result = state.result()
@@ -150,6 +172,7 @@ def test_drill_restores_newest_backup_on_scratch_and_reports_rto_rpo(gitlab_back
     assert result["comparison"]["matching"] == result["comparison"]["sampled"] > 0
     assert _projects(sb, "scratch") == _projects(sb)
     assert ["gitlab-rake", "gitlab:check", "SANITIZE=true"] in _commands(sb, "scratch")
-    assert set(prod_before) <= set(_files(sb))  # production untouched
+    assert _tree(sb) == prod_before  # production untouched: every file's content, its command log included
     secrets = _root(sb, "scratch") / "etc/gitlab/gitlab-secrets.json"
-    assert sb.extra["gitlab_secret_production"] in secrets.read_text()  # production's secrets came with it
+    # production's secrets came with it
+    assert sb.secret("gitlab_secret_production", env=False) in secrets.read_text()
