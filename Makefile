@@ -9,6 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 install:
 	bash scripts/install.sh
 
+# Ctrl-C, SIGTERM or SIGHUP stop everything the demo started (make passes them on and waits).
 demo: install
 	$(PY) -m scripts.demo
 
@@ -24,6 +25,9 @@ sandbox-up: install
 sandbox-down:
 	$(PY) -m sandbox down
 
+# Stops what an earlier demo (even one killed with SIGKILL) or `make sandbox-up` left running, by the
+# pid files and sandbox state they recorded, then removes their directories.
 clean:
+	-$(PY) -m scripts.demo --stop
 	-$(PY) -m sandbox down
 	rm -rf .demo sandbox/.state

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 def _print_status(sb: Sandbox) -> None:
     print(f"  kubeconfig:    {sb.kubeconfig}")
     print(f"  platform.yaml: {sb.platform_yaml}")
+    if sb.secrets:
+        print(f"  secrets:       {sb.state_dir / 'secrets'}/ ({', '.join(sorted(sb.secrets))})")
     for name, url in sb.urls.items():
         print(f"  {name + ':':14} {url}")
     for name, info in sb.processes.items():

@@ -1,6 +1,6 @@
 """A stand-in Argo Server on loopback: Argo's ``/api/v1/workflows`` endpoints, with scripted runs.
 
-    python -m sandbox.argo --port P [--token-env SANDBOX_ARGO_TOKEN] [--tick 0.2]
+    python -m sandbox.argo --port P [--token-file SECRETS/SANDBOX_ARGO_TOKEN] [--tick 0.2]
 
 Answers as the Argo Server does (JSON bodies, gRPC-gateway errors ``{"code", "message"}``):
 
@@ -28,16 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import socket
 import threading
 import time
 from datetime import datetime, timezone
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from sandbox._common import PYTHON, SandboxLike, free_port, http_ok, wait_for
 from sandbox._http import JSONHandler
+
+TOKEN_ENV = "SANDBOX_ARGO_TOKEN"
 
 SCENARIO_LABEL = "sandbox/scenario"
 STOP_LABEL = "sandbox/stop"
@@ -423,14 +426,27 @@ def serve(port: int, token: str | None, tick: float, validate: bool = True) -> T
     return server
 
 
+def start_argo(sb: SandboxLike) -> None:
+    """Sandbox component: the Argo stand-in, and the platform config's `argo` section (token by reference)."""
+    sb.secret(TOKEN_ENV)
+    port = free_port()
+    tick = os.environ.get("SANDBOX_ARGO_TICK", "0.5")
+    proc = sb.spawn("argo", [PYTHON, "-m", "sandbox.argo", "--port", str(port), "--token-file", str(sb.secret_file(TOKEN_ENV)),
+                             "--tick", tick])
+    sb.urls["argo"] = f"http://127.0.0.1:{port}"
+    wait_for(http_ok(f"{sb.urls['argo']}/control/health"), "argo stand-in", 30, proc, sb.log_of("argo"))
+    sb.config["argo"] = {"url": sb.urls["argo"], "namespace": "argo-job", "token": {"env": TOKEN_ENV},
+                         "verify_tls": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandbox.argo", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token")
+    parser.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token (none: no auth)")
     parser.add_argument("--tick", type=float, default=0.3, help="seconds per workflow step")
     parser.add_argument("--no-validate", action="store_true", help="do not check workflows against the schema")
     args = parser.parse_args(argv)
-    token = os.environ.get(args.token_env) if args.token_env else None
+    token = args.token_file.read_text().strip() if args.token_file else None
     server = serve(args.port, token, args.tick, not args.no_validate)
     try:
         server.serve_forever(poll_interval=0.2)
@@ -442,17 +458,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-def start_argo(sb) -> None:
-    """Sandbox component: the Argo stand-in, and the platform config's `argo` section (token by reference)."""
-    from sandbox.platform import PYTHON, free_port, http_ok, wait_for
-
-    os.environ.setdefault("SANDBOX_ARGO_TOKEN", secrets.token_urlsafe(24))  # a fresh token per sandbox, never a literal
-    port = free_port()
-    tick = os.environ.get("SANDBOX_ARGO_TICK", "0.5")
-    proc = sb.spawn("argo", [PYTHON, "-m", "sandbox.argo", "--port", str(port), "--token-env", "SANDBOX_ARGO_TOKEN",
-                             "--tick", tick])
-    sb.urls["argo"] = f"http://127.0.0.1:{port}"
-    wait_for(http_ok(f"{sb.urls['argo']}/control/health"), "argo stand-in", 30, proc, sb.log_of("argo"))
-    sb.config["argo"] = {"url": sb.urls["argo"], "namespace": "argo-job", "token": {"env": "SANDBOX_ARGO_TOKEN"},
-                         "verify_tls": False}

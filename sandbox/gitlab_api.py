@@ -1,6 +1,6 @@
 """GitLab API stand-in: the `/api/v4` endpoints the flows use, answered from a GitLab host root.
 
-    python -m sandbox.gitlab_api --port P --root HOST_ROOT --token-env SANDBOX_GITLAB_TOKEN
+    python -m sandbox.gitlab_api --port P --root HOST_ROOT --token-file SECRETS/SANDBOX_GITLAB_TOKEN
 
 Reads `var/opt/gitlab/state/projects.json` and `services.json` and `opt/gitlab/version-manifest.txt`
 under the host root on every request, so a `gitlab-backup restore` on the host (which rewrites
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -117,9 +116,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--token-env", required=True)
+    parser.add_argument("--token-file", type=Path, required=True, help="file holding the accepted token")
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args.root, os.environ[args.token_env]))
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args.root, args.token_file.read_text().strip()))
     server.daemon_threads = True
     server.serve_forever()
 

@@ -1,6 +1,6 @@
 """A stand-in for the GitLab API endpoints the training flows use, on loopback.
 
-    python -m sandbox.gitlab_ci_api --port P --token-env SANDBOX_GITLAB_CI_TOKEN
+    python -m sandbox.gitlab_ci_api --port P --token-file SECRETS/SANDBOX_GITLAB_CI_TOKEN
 
 Separate from `sandbox.gitlab_api` (the backup lifecycle's stand-in, answered from a GitLab host's
 files): this one keeps repositories, commit statuses and notes in memory. Endpoints, as GitLab
@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import threading
 from datetime import datetime, timezone
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+from sandbox._common import PYTHON, SandboxLike, free_port, http_ok, wait_for
 from sandbox._http import JSONHandler
+
+TOKEN_ENV = "SANDBOX_GITLAB_CI_TOKEN"
 
 STATES = ("pending", "running", "success", "failed", "canceled", "skipped")
 FINAL = {"success", "failed", "canceled", "skipped"}
@@ -210,34 +212,33 @@ def serve(port: int, token: str) -> ThreadingHTTPServer:
     return server
 
 
+def start_gitlab_ci_api(sb: SandboxLike) -> None:
+    """Sandbox component: this stand-in, at ``sb.urls["gitlab_ci_api"]``.
+
+    The platform config's `gitlab` section belongs to the backup lifecycle's stand-ins; it is
+    filled here only when no component has filled it (then `gitlab.api_url` is this server).
+    """
+    sb.secret(TOKEN_ENV)
+    port = free_port()
+    proc = sb.spawn("gitlab-ci-api", [PYTHON, "-m", "sandbox.gitlab_ci_api", "--port", str(port),
+                                      "--token-file", str(sb.secret_file(TOKEN_ENV))])
+    sb.urls["gitlab_ci_api"] = f"http://127.0.0.1:{port}"
+    wait_for(http_ok(f"{sb.urls['gitlab_ci_api']}/control/health"), "GitLab CI API stand-in", 30, proc,
+             sb.log_of("gitlab-ci-api"))
+    if "gitlab" not in sb.config:
+        sb.config["gitlab"] = {"api_url": sb.urls["gitlab_ci_api"], "token": {"env": TOKEN_ENV},
+                               "ssh": {"host": "127.0.0.1"}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandbox.gitlab_ci_api", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--token-env", required=True)
+    parser.add_argument("--token-file", type=Path, required=True, help="file holding the accepted token")
     args = parser.parse_args(argv)
-    serve(args.port, os.environ[args.token_env]).serve_forever(poll_interval=0.2)
+    serve(args.port, args.token_file.read_text().strip()).serve_forever(poll_interval=0.2)
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-def start_gitlab_ci_api(sb) -> None:
-    """Sandbox component: this stand-in, at ``sb.urls["gitlab_ci_api"]``.
-
-    The platform config's `gitlab` section belongs to the backup lifecycle's stand-ins; it is
-    filled here only when no component has filled it (then `gitlab.api_url` is this server).
-    """
-    from sandbox.platform import PYTHON, free_port, http_ok, wait_for
-
-    os.environ.setdefault("SANDBOX_GITLAB_CI_TOKEN", secrets.token_urlsafe(24))  # a fresh token per sandbox, never a literal
-    port = free_port()
-    proc = sb.spawn("gitlab-ci-api", [PYTHON, "-m", "sandbox.gitlab_ci_api", "--port", str(port),
-                                      "--token-env", "SANDBOX_GITLAB_CI_TOKEN"])
-    sb.urls["gitlab_ci_api"] = f"http://127.0.0.1:{port}"
-    wait_for(http_ok(f"{sb.urls['gitlab_ci_api']}/control/health"), "GitLab CI API stand-in", 30, proc,
-             sb.log_of("gitlab-ci-api"))
-    if "gitlab" not in sb.config:
-        sb.config["gitlab"] = {"api_url": sb.urls["gitlab_ci_api"], "token": {"env": "SANDBOX_GITLAB_CI_TOKEN"},
-                               "ssh": {"host": "127.0.0.1"}}

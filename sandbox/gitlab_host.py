@@ -3,7 +3,8 @@
 host root in the sandbox state dir.
 
 Key-only auth as root (the current user), a generated host key pinned in a known_hosts file, a
-generated client key referenced by path from platform.yaml. `start_gitlab(sb)` starts the
+generated client key kept with the stand-in secrets (``<state>/secrets``) and referenced by path
+from platform.yaml; the API tokens are stand-in secrets referenced as ``{env: NAME}``. `start_gitlab(sb)` starts the
 production host and a scratch host (for the restore drill), each with its API stand-in
 (`sandbox/gitlab_api.py`) reading the same host root, and fills `sb.config["gitlab"]`.
 """
@@ -12,17 +13,25 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import socket
 import sys
 from pathlib import Path
 
-from sandbox.platform import Sandbox, free_port, http_ok, require_binary, wait_for
+from sandbox._common import (
+    SandboxLike,
+    free_port,
+    http_ok,
+    require_binary,
+    secrets_dir,
+    tcp_banner,
+    wait_for,
+    write_secret_file,
+)
 
 SCRIPTS = Path(__file__).resolve().parent / "gitlab_scripts"
 VERSION = "17.0.1"
 EDITION = "ee"
 TOKEN_ENV = "SANDBOX_GITLAB_TOKEN"
+CLIENT_KEY = "gitlab_client_ed25519"
 SCRATCH_TOKEN_ENV = "SANDBOX_GITLAB_SCRATCH_TOKEN"
 
 
@@ -36,7 +45,7 @@ def seed_projects(count: int, salt: str) -> list[dict]:
     } for i in range(1, count + 1)]
 
 
-def host_root(sb: Sandbox, name: str) -> Path:
+def host_root(sb: SandboxLike, name: str) -> Path:
     return sb.state_dir / "gitlab" / name / "root"
 
 
@@ -64,31 +73,32 @@ def init_host_root(root: Path, projects: list[dict], secret: str, version: str =
             "secrets_file": str(secrets_file)}
 
 
-def _keys(sb: Sandbox) -> tuple[Path, str]:
+def _keys(sb: SandboxLike) -> tuple[Path, str]:
     """The client key pair shared by both hosts: (private key path, public key line)."""
     import asyncssh
 
-    key_path = sb.path("gitlab", "client_ed25519")
-    if not key_path.exists():
+    key_path = secrets_dir(sb.state_dir) / CLIENT_KEY
+    public = sb.path("gitlab", f"{CLIENT_KEY}.pub")
+    if not key_path.exists() or not public.exists():
         key = asyncssh.generate_private_key("ssh-ed25519", comment="ai-platform-ops-sandbox")
-        key.write_private_key(str(key_path))
-        os.chmod(key_path, 0o600)
-        key.write_public_key(str(key_path) + ".pub")
-    return key_path, Path(str(key_path) + ".pub").read_text().strip()
+        write_secret_file(key_path, key.export_private_key())
+        key.write_public_key(str(public))
+    sb.secrets[CLIENT_KEY] = str(key_path)
+    return key_path, public.read_text().strip()
 
 
-def start_sshd(sb: Sandbox, name: str, root: Path, public_key: str) -> tuple[int, Path]:
+def start_sshd(sb: SandboxLike, name: str, root: Path, public_key: str) -> tuple[int, Path]:
     """sshd on 127.0.0.1:<free port> for host `name`; returns (port, known_hosts path)."""
     import asyncssh
 
     sshd = require_binary("sshd", "openssh-server")
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     d = sb.path("gitlab", name, "sshd", "x").parent
+    os.chmod(d, 0o700)  # the emulated host's own keys: sshd refuses a host key others can read
     host_key = d / "ssh_host_ed25519_key"
     if not host_key.exists():
         key = asyncssh.generate_private_key("ssh-ed25519")
-        key.write_private_key(str(host_key))
-        os.chmod(host_key, 0o600)
+        write_secret_file(host_key, key.export_private_key())
         key.write_public_key(str(host_key) + ".pub")
     authorized = d / "authorized_keys"
     authorized.write_text(public_key + "\n")
@@ -106,51 +116,34 @@ def start_sshd(sb: Sandbox, name: str, root: Path, public_key: str) -> tuple[int
         f"SetEnv PATH={path} GITLAB_SANDBOX_ROOT={root} GITLAB_SANDBOX_PYTHON={sys.executable}", "",
     ]))
     proc = sb.spawn(f"sshd-{name}", [sshd, "-D", "-e", "-f", str(config)])
-
-    def listening() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            return s.recv(64).startswith(b"SSH-")
-
-    wait_for(listening, f"sshd for GitLab host {name}", 20, proc, sb.log_of(f"sshd-{name}"))
+    wait_for(tcp_banner(port, b"SSH-"), f"sshd for GitLab host {name}", 20, proc, sb.log_of(f"sshd-{name}"))
     known_hosts = d / "known_hosts"
     key_type, key_b64 = Path(str(host_key) + ".pub").read_text().split()[:2]
     known_hosts.write_text(f"[127.0.0.1]:{port} {key_type} {key_b64}\n")
     return port, known_hosts
 
 
-def start_api(sb: Sandbox, name: str, root: Path, token_env: str) -> str:
+def start_api(sb: SandboxLike, name: str, root: Path, token_env: str) -> str:
     port = free_port()
     proc = sb.spawn(f"gitlab-api-{name}", [sys.executable, "-m", "sandbox.gitlab_api", "--port", str(port),
-                                           "--root", str(root), "--token-env", token_env],
+                                           "--root", str(root), "--token-file", str(sb.secret_file(token_env))],
                     cwd=Path(__file__).resolve().parent.parent)
     url = f"http://127.0.0.1:{port}"
     wait_for(http_ok(f"{url}/-/readiness"), f"GitLab API stand-in {name}", 20, proc, sb.log_of(f"gitlab-api-{name}"))
     return url
 
 
-def _token(sb: Sandbox, env: str) -> str:
-    value = os.environ.get(env) or sb.extra.get("env", {}).get(env) or f"glpat-{secrets.token_urlsafe(15)}"
-    os.environ[env] = value
-    sb.extra.setdefault("env", {})[env] = value
-    env_file = sb.path("env")
-    lines = [ln for ln in (env_file.read_text().splitlines() if env_file.exists() else [])
-             if not ln.startswith(f"{env}=")]
-    env_file.write_text("\n".join(lines + [f"{env}={value}"]) + "\n")
-    os.chmod(env_file, 0o600)
-    return value
-
-
-def start_gitlab(sb: Sandbox) -> None:
+def start_gitlab(sb: SandboxLike) -> None:
     """Production and scratch GitLab hosts (sshd + API stand-in each), and the `gitlab` config section."""
     key_path, public_key = _keys(sb)
     hosts = {}
     for name, projects, token_env in (("production", seed_projects(12, "prod"), TOKEN_ENV),
                                       ("scratch", seed_projects(2, "scratch"), SCRATCH_TOKEN_ENV)):
         root = host_root(sb, name)
-        secret = sb.extra.setdefault("gitlab_secret_" + name, secrets.token_hex(16))
-        paths = init_host_root(root, projects, secret)
+        # the host's own gitlab-secrets.json (what a backup must carry); read it with sb.secret("gitlab_secret_NAME")
+        paths = init_host_root(root, projects, sb.secret(f"gitlab_secret_{name}", env=False))
         port, known_hosts = start_sshd(sb, name, root, public_key)
-        _token(sb, token_env)
+        sb.secret(token_env, prefix="glpat-")
         api_url = start_api(sb, name, root, token_env)
         sb.urls[f"gitlab-{name}"] = api_url
         sb.extra[f"gitlab_root_{name}"] = str(root)

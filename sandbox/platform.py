@@ -6,6 +6,11 @@ every process it starts (PID, argv) in ``state.json``, and writes ``kubeconfig``
 those PIDs. Components are plain functions ``start(sb: Sandbox) -> None`` that call
 `sb.spawn(...)` and fill in their section of `sb.config`; a later lifecycle adds its stand-ins
 (sshd GitLab host, registry, S3, Argo, GitLab API) by appending its function to `COMPONENTS`.
+
+Components take their helpers (ports, waits, probes) from the leaf module `sandbox._common`, never
+from here, and their secrets from `sb.secret(NAME)`: made once per `up`, kept in
+``<state>/secrets/NAME`` (0600, folder 0700), referenced by path in ``state.json`` and as
+``{env: NAME}`` in ``platform.yaml``.
 """
 
 from __future__ import annotations
@@ -13,60 +18,36 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import yaml
 
+# The helpers live in the leaf module `sandbox._common`; they are re-exported here for the importers
+# outside the sandbox (tests/, benchmarks/) that know them by this module.
+from sandbox._common import (  # noqa: F401 - re-exported
+    PYTHON,
+    SECRETS_DIR,
+    SandboxError,
+    free_port,
+    holding_stop_signals,
+    http_ok,
+    pid_alive,
+    process_record,
+    require_binary,
+    spawn,
+    stand_in_secret,
+    stop_process,
+    wait_for,
+)
 from sandbox.cluster import gpu_node_count
 
 DEFAULT_STATE_DIR = Path(__file__).resolve().parent / ".state"
-PYTHON = sys.executable
-
-
-class SandboxError(RuntimeError):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None,
-             log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-2000:] if log and log.exists() else ""
-            raise SandboxError(f"{what} exited with code {proc.returncode} while starting:\n{tail}")
-        try:
-            if check():
-                return
-        except (OSError, httpx.HTTPError):
-            pass
-        time.sleep(0.1)
-    tail = log.read_text()[-2000:] if log and log.exists() else ""
-    raise SandboxError(f"{what} was not ready within {timeout_s:.0f}s\n{tail}")
-
-
-def http_ok(url: str) -> Callable[[], bool]:
-    return lambda: httpx.get(url, timeout=2.0).status_code < 500
-
-
-def require_binary(name: str, package: str) -> str:
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
-    if not path:
-        raise SandboxError(f"{name} not found: install the Debian package {package!r} (make install does)")
-    return path
+KUBE_TOKEN = "SANDBOX_KUBE_TOKEN"
 
 
 @dataclass
@@ -80,6 +61,7 @@ class Sandbox:
     urls: dict[str, str] = field(default_factory=dict)
     processes: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)  # name -> file under <state>/secrets (never the value)
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -106,15 +88,10 @@ class Sandbox:
               cwd: Path | None = None) -> subprocess.Popen:
         """Start a component process (its own session, output to logs/NAME.log) and record its PID."""
         log = self.path("logs", f"{name}.log")
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
-                cwd=str(cwd) if cwd else None, start_new_session=True,
-            )
-        self.processes[name] = {"pid": proc.pid, "argv": argv, "log": str(log)}
-        self._save()
+        with holding_stop_signals():
+            proc = spawn(argv, log, env={**os.environ, **(env or {})}, cwd=cwd)
+            self.processes[name] = process_record(proc, argv, log)
+            self._save()
         return proc
 
     def log_of(self, name: str) -> Path:
@@ -123,8 +100,28 @@ class Sandbox:
     def stop_process(self, name: str, timeout_s: float = 5.0) -> None:
         info = self.processes.pop(name, None)
         if info:
-            _kill(info["pid"], timeout_s)
+            stop_process(info["pid"], info.get("start"), timeout_s)
         self._save()
+
+    # -- stand-in secrets --------------------------------------------------------------------
+
+    def secret(self, name: str, *, prefix: str = "", env: bool = True) -> str:
+        """The stand-in secret `name` (made once per state dir, kept in ``secrets/<name>``, mode 0600).
+
+        With `env`, it is also put in this process' environment under `name`, where the platform
+        config's ``{env: name}`` reference finds it (blocks.load, the tests); the demo reads the files
+        for its children (`sandbox._common.read_secrets`). state.json records the file, not the value.
+        """
+        value, path = stand_in_secret(self.state_dir, name, prefix)
+        self.secrets[name] = str(path)
+        if env:
+            os.environ[name] = value
+        return value
+
+    def secret_file(self, name: str) -> Path:
+        """The file holding secret `name` (made on first use), for stand-ins started with ``--token-file``."""
+        self.secret(name, env=False)
+        return Path(self.secrets[name])
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -136,6 +133,7 @@ class Sandbox:
                 raise SandboxError(f"a sandbox is already running from {self.state_dir}; run `python -m sandbox down`")
             existing.down()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.state_dir / SECRETS_DIR, ignore_errors=True)  # fresh stand-in secrets for each up
         if self.gpu_nodes is None:
             self.gpu_nodes = gpu_node_count(self.nodes)
         if self.scrape_interval_s is None:
@@ -155,23 +153,23 @@ class Sandbox:
     def down(self) -> list[int]:
         stopped = []
         for name in reversed(list(self.processes)):
-            pid = self.processes[name]["pid"]
-            if _kill(pid):
-                stopped.append(pid)
+            info = self.processes[name]
+            if stop_process(info["pid"], info.get("start")):
+                stopped.append(info["pid"])
         self.processes = {}
         if self.state_file.exists():
             self.state_file.unlink()
         return stopped
 
     def alive(self) -> bool:
-        return any(_pid_alive(p["pid"]) for p in self.processes.values())
+        return any(pid_alive(p["pid"], p.get("start")) for p in self.processes.values())
 
     def _save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {
             "nodes": self.nodes, "gpu_nodes": self.gpu_nodes, "profile": self.profile,
             "scrape_interval_s": self.scrape_interval_s, "urls": self.urls, "processes": self.processes,
-            "extra": self.extra, "config": self.config,
+            "extra": self.extra, "config": self.config, "secrets": self.secrets,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -185,7 +183,8 @@ class Sandbox:
         state = json.loads(state_file.read_text())
         return cls(state_dir=Path(state_dir), nodes=state["nodes"], gpu_nodes=state["gpu_nodes"],
                    profile=state["profile"], scrape_interval_s=state["scrape_interval_s"], urls=state["urls"],
-                   processes=state["processes"], extra=state.get("extra", {}), config=state.get("config", {}))
+                   processes=state["processes"], extra=state.get("extra", {}), config=state.get("config", {}),
+                   secrets=state.get("secrets", {}))
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -214,44 +213,6 @@ class Sandbox:
         httpx.post(f"{self.urls['control']}/control/reset", timeout=30).raise_for_status()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie of ours is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _kill(pid: int, timeout_s: float = 5.0) -> bool:
-    """SIGTERM the process group, then SIGKILL after `timeout_s`. True if something was running."""
-    if not _pid_alive(pid):
-        return False
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                return True
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            if not _pid_alive(pid):
-                return True
-            time.sleep(0.05)
-    return True
-
-
 # -- the core components -------------------------------------------------------------------
 
 
@@ -268,7 +229,7 @@ def start_core(sb: Sandbox) -> None:
     sb.kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "sandbox",
         "clusters": [{"name": "sandbox", "cluster": {"server": sb.urls["kube"]}}],
-        "users": [{"name": "sandbox-admin", "user": {"token": "sandbox-token"}}],
+        "users": [{"name": "sandbox-admin", "user": {"tokenFile": str(sb.secret_file(KUBE_TOKEN))}}],
         "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "sandbox-admin"}}],
     }, sort_keys=False))
     sb.config["clusters"] = [{

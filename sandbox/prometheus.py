@@ -13,12 +13,12 @@ from pathlib import Path
 import httpx
 import yaml
 
-from sandbox.platform import Sandbox, free_port, http_ok, require_binary, wait_for
+from sandbox._common import SandboxLike, free_port, http_ok, require_binary, wait_for
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "configs" / "prometheus"
 
 
-def write_config(sb: Sandbox, port: int) -> Path:
+def write_config(sb: SandboxLike, port: int) -> Path:
     import json as _json
 
     from sandbox.cluster import exporter_pod_names
@@ -47,7 +47,7 @@ def write_config(sb: Sandbox, port: int) -> Path:
     return path
 
 
-def start_prometheus_process(sb: Sandbox) -> None:
+def start_prometheus_process(sb: SandboxLike) -> None:
     binary = require_binary("prometheus", "prometheus")
     port = sb.extra["prometheus_port"]
     argv = [
@@ -59,7 +59,7 @@ def start_prometheus_process(sb: Sandbox) -> None:
     wait_for(http_ok(f"http://127.0.0.1:{port}/-/ready"), "prometheus", 60, proc, sb.log_of("prometheus"))
 
 
-def start_prometheus(sb: Sandbox) -> None:
+def start_prometheus(sb: SandboxLike) -> None:
     port = free_port()
     write_config(sb, port)
     sb.urls["prometheus"] = f"http://127.0.0.1:{port}"
@@ -67,7 +67,7 @@ def start_prometheus(sb: Sandbox) -> None:
     sb.config["prometheus"] = {"url": sb.urls["prometheus"], "timeout_s": 10}
 
 
-def wait_for_first_scrape(sb: Sandbox, timeout_s: float = 120.0) -> None:
+def wait_for_first_scrape(sb: SandboxLike, timeout_s: float = 120.0) -> None:
     """Block until Prometheus has scraped every exporter once (tests and the demo need data)."""
 
     def scraped() -> bool:

@@ -1,7 +1,8 @@
 """moto's S3 server on loopback as the off-site backup store, with a bucket made for it.
 
-Credentials are fake but handled as secrets: the sandbox puts them in SANDBOX_S3_ACCESS_KEY_ID and
-SANDBOX_S3_SECRET_ACCESS_KEY (in os.environ and `<state>/env`), and platform.yaml references them.
+Credentials are fake but handled as secrets: stand-in secrets SANDBOX_S3_ACCESS_KEY_ID and
+SANDBOX_S3_SECRET_ACCESS_KEY (files in `<state>/secrets`, and this process' environment), which
+platform.yaml references as ``{env: NAME}``.
 """
 
 from __future__ import annotations
@@ -9,23 +10,21 @@ from __future__ import annotations
 import os
 import sys
 
-from sandbox.platform import Sandbox, free_port, http_ok, wait_for
+from sandbox._common import SandboxLike, free_port, http_ok, wait_for
 
 BUCKET = "gitlab-backups"
 ACCESS_ENV = "SANDBOX_S3_ACCESS_KEY_ID"
 SECRET_ENV = "SANDBOX_S3_SECRET_ACCESS_KEY"
 
 
-def start_s3(sb: Sandbox) -> None:
-    from sandbox.gitlab_host import _token
-
+def start_s3(sb: SandboxLike) -> None:
     port = free_port()
     proc = sb.spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                     env={"MOTO_S3_DEFAULT_MAX_KEYS": "1000"})
     url = f"http://127.0.0.1:{port}"
     wait_for(http_ok(f"{url}/moto-api/"), "moto S3 server", 30, proc, sb.log_of("s3"))
     sb.urls["s3"] = url
-    access, secret = _token(sb, ACCESS_ENV), _token(sb, SECRET_ENV)
+    access, secret = sb.secret(ACCESS_ENV), sb.secret(SECRET_ENV)
     import boto3
 
     boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=access,

@@ -1,9 +1,11 @@
 """A webhook receiver on loopback that records every POST, for failure notifications.
 
 Sets `notifications.webhook_url` (as an env reference, SANDBOX_WEBHOOK_URL) unless another
-component already did. Received bodies are appended to `<state>/webhook/received.jsonl`.
+component already did. As with a real incoming webhook (Slack, Teams), the URL is the secret: its
+path ends in a stand-in secret token, and only POSTs to that path are recorded (others get 404).
+Received bodies are appended to `<state>/webhook/received.jsonl` (without the token).
 
-    python -m sandbox.webhook --port P --out FILE
+    python -m sandbox.webhook --port P --out FILE --token-file SECRETS/SANDBOX_WEBHOOK_TOKEN
 """
 
 from __future__ import annotations
@@ -14,27 +16,35 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from sandbox._common import (
+    SandboxLike,
+    free_port,
+    http_ok,
+    secrets_dir,
+    wait_for,
+    write_secret_file,
+)
+
 URL_ENV = "SANDBOX_WEBHOOK_URL"
+TOKEN = "SANDBOX_WEBHOOK_TOKEN"  # the secret part of the URL, the file the receiver checks against
+PATH = "/hook"
 
 
-def start_webhook(sb) -> None:
-    from sandbox.gitlab_host import _token
-    from sandbox.platform import free_port, http_ok, wait_for
-
+def start_webhook(sb: SandboxLike) -> None:
     if sb.config.get("notifications", {}).get("webhook_url"):
         return
     port = free_port()
     out = sb.path("webhook", "received.jsonl")
-    proc = sb.spawn("webhook", [sys.executable, "-m", "sandbox.webhook", "--port", str(port), "--out", str(out)],
+    proc = sb.spawn("webhook", [sys.executable, "-m", "sandbox.webhook", "--port", str(port), "--out", str(out),
+                                "--token-file", str(sb.secret_file(TOKEN))],
                     cwd=Path(__file__).resolve().parent.parent)
-    url = f"http://127.0.0.1:{port}/hook"
-    wait_for(http_ok(url), "webhook receiver", 20, proc, sb.log_of("webhook"))
-    sb.urls["webhook"] = url
+    base = f"http://127.0.0.1:{port}"
+    wait_for(http_ok(base), "webhook receiver", 20, proc, sb.log_of("webhook"))
+    sb.urls["webhook"] = base
     sb.extra["webhook_log"] = str(out)
-    import os
-
-    os.environ[URL_ENV] = url
-    _token(sb, URL_ENV)
+    # the whole URL is then a secret too, kept as one (blocks.load reads it from SANDBOX_WEBHOOK_URL)
+    write_secret_file(secrets_dir(sb.state_dir) / URL_ENV, f"{base}{PATH}/{sb.secret(TOKEN, env=False)}".encode())
+    sb.secret(URL_ENV)
     sb.config["notifications"] = {"webhook_url": {"env": URL_ENV}}
 
 
@@ -42,7 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--token-file", type=Path, required=True, help="file holding the URL's secret token")
     args = parser.parse_args()
+    hook = f"{PATH}/{args.token_file.read_text().strip()}"
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt, *a):
@@ -55,8 +67,15 @@ def main() -> None:
 
         def do_POST(self):  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            path, _, query = self.path.partition("?")
+            if path != hook:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             with open(args.out, "a") as f:
-                f.write(json.dumps({"path": self.path, "body": body.decode(errors="replace")}) + "\n")
+                f.write(json.dumps({"path": PATH + (f"?{query}" if query else ""),
+                                    "body": body.decode(errors="replace")}) + "\n")
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()

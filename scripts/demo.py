@@ -1,16 +1,25 @@
 """The demo: a local Prefect server, the sandbox platform, every deployment, and real flow runs.
 
-    python -m scripts.demo          # keeps the UI up until Ctrl-C
+    python -m scripts.demo          # keeps the UI up until Ctrl-C (or SIGTERM, SIGHUP)
     python -m scripts.demo --once   # exits after the runs: 0 if every run completed, else 1
+    python -m scripts.demo --stop   # stops what an earlier demo left running (make clean runs it)
 
-Everything lives under .demo/ (Prefect's SQLite database, the sandbox state) and listens on
+Everything lives under .demo/ (Prefect's SQLite database, the sandbox state, logs) and listens on
 127.0.0.1 only. `make demo` / `make demo-once` install everything first.
+
+Stopping: every process the demo starts runs in a session of its own and is recorded in a pid
+file under .demo/pids/ (pid, start time, argv) the moment it starts; the sandbox records its own
+in .demo/sandbox/state.json. On Ctrl-C, SIGTERM or SIGHUP the demo stops them all (each whole
+process group, and what the worker started), waits for them, and removes the records. A demo
+killed with SIGKILL cannot: the next demo (or `make clean`) stops what the records name first.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +27,18 @@ import time
 from pathlib import Path
 
 import httpx
+
+from sandbox._common import (
+    STOP_SIGNALS,
+    StopRequested,
+    holding_stop_signals,
+    on_stop_signal,
+    port_in_use,
+    process_record,
+    read_secrets,
+    spawn,
+    stop_process,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / ".demo"
@@ -35,20 +56,50 @@ DEMO_RUNS: list[tuple[str, dict]] = [
 
 
 def log(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+    try:
+        print(f"[demo] {msg}", flush=True)
+    except OSError:  # the terminal went away (SIGHUP): stopping must go on
+        pass
+
+
+def _pid_files(home: Path) -> list[Path]:
+    """The demo's pid files, the latest started first (the order to stop them in)."""
+    files = list((home / "pids").glob("*.pid")) if (home / "pids").is_dir() else []
+    return sorted(files, key=lambda f: json.loads(f.read_text()).get("seq", 0), reverse=True)
+
+
+def stop_recorded(home: Path) -> list[str]:
+    """Stop every process the pid files under `home` name (and their groups), then the sandbox the
+    demo started there; returns what was running. A pid now used by another process is left alone."""
+    from sandbox.platform import Sandbox, SandboxError
+
+    stopped = []
+    for pid_file in _pid_files(home):
+        record = json.loads(pid_file.read_text())
+        if stop_process(record["pid"], record.get("start"), timeout_s=10):
+            stopped.append(f"{pid_file.stem} (pid {record['pid']})")
+        pid_file.unlink()
+    try:
+        sandbox = Sandbox.load(home / "sandbox")
+    except SandboxError:
+        return stopped
+    names = {info["pid"]: name for name, info in sandbox.processes.items()}
+    stopped += [f"sandbox/{names[pid]} (pid {pid})" for pid in sandbox.down()]
+    return stopped
 
 
 class Demo:
-    def __init__(self, port: int, nodes: int):
+    def __init__(self, home: Path, port: int, nodes: int):
+        self.home = home
         self.port = port
         self.nodes = nodes
         self.api_url = f"http://127.0.0.1:{port}/api"
         self.ui_url = f"http://127.0.0.1:{port}"
-        self.procs: list[subprocess.Popen] = []
         self.sandbox = None
+        self._seq = 0
         self.env = dict(os.environ)
         self.env.update({
-            "PREFECT_HOME": str(DEMO / "prefect"),
+            "PREFECT_HOME": str(home / "prefect"),
             "PREFECT_API_URL": self.api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_API_URL": self.api_url,
@@ -58,27 +109,62 @@ class Demo:
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         })
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        logf = open(DEMO / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=self.env, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
-                                start_new_session=True)
-        self.procs.append(proc)
+    def prepare(self) -> None:
+        """Stop this directory's leftovers, refuse a port someone else holds, start from a clean database."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        leftovers = stop_recorded(self.home)
+        if leftovers:
+            log(f"stopped what an earlier demo left running: {', '.join(leftovers)}")
+        if port_in_use(self.port):
+            raise SystemExit(
+                f"[demo] port {self.port} is taken by a program this demo did not start (its own leftovers "
+                f"are stopped already). Stop that program, or run the demo on another port: "
+                f"DEMO_PREFECT_PORT={self.port + 1} make demo")
+        # A clean database for every demo, rather than marking the last demo's unfinished runs Crashed:
+        # a demo stopped uncleanly can leave a run Running that holds a deployment's concurrency slot
+        # (and slot leases, work-queue state, blocks of an older sandbox with other ports and tokens).
+        # Everything in it is re-created by this demo anyway, so deleting it is both simpler and
+        # complete, where cleaning up would have to know every kind of state a run can leave behind.
+        shutil.rmtree(self.home / "prefect", ignore_errors=True)
+
+    def _spawn(self, name: str, argv: list[str], log_mode: str = "ab") -> subprocess.Popen:
+        """Start `argv` in its own session, logging to NAME.log, recorded in pids/NAME.pid before anything else."""
+        logf = self.home / f"{name}.log"
+        if log_mode == "wb":
+            logf.write_bytes(b"")
+        (self.home / "pids").mkdir(exist_ok=True)
+        with holding_stop_signals():
+            proc = spawn(argv, logf, env=self.env, cwd=REPO)
+            self._seq += 1
+            record = {**process_record(proc, argv, logf), "seq": self._seq}
+            (self.home / "pids" / f"{name}.pid").write_text(json.dumps(record))
         return proc
 
-    def _run(self, argv: list[str], timeout: int = 300) -> str:
-        out = subprocess.run(argv, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:
-            raise SystemExit(f"[demo] command failed ({out.returncode}): {' '.join(argv)}\n{out.stdout}\n{out.stderr}")
-        return out.stdout
+    def _run(self, name: str, argv: list[str], timeout: int = 300) -> str:
+        """Run a command to its end like `_spawn`'d ones (stoppable, recorded); its output, or SystemExit."""
+        proc = self._spawn(name, argv, log_mode="wb")
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            if proc.poll() is None:  # timed out, or a stop signal arrived while waiting
+                stop_process(proc.pid, timeout_s=5)
+            (self.home / "pids" / f"{name}.pid").unlink(missing_ok=True)
+        output = (self.home / f"{name}.log").read_text(errors="replace")
+        if code != 0:
+            raise SystemExit(f"[demo] command failed ({'timed out' if code is None else code}): "
+                             f"{' '.join(argv)}\n{output}")
+        return output
 
     def start_server(self) -> None:
-        log(f"starting Prefect server on {self.ui_url} (SQLite under {DEMO / 'prefect'})")
+        log(f"starting Prefect server on {self.ui_url} (a fresh SQLite database under {self.home / 'prefect'})")
         proc = self._spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start",
                                               "--host", "127.0.0.1", "--port", str(self.port)])
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise SystemExit(f"[demo] Prefect server exited; see {DEMO / 'prefect-server.log'}")
+                raise SystemExit(f"[demo] Prefect server exited; see {self.home / 'prefect-server.log'}")
             try:
                 if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
                     return
@@ -92,29 +178,21 @@ class Demo:
         from sandbox.prometheus import wait_for_first_scrape
 
         log(f"starting the sandbox platform ({self.nodes} nodes) on 127.0.0.1")
-        state = DEMO / "sandbox"
-        try:
-            Sandbox.load(state).down()
-        except Exception:  # noqa: BLE001 - no earlier sandbox to stop
-            pass
-        self.sandbox = Sandbox(state_dir=state, nodes=self.nodes).up()
+        state = self.home / "sandbox"
+        self.sandbox = Sandbox(state_dir=state, nodes=self.nodes)
+        self.sandbox.up()
         wait_for_first_scrape(self.sandbox)
-        # secrets the sandbox components created (tokens, keys) for block loading and the worker
-        self.env.update({k: v for k, v in os.environ.items() if k.startswith("SANDBOX_")})
-        env_file = state / "env"
-        if env_file.exists():
-            for line in env_file.read_text().splitlines():
-                if "=" in line:
-                    key, value = line.split("=", 1)
-                    self.env[key] = value
+        # the stand-in secrets the platform.yaml references as {env: NAME}, for blocks.load and the worker
+        self.env.update(read_secrets(state))
         log(f"sandbox up: kubeconfig {self.sandbox.kubeconfig}")
 
     def load_and_deploy(self) -> None:
         log("loading blocks from the sandbox platform.yaml")
-        print(self._run([sys.executable, "-m", "blocks.load", str(self.sandbox.platform_yaml)]), end="")
-        self._run([sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process", "--overwrite"])
+        print(self._run("blocks-load", [sys.executable, "-m", "blocks.load", str(self.sandbox.platform_yaml)]), end="")
+        self._run("work-pool", [sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process",
+                                "--overwrite"])
         log("prefect deploy --all")
-        self._run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], timeout=600)
+        self._run("deploy", [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], timeout=600)
         log(f"starting a process worker on pool {POOL}")
         self._spawn("worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
                                "--limit", "4"])
@@ -139,30 +217,30 @@ class Demo:
         return ok
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        if self.sandbox is not None:
-            self.sandbox.down()
+        """Stop everything this demo started (worker, server, sandbox), waiting for each to be gone."""
+        stopped = stop_recorded(self.home)
+        log(f"stopped {len(stopped)} process(es)" + (f": {', '.join(stopped)}" if stopped else ""))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="exit after the runs (non-zero if any did not complete)")
+    parser.add_argument("--stop", action="store_true", help="stop what an earlier demo left running, and exit")
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PREFECT_PORT", "4200")))
     parser.add_argument("--nodes", type=int, default=50)
-    args = parser.parse_args()
-    DEMO.mkdir(exist_ok=True)
-    demo = Demo(args.port, args.nodes)
+    parser.add_argument("--home", type=Path, default=DEMO, help="the demo's directory (default .demo/)")
+    args = parser.parse_args(argv)
+    home = args.home.resolve()
+    if args.stop:
+        stopped = stop_recorded(home) if home.exists() else []
+        log(f"stopped {len(stopped)} leftover process(es)" + (f": {', '.join(stopped)}" if stopped else ""))
+        return 0
+    for sig in STOP_SIGNALS:  # Ctrl-C, SIGTERM, SIGHUP all unwind through the `finally` below
+        signal.signal(sig, on_stop_signal)
+    demo = Demo(home, args.port, args.nodes)
+    serving = False
     try:
+        demo.prepare()
         demo.start_server()
         demo.start_sandbox()
         demo.load_and_deploy()
@@ -171,11 +249,17 @@ def main() -> int:
             log("all runs completed" if ok else "some runs did NOT complete")
             return 0 if ok else 1
         log(f"UI up at {demo.ui_url}; press Ctrl-C to stop")
+        serving = True
         while True:
             time.sleep(3600)
+    except StopRequested as exc:
+        log(f"{signal.Signals(exc.signum).name} received")
+        return 0 if serving else 128 + exc.signum
     except KeyboardInterrupt:
-        return 0
+        return 0 if serving else 128 + signal.SIGINT
     finally:
+        for sig in STOP_SIGNALS:  # a second Ctrl-C must not cut the stopping short
+            signal.signal(sig, signal.SIG_IGN)
         log("stopping worker, server and sandbox")
         demo.stop()
 

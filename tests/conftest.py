@@ -126,7 +126,7 @@ def training_platform(sandbox, prefect_server):
     API stand-in as `gitlab.api_url`, and a real registry (the sandbox's, or one started here)."""
     from blocks.config import parse_platform_config
     from blocks.load import load_blocks
-    from sandbox.platform import free_port, http_ok, wait_for
+    from sandbox._common import free_port, http_ok, wait_for
 
     if "argo" not in sandbox.config or "gitlab_ci_api" not in sandbox.urls:
         pytest.fail("the sandbox has no training component (sandbox/platform.py COMPONENTS)")

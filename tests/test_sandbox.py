@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
+import os
+import stat
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from sandbox._common import SandboxError
+from sandbox.cluster import exporter_pod_names
 from sandbox.dcgm import DEFAULT_COUNTERS
 from tasks.kubernetes import api_client_from_kubeconfig, list_raw
 from tests.conftest import CONTRACTS
@@ -172,9 +178,8 @@ def test_faults_reach_api_and_metrics(sandbox, core, clean_sandbox):
         if down:
             break
         time.sleep(1)
-    assert [d["metric"]["instance"] for d in down] == [
-        f"nvidia-dcgm-exporter-{__import__('sandbox.cluster', fromlist=['_h'])._h('gpu-node-0007')[:5]}:9400"]
-    with pytest.raises(Exception, match="unknown fault kind"):
+    assert [d["metric"]["instance"] for d in down] == [f"{exporter_pod_names(16)['gpu-node-0007']}:9400"]
+    with pytest.raises(SandboxError, match="unknown fault kind"):
         sandbox.fault("meteor-strike", node="gpu-node-0001")
 
 
@@ -189,3 +194,71 @@ def test_api_down_and_prometheus_down_then_heal(sandbox, core, clean_sandbox):
     sandbox.heal()
     assert len(core.list_node().items) == 20
     assert httpx.get(f"{sandbox.urls['prometheus']}/-/ready", timeout=5).status_code == 200
+
+
+# --- the sandbox's own structure: helpers in one leaf module, stand-in secrets kept privately --------------
+
+SANDBOX_DIR = Path(__file__).resolve().parent.parent / "sandbox"
+COMPONENTS = ["argo", "gitlab_host", "gitlab_api", "gitlab_ci_api", "dcgm", "prometheus", "s3", "webhook", "kube",
+              "cluster", "server"]
+
+
+def _sandbox_imports(module: str) -> list[tuple[str, str]]:
+    """(module, name) for every import of a sandbox module in sandbox/MODULE.py (name '' for `import x`)."""
+    tree = ast.parse((SANDBOX_DIR / f"{module}.py").read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sandbox":
+            found += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names if alias.name.split(".")[0] == "sandbox"]
+    return found
+
+
+def test_components_take_helpers_from_the_leaf_module_only():
+    assert _sandbox_imports("_common") == []  # the leaf imports nothing of the sandbox
+    for module in COMPONENTS:
+        imports = _sandbox_imports(module)
+        assert [m for m, _ in imports if m == "sandbox.platform"] == [], f"{module} imports the orchestrator"
+        private = [(m, n) for m, n in imports if n.startswith("_")]
+        assert private == [], f"{module} imports another module's private names: {private}"
+    assert ("sandbox._common", "wait_for") in _sandbox_imports("gitlab_host")
+
+
+def test_stand_in_secrets_are_kept_only_in_private_files(sandbox):
+    folder = sandbox.state_dir / "secrets"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    files = {p.name: p for p in folder.iterdir()}
+    assert {"SANDBOX_GITLAB_TOKEN", "SANDBOX_GITLAB_SCRATCH_TOKEN", "SANDBOX_ARGO_TOKEN", "SANDBOX_GITLAB_CI_TOKEN",
+            "SANDBOX_S3_ACCESS_KEY_ID", "SANDBOX_S3_SECRET_ACCESS_KEY", "SANDBOX_WEBHOOK_URL", "SANDBOX_KUBE_TOKEN",
+            "gitlab_client_ed25519"} <= files.keys()
+    assert {name: oct(stat.S_IMODE(p.stat().st_mode)) for name, p in files.items()} == {
+        name: oct(0o600) for name in files}
+    # state.json holds where each secret is, never the value; the {env: NAME} references resolve
+    state = json.loads(sandbox.state_file.read_text())
+    assert state["secrets"] == {name: str(path) for name, path in files.items()}
+    for name in ("SANDBOX_GITLAB_TOKEN", "SANDBOX_ARGO_TOKEN", "SANDBOX_S3_SECRET_ACCESS_KEY", "SANDBOX_WEBHOOK_URL"):
+        assert os.environ[name] == files[name].read_text()
+    values = {name: p.read_bytes().strip() for name, p in files.items()}
+    assert all(len(v) >= 24 for v in values.values())
+    # No other file of the state dir holds a secret value. The emulated GitLab hosts' filesystems are left
+    # out: their gitlab-secrets.json (and the backups of it) carry the host's own secrets by design.
+    hosts = [sandbox.state_dir / "gitlab" / name / "root" for name in ("production", "scratch")]
+    leaks = []
+    for path in sandbox.state_dir.rglob("*"):
+        if not path.is_file() or path.parent == folder or any(path.is_relative_to(h) for h in hosts):
+            continue
+        content = path.read_bytes()
+        leaks += [f"{name} in {path.relative_to(sandbox.state_dir)}" for name, v in values.items() if v in content]
+    assert leaks == []
+
+
+def test_webhook_url_is_a_secret_the_receiver_checks(sandbox):
+    log = Path(sandbox.extra["webhook_log"])
+    before = log.read_text() if log.exists() else ""
+    assert httpx.post(f"{sandbox.urls['webhook']}/hook", json={"x": 1}, timeout=5).status_code == 404
+    url = os.environ["SANDBOX_WEBHOOK_URL"]
+    assert url.startswith(f"{sandbox.urls['webhook']}/hook/")
+    assert httpx.post(url, json={"subject": "s", "body": "b"}, timeout=5).status_code == 200
+    received = log.read_text()[len(before):].splitlines()
+    assert [json.loads(line)["path"] for line in received] == ["/hook"]

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from sandbox.platform import Sandbox, _pid_alive
+from sandbox._common import pid_alive
+from sandbox.platform import Sandbox
 from tests.conftest import need_binary
 
 
@@ -25,7 +26,7 @@ def test_up_status_down_leaves_no_process(tmp_path):
     assert elapsed < 60, f"sandbox up took {elapsed:.1f}s"
     sb = Sandbox.load(state)
     pids = [p["pid"] for p in sb.processes.values()]
-    assert pids and all(_pid_alive(p) for p in pids)
+    assert pids and all(pid_alive(p) for p in pids)
     try:
         kube_env = dict(env, KUBECONFIG=str(sb.kubeconfig))
         nodes = subprocess.run(["kubectl", "get", "nodes", "-o", "name"], env=kube_env, capture_output=True,
@@ -52,7 +53,7 @@ def test_up_status_down_leaves_no_process(tmp_path):
                               capture_output=True, text=True, timeout=60, env=env)
     assert down.returncode == 0
     time.sleep(0.2)
-    assert not any(_pid_alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
     leftovers = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout.split()
     assert leftovers == []
 
