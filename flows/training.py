@@ -39,7 +39,7 @@ from tasks.argo import (
     label_value,
     load_training_spec,
     parse_status,
-    redact,
+    read_workflow,
     render_workflow,
     secrets_in,
     shutdown_workflow,
@@ -48,13 +48,14 @@ from tasks.argo import (
     training_outcome,
     workflow_name,
 )
+from tasks.redact import Redactor
 from tasks.reports import Progress, md_table, publish_markdown
 
 MAX_FAILED_STEP_LOGS = 5
 NOTE_LOG_LINES = 20
 
 
-# --- helpers: Prefect context, secrets known to this run ----------------------------------
+# --- helpers: the Prefect context ---------------------------------------------------------
 
 
 def flow_run_url(flow_run_id: Any) -> str | None:
@@ -95,46 +96,34 @@ def _cancel_requested(ids: list[UUID]) -> bool:
     return any(r.state is not None and (r.state.is_cancelling() or r.state.is_cancelled()) for r in runs)
 
 
-def _known_secrets(platform: Platform, argo) -> list[str]:
-    """Secret values this run can see: they must never reach a workflow, a log or an artifact."""
-    out = [argo.token.get_secret_value()] if argo.token else []
-    for getter in (platform.gitlab_api, platform.registry):
-        try:
-            block = getter()
-        except (LookupError, ValueError):
-            continue
-        for attr in ("token", "password"):
-            value = getattr(block, attr, None)
-            if value is not None:
-                out.append(value.get_secret_value())
-    return out
-
-
-def _stop_on_cancellation(flow, flow_run, state) -> None:
+def _stop_on_cancellation(_flow, flow_run, _state) -> None:
     """on_cancellation hook: stop the run's workflow (its name follows from the run's parameters),
-    then terminate it if it has not ended within the grace period. Never raises."""
+    then terminate it if it has not ended within the grace period. Never raises.
+
+    It runs outside the flow run, so it opens its own `Platform`."""
     import logging
 
     log = logging.getLogger("ai_platform_ops.training")
+    redactor = Redactor()  # credentials of known shapes until the platform's secrets are known
     try:
         params = dict(flow_run.parameters or {})
         spec = TrainingSpec.model_validate(params["spec"])
-        argo = Platform(params.get("platform", "main")).argo()
+        plat = Platform(params.get("platform", "main"))
+        argo = plat.argo()
+        redactor = Redactor.of(plat.secrets())
         ns = spec.namespace or argo.namespace
         name = workflow_name(spec, params.get("repository", ""), params.get("commit", ""),
                              str(params.get("attempt_key", "1")))
-        wf = shutdown_workflow(argo, ns, name, "stop", "cancelled in Prefect")
+        wf = shutdown_workflow(argo, ns, name, "stop", "cancelled in Prefect", redactor=redactor)
         deadline = time.monotonic() + min(float(params.get("stop_grace_s", 60.0)), 60.0)
         while not parse_status(wf).terminal and time.monotonic() < deadline:
             time.sleep(min(2.0, float(params.get("poll_initial_s", 2.0))))
-            from tasks.argo import read_workflow
-
-            wf = read_workflow(argo, ns, name)
+            wf = read_workflow(argo, ns, name, redactor=redactor)
         if not parse_status(wf).terminal:
-            shutdown_workflow(argo, ns, name, "terminate")
+            shutdown_workflow(argo, ns, name, "terminate", redactor=redactor)
         log.warning("cancelled: Argo workflow %s/%s stopped", ns, name)
     except Exception as exc:  # noqa: BLE001 - a hook must not mask the cancellation
-        log.error("could not stop the Argo workflow of a cancelled run: %s", redact(str(exc)))
+        log.error("could not stop the Argo workflow of a cancelled run: %s", redactor.error(exc))
 
 
 # --- the training subflow ----------------------------------------------------------------
@@ -162,11 +151,14 @@ def argo_training_run(
     poll_max_s: float = 60.0,
     stop_grace_s: float = 120.0,
 ):
-    """Run `spec` as one Argo Workflow and follow it to the end; the run's state is the training's."""
+    """Run `spec` as one Argo Workflow and follow it to the end; the run's state is the training's.
+
+    What it reports (logs, the summary artifact, its result) is redacted with every secret of the
+    platform's blocks."""
     logger = get_run_logger()
-    p = Platform(platform)
-    argo = p.argo()
-    secrets = _known_secrets(p, argo)
+    plat = Platform(platform)
+    argo = plat.argo()
+    redactor = Redactor.of(plat.secrets())
     ns = spec.namespace or argo.namespace
     name = workflow_name(spec, repository, commit, attempt_key)
     this_run = _current_flow_run()
@@ -181,11 +173,11 @@ def argo_training_run(
         annotations[f"{LABEL_PREFIX}/prefect-flow-run"] = str(this_run.id)
     manifest = render_workflow(spec, name=name, namespace=ns, labels=labels,
                                annotations={k: v for k, v in annotations.items() if v})
-    leaks = secrets_in(manifest, secrets)
+    leaks = secrets_in(manifest, redactor.secrets)
     if leaks:
         return Failed(message=f"refusing to submit {name}: {', '.join(leaks)} would be visible in the workflow")
 
-    wf, adopted = submit_workflow(argo, ns, manifest)
+    _, adopted = submit_workflow(argo, ns, manifest, redactor=redactor)
     argo_url = argo_ui_link(argo, ns, name)
     logger.info("%s Argo workflow %s/%s (%s)", "adopted the existing" if adopted else "submitted", ns, name,
                 argo_url)
@@ -199,9 +191,8 @@ def argo_training_run(
     shutdown_at: float | None = None
     terminated = False
     seen = None
-    st = parse_status(wf)
     while True:
-        st = parse_status(get_workflow(argo, ns, name))
+        st = parse_status(get_workflow(argo, ns, name, redactor=redactor))
         progress.set(st.percent)
         if (st.phase, st.steps_done, st.steps_total) != seen:
             seen = (st.phase, st.steps_done, st.steps_total)
@@ -213,15 +204,15 @@ def argo_training_run(
             cancelled, shutdown_at = True, now
             logger.warning("cancellation requested: stopping %s (exit handlers run; terminate after %.0fs)",
                            name, stop_grace_s)
-            stop_or_terminate_workflow(argo, ns, name, "stop", "cancelled in Prefect")
+            stop_or_terminate_workflow(argo, ns, name, "stop", "cancelled in Prefect", redactor=redactor)
         elif not cancelled and timed_out is None and timeout_s is not None and now - started > timeout_s:
             timed_out, shutdown_at, terminated = now - started, now, True
             logger.error("%s ran longer than %.0fs: terminating it", name, timeout_s)
-            stop_or_terminate_workflow(argo, ns, name, "terminate")
+            stop_or_terminate_workflow(argo, ns, name, "terminate", redactor=redactor)
         elif shutdown_at is not None and not terminated and now - shutdown_at > stop_grace_s:
             terminated, shutdown_at = True, now
             logger.warning("%s did not stop within %.0fs: terminating it", name, stop_grace_s)
-            stop_or_terminate_workflow(argo, ns, name, "terminate")
+            stop_or_terminate_workflow(argo, ns, name, "terminate", redactor=redactor)
         elif shutdown_at is not None and terminated and now - shutdown_at > stop_grace_s:
             logger.error("%s is still %s after terminate; leaving it to Argo", name, st.phase)
             break
@@ -235,19 +226,18 @@ def argo_training_run(
             if not step.pod:
                 continue
             try:
-                text = redact(get_pod_logs(argo, ns, name, step.pod), secrets)
+                text = get_pod_logs(argo, ns, name, step.pod, redactor=redactor)
             except Exception as exc:  # noqa: BLE001 - logs are best effort; the failure is already known
-                text = f"(logs unavailable: {redact(str(exc), secrets)})"
+                text = f"(logs unavailable: {redactor.error(exc)})"
             logger.error("failed step %s (%s), pod %s, last lines:\n%s", step.name, step.message, step.pod, text)
             tail = "\n".join(text.splitlines()[-NOTE_LOG_LINES:])
             failed_steps.append({"name": step.name, "pod": step.pod, "message": step.message, "log_tail": tail})
-    result = {
+    result = redactor.value({
         "workflow": name, "namespace": ns, "phase": st.phase, "message": st.message, "state": outcome.state,
         "outcome": outcome.message, "steps": f"{st.steps_done}/{st.steps_total}", "adopted": adopted,
         "repository": repository, "commit": commit, "argo_url": argo_url, "failed_steps": failed_steps,
-    }
-    publish_markdown(f"training-{name}", redact(_summary_markdown(result), secrets),
-                     description=f"Training run {ns}/{name}")
+    })
+    publish_markdown(f"training-{name}", _summary_markdown(result), description=f"Training run {ns}/{name}")
     if outcome.state == "Completed":
         logger.info(outcome.message)
         return result
@@ -334,7 +324,7 @@ def build_training_image(
     spec = build_spec(image, context_url, revision, dockerfile, context, git_secret, push_secret,
                       insecure_registry=registry.url.startswith("http://"))
     state = argo_training_run(spec, platform=platform, repository=context_url, commit=revision,
-                              attempt_key=f"{image}", timeout_s=timeout_s, poll_initial_s=poll_initial_s,
+                              attempt_key=image, timeout_s=timeout_s, poll_initial_s=poll_initial_s,
                               poll_max_s=poll_max_s, return_state=True)
     if not state.is_completed():
         return Failed(message=f"building {image} failed: {state.message}")
@@ -350,7 +340,7 @@ def build_training_image(
 # --- train on push ------------------------------------------------------------------------
 
 
-def _note(project: str, sha: str, state: State | None, result: dict[str, Any] | None, message: str,
+def _note(sha: str, state: State | None, result: dict[str, Any] | None, message: str,
           prefect_url: str | None) -> str:
     icon = {"Completed": "✅", "Failed": "❌", "Cancelled": "⏹️"}.get(state.type.value.title() if state else "", "❌")
     lines = [f"### {icon} Training `{sha[:12]}`: {message}", ""]
@@ -389,32 +379,40 @@ def train_on_push(
     stop_grace_s: float = 120.0,
 ):
     """Train the commit a GitLab CI job names, reporting back to GitLab as a commit status and a note."""
-    from tasks.gitlab_ci import PROJECT_RE, REF_RE, SHA_RE, get_project, post_note, read_repository_file
+    from tasks.gitlab_ci import (
+        PROJECT_RE,
+        REF_RE,
+        SHA_RE,
+        post_note,
+        project_clone_url,
+        read_repository_file,
+    )
     from tasks.gitlab_ci import set_commit_status as _status
 
     logger = get_run_logger()
     if not PROJECT_RE.match(project) or not SHA_RE.match(commit_sha) or (ref and not REF_RE.match(ref)):
         return Failed(message="expected project 'group/name', a hex commit SHA and a branch or tag name as ref")
     mr_iid = int(merge_request_iid) if merge_request_iid and str(merge_request_iid).isdigit() else None
-    p = Platform(platform)
-    gitlab = p.gitlab_api()
+    plat = Platform(platform)
+    gitlab = plat.gitlab_api().get_client()
+    redactor = Redactor.of(plat.secrets())
     this_run = _current_flow_run()
     prefect_url = flow_run_url(this_run.id) if this_run else None
 
     def status(state: str, description: str) -> None:
         _status(gitlab, project, commit_sha, state, ref=ref or None, name=status_name, target_url=prefect_url,
-                description=description)
+                description=description, redactor=redactor)
 
     def finish(state: State, message: str, gitlab_state: str, result: dict[str, Any] | None = None) -> State:
         status(gitlab_state, message)
-        where = post_note(gitlab, project, commit_sha, _note(project, commit_sha, state, result, message,
-                                                               prefect_url), mr_iid)
+        where = post_note(gitlab, project, commit_sha, _note(commit_sha, state, result, message, prefect_url),
+                          mr_iid, redactor=redactor)
         logger.info("reported %s to %s", gitlab_state, where)
         return state
 
     status("pending", "training requested")
     try:
-        text = read_repository_file(gitlab, project, spec_path, commit_sha)
+        text = read_repository_file(gitlab, project, spec_path, commit_sha, redactor=redactor)
         if text is None:
             msg = f"no training spec: {spec_path} is not in {project} at {commit_sha[:12]}"
             return finish(Failed(message=msg), msg, "failed")
@@ -422,19 +420,18 @@ def train_on_push(
             spec = load_training_spec(text, f"{spec_path}@{commit_sha[:12]}")
         except TrainingSpecError as exc:
             msg = "invalid training spec: " + "; ".join(exc.problems)
-            logger.error(str(exc))
+            logger.error(redactor.text(str(exc)))
             return finish(Failed(message=msg), msg, "failed")
 
-        info = get_project(gitlab, project)
+        clone_url = project_clone_url(gitlab, project, redactor=redactor)
         code = spec.code or CodeSource()
-        if code.url in (None, info["http_url_to_repo"]):
-            code = code.model_copy(update={"url": info["http_url_to_repo"], "ref": commit_sha})
+        if code.url in (None, clone_url):
+            code = code.model_copy(update={"url": clone_url, "ref": commit_sha})
         spec = spec.model_copy(update={"code": code})
         if spec.build is not None:
-            status_msg = f"building image {spec.build.repository} if missing"
-            logger.info(status_msg)
+            logger.info("building image %s if missing", spec.build.repository)
             build = build_training_image(
-                context_url=info["http_url_to_repo"], revision=commit_sha, repository=spec.build.repository,
+                context_url=clone_url, revision=commit_sha, repository=spec.build.repository,
                 dockerfile=spec.build.dockerfile, context=spec.build.context, platform=platform,
                 git_secret=code.credentials.secret if code.credentials else None,
                 poll_initial_s=poll_initial_s, poll_max_s=poll_max_s, return_state=True)

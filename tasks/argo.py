@@ -9,7 +9,9 @@ Three layers, as everywhere in this project:
   `workflow_name` makes the deterministic name that makes a retried submit idempotent;
   `parse_status` / `training_outcome` say what Argo's status means (pure).
 - `@task` functions talk to the Argo Server through hera's `WorkflowsService`, each with a
-  timeout, retried only for transient faults (`TRANSIENT_RETRIES`).
+  timeout, retried only for transient faults (`TRANSIENT_RETRIES`). They take the `ArgoServer`
+  block and a `tasks.redact.Redactor` from the flow: what they return (workflows, logs) and the
+  errors they raise are redacted, since Prefect may persist task results.
 
     python -m tasks.argo render configs/training/rl-prod.yaml   # print the Workflow as YAML
 """
@@ -30,6 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from pydantic_core import PydanticCustomError
 
 from blocks.config import ConfigError, validate_document
+from tasks.redact import MIN_SECRET_LEN, Redactor
 
 ARGO_TIMEOUT_S = 30.0
 """Timeout of every call to the Argo Server (connect and read)."""
@@ -142,9 +145,6 @@ class CodeSource(_Spec):
             raise PydanticCustomError("git_ref", "expected a commit SHA, branch or tag name, got {value}",
                                       {"value": repr(ref)})
         return ref
-
-
-GPU_MEMORY_RESOURCES = ("nvidia.com/gpumem", "aliyun.com/gpu-mem")
 
 
 class GPURequest(_Spec):
@@ -369,8 +369,8 @@ def _secret_selector(name: str, key: str):
 
 
 def render_workflow(spec: TrainingSpec, *, name: str | None = None, namespace: str | None = None,
-                    labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
-                    image: str | None = None) -> dict[str, Any]:
+                    labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None
+                    ) -> dict[str, Any]:
     """The Argo Workflow of `spec`, built with hera, as a plain dict (apiVersion, kind, metadata, spec)."""
     from hera.workflows import (
         Artifact,
@@ -386,7 +386,7 @@ def render_workflow(spec: TrainingSpec, *, name: str | None = None, namespace: s
     from hera.workflows.models import Backoff, PodGC, ResourceRequirements, RetryStrategy
     from hera.workflows.models import Toleration as ModelToleration
 
-    image = image or spec.image
+    image = spec.image
     if not image:
         raise TrainingSpecError("<render>", ["image: no image given and none was built"])
     train_name = f"run-{spec.name}"
@@ -456,10 +456,10 @@ def workflow_parameters(manifest: dict[str, Any]) -> dict[str, str]:
     return {p["name"]: p.get("value", "") for p in manifest.get("spec", {}).get("arguments", {}).get("parameters", [])}
 
 
-def secrets_in(manifest: dict[str, Any], secrets: list[str]) -> list[str]:
+def secrets_in(manifest: dict[str, Any], secrets: tuple[str, ...] | list[str]) -> list[str]:
     """Which of `secrets` (values) appear anywhere in the manifest, described without the value."""
     text = json.dumps(manifest)
-    found = [f"secret #{i + 1}" for i, s in enumerate(secrets) if s and len(s) >= 4 and s in text]
+    found = [f"secret #{i + 1}" for i, s in enumerate(secrets) if s and len(s) >= MIN_SECRET_LEN and s in text]
     for pname, value in workflow_parameters(manifest).items():
         if _SECRET_NAME_RE.search(pname) or _SECRET_VALUE_RE.search(value or ""):
             found.append(f"parameter {pname}")
@@ -471,10 +471,7 @@ def secrets_in(manifest: dict[str, Any], secrets: list[str]) -> list[str]:
 
 @dataclass
 class FailedStep:
-    node_id: str
     name: str
-    template: str
-    phase: str
     message: str
     pod: str | None
 
@@ -487,8 +484,6 @@ class WorkflowStatus:
     message: str = ""
     steps_done: int = 0
     steps_total: int = 0
-    started_at: str | None = None
-    finished_at: str | None = None
     shutdown: str | None = None
     failed_steps: list[FailedStep] = field(default_factory=list)
 
@@ -529,15 +524,13 @@ def parse_status(wf: dict[str, Any]) -> WorkflowStatus:
         total = len(pods)
         done = sum(1 for n in pods if n.get("phase") in TERMINAL_PHASES | {"Skipped", "Omitted"})
     failed = [
-        FailedStep(node_id=n.get("id", key), name=n.get("displayName") or n.get("name", key),
-                   template=n.get("templateName", ""), phase=n.get("phase", ""), message=n.get("message", ""),
+        FailedStep(name=n.get("displayName") or n.get("name", key), message=n.get("message", ""),
                    pod=pod_name(name, n))
         for key, n in nodes.items() if n.get("type") == "Pod" and n.get("phase") in ("Failed", "Error")
     ]
     return WorkflowStatus(
         name=name, namespace=meta.get("namespace", ""), phase=status.get("phase") or "Pending",
         message=status.get("message") or "", steps_done=done, steps_total=total,
-        started_at=status.get("startedAt"), finished_at=status.get("finishedAt"),
         shutdown=(wf.get("spec") or {}).get("shutdown"), failed_steps=failed,
     )
 
@@ -568,23 +561,6 @@ def training_outcome(st: WorkflowStatus, *, cancelled: bool = False, timed_out_s
     return Outcome("Failed", f"{where} is still {st.phase}; gave up following it")
 
 
-_REDACTIONS = [
-    (re.compile(r"([a-z][a-z0-9+.\-]*://)[^/\s:@]+:[^/\s@]+@"), r"\1***:***@"),
-    (re.compile(r"glpat-[A-Za-z0-9_\-]{8,}|glrt-[A-Za-z0-9_\-]{8,}|gh[pousr]_[A-Za-z0-9]{16,}"
-                r"|github_pat_[A-Za-z0-9_]{16,}"), "***"),
-    (re.compile(r"(?i)(authorization:\s*bearer\s+|private-token:\s*)\S+"), r"\1***"),
-]
-
-
-def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    """`text` without known secret values, tokens of known shapes, or credentials in URLs."""
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, "***")
-    for pattern, repl in _REDACTIONS:
-        text = pattern.sub(repl, text)
-    return text
-
 
 def parse_log_stream(body: str) -> list[tuple[str, str]]:
     """Argo's log endpoint answers one JSON object per line: ``{"result": {"content", "podName"}}``."""
@@ -612,12 +588,12 @@ class ArgoAPIError(RuntimeError):
         super().__init__(message)
 
 
-def _timeout_session(timeout_s: float):
+def _timeout_session():
     import requests
 
     class _Session(requests.Session):
         def request(self, method, url=None, **kwargs):  # every call gets a timeout
-            kwargs.setdefault("timeout", timeout_s)
+            kwargs.setdefault("timeout", ARGO_TIMEOUT_S)
             return super().request(method, url, **kwargs)
 
     session = _Session()
@@ -625,17 +601,18 @@ def _timeout_session(timeout_s: float):
     return session
 
 
-def workflows_service(argo, timeout_s: float = ARGO_TIMEOUT_S):
+def workflows_service(argo):
     """hera's `WorkflowsService` for an `ArgoServer` block, with a timeout on every request."""
     from hera.workflows import WorkflowsService
 
     return WorkflowsService(
         host=argo.url.rstrip("/") + "/", namespace=argo.namespace, verify_ssl=argo.verify_tls,
-        token=argo.token.get_secret_value() if argo.token else None, session=_timeout_session(timeout_s),
+        token=argo.token.get_secret_value() if argo.token else None, session=_timeout_session(),
     )
 
 
-def _argo_call(fn, *args, **kwargs):
+def _argo_call(redactor: Redactor, fn, *args, **kwargs):
+    """Call the Argo Server; its error answers become `ArgoAPIError` with the message redacted."""
     from hera.exceptions import HeraException
 
     try:
@@ -645,14 +622,20 @@ def _argo_call(fn, *args, **kwargs):
         if status is None:
             m = re.search(r"status code (\d{3})", str(exc))
             status = int(m.group(1)) if m else None
-        raise ArgoAPIError(status, f"Argo API: {exc}") from None
+        raise ArgoAPIError(status, redactor.text(f"Argo API: {exc}")) from None
+
+
+def _as_dict(wf, redactor: Redactor) -> dict[str, Any]:
+    """A hera Workflow model as the API's JSON, redacted (a task result may be persisted)."""
+    return redactor.value(wf.model_dump(by_alias=True, exclude_none=True, mode="json"))
 
 
 def argo_ui_link(argo, namespace: str, name: str) -> str:
     return f"{argo.url.rstrip('/')}/workflows/{namespace}/{name}"
 
 
-def create_or_adopt_workflow(argo, namespace: str, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def create_or_adopt_workflow(argo, namespace: str, manifest: dict[str, Any], *,
+                             redactor: Redactor) -> tuple[dict[str, Any], bool]:
     """Create the workflow; on 409 AlreadyExists adopt the existing one. Returns (workflow, adopted)."""
     from hera.workflows.models import Workflow as ModelWorkflow
     from hera.workflows.models import WorkflowCreateRequest
@@ -660,49 +643,47 @@ def create_or_adopt_workflow(argo, namespace: str, manifest: dict[str, Any]) -> 
     with workflows_service(argo) as svc:
         req = WorkflowCreateRequest(namespace=namespace, workflow=ModelWorkflow.model_validate(manifest))
         try:
-            created = _argo_call(svc.create_workflow, req, namespace=namespace)
-            return created.model_dump(by_alias=True, exclude_none=True, mode="json"), False
+            return _as_dict(_argo_call(redactor, svc.create_workflow, req, namespace=namespace), redactor), False
         except ArgoAPIError as exc:
             if exc.status_code != 409:
                 raise
-        existing = _argo_call(svc.get_workflow, manifest["metadata"]["name"], namespace=namespace)
-        return existing.model_dump(by_alias=True, exclude_none=True, mode="json"), True
+        existing = _argo_call(redactor, svc.get_workflow, manifest["metadata"]["name"], namespace=namespace)
+        return _as_dict(existing, redactor), True
 
 
-def read_workflow(argo, namespace: str, name: str) -> dict[str, Any]:
+def read_workflow(argo, namespace: str, name: str, *, redactor: Redactor) -> dict[str, Any]:
     with workflows_service(argo) as svc:
-        wf = _argo_call(svc.get_workflow, name, namespace=namespace)
-        return wf.model_dump(by_alias=True, exclude_none=True, mode="json")
+        return _as_dict(_argo_call(redactor, svc.get_workflow, name, namespace=namespace), redactor)
 
 
 def shutdown_workflow(argo, namespace: str, name: str, strategy: Literal["stop", "terminate"],
-                      message: str | None = None) -> dict[str, Any]:
+                      message: str | None = None, *, redactor: Redactor) -> dict[str, Any]:
     """Stop (exit handlers run) or terminate (they do not) a workflow. A finished one is left as it is."""
     from hera.workflows.models import WorkflowStopRequest, WorkflowTerminateRequest
 
     with workflows_service(argo) as svc:
-        current = _argo_call(svc.get_workflow, name, namespace=namespace)
+        current = _argo_call(redactor, svc.get_workflow, name, namespace=namespace)
         if current.status and current.status.phase in TERMINAL_PHASES:
-            return current.model_dump(by_alias=True, exclude_none=True, mode="json")
+            return _as_dict(current, redactor)
         try:
             if strategy == "stop":
-                wf = _argo_call(svc.stop_workflow, name, WorkflowStopRequest(name=name, namespace=namespace,
-                                                                             message=message), namespace=namespace)
+                wf = _argo_call(redactor, svc.stop_workflow, name,
+                                WorkflowStopRequest(name=name, namespace=namespace, message=message),
+                                namespace=namespace)
             else:
-                wf = _argo_call(svc.terminate_workflow, name,
+                wf = _argo_call(redactor, svc.terminate_workflow, name,
                                 WorkflowTerminateRequest(name=name, namespace=namespace), namespace=namespace)
         except ArgoAPIError as exc:  # it finished between the read and the shutdown
             if exc.status_code not in (400, 409):
                 raise
-            wf = _argo_call(svc.get_workflow, name, namespace=namespace)
+            wf = _argo_call(redactor, svc.get_workflow, name, namespace=namespace)
             if not (wf.status and wf.status.phase in TERMINAL_PHASES):
                 raise
-        return wf.model_dump(by_alias=True, exclude_none=True, mode="json")
+        return _as_dict(wf, redactor)
 
 
-def read_pod_logs(argo, namespace: str, name: str, pod: str, container: str = "main",
-                  tail_lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of one pod's log, through the Argo Server's log endpoint.
+def read_pod_logs(argo, namespace: str, name: str, pod: str, *, redactor: Redactor) -> str:
+    """The last `LOG_TAIL_LINES` lines of one pod's main container, redacted, through the Argo Server.
 
     hera's `workflow_logs` parses the answer as one JSON object, but Argo streams one object per
     line; so this uses the service's session (same token, same timeout) and parses the stream.
@@ -711,14 +692,14 @@ def read_pod_logs(argo, namespace: str, name: str, pod: str, container: str = "m
     try:
         resp = svc.session.get(
             f"{svc.host}api/v1/workflows/{namespace}/{name}/log",
-            params={"podName": pod, "logOptions.container": container, "logOptions.tailLines": str(tail_lines)},
+            params={"podName": pod, "logOptions.container": "main", "logOptions.tailLines": str(LOG_TAIL_LINES)},
             headers={"Authorization": svc.token} if svc.token else {}, verify=svc.verify_ssl,
         )
     finally:
         svc.close()
     if not resp.ok:
-        raise ArgoAPIError(resp.status_code, f"Argo API: logs of {pod}: HTTP {resp.status_code}")
-    return "\n".join(content for _, content in parse_log_stream(resp.text))
+        raise ArgoAPIError(resp.status_code, redactor.text(f"Argo API: logs of {pod}: HTTP {resp.status_code}"))
+    return redactor.text("\n".join(content for _, content in parse_log_stream(resp.text)))
 
 
 def _tasks():

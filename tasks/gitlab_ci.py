@@ -1,18 +1,23 @@
 """GitLab's API for CI feedback: repository files, commit statuses, commit comments and MR notes.
 
-Through python-gitlab, with the `GitLabAPI` block's token and timeout. (Backups talk to GitLab in
-`tasks/gitlab.py`; this module is what a training run needs to read its spec and report back.)
+The tasks take a python-gitlab client (`GitLabAPI.get_client()`, with the block's token and
+timeout; the flow builds it once per run) and a `tasks.redact.Redactor`: a status description or a
+note is redacted before it is posted, and GitLab's error messages are redacted before they leave a
+task. (Backups talk to GitLab in `tasks/gitlab.py`; this module is what a training run needs to
+read its spec and report back.)
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from contextlib import contextmanager
+from typing import Literal
 
 from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks._retry import TRANSIENT_RETRIES
+from tasks.redact import Redactor
 
 StatusState = Literal["pending", "running", "success", "failed", "canceled"]
 DESCRIPTION_MAX = 255  # GitLab truncates longer commit status descriptions
@@ -29,25 +34,35 @@ def status_description(text: str) -> str:
     return line if len(line) <= DESCRIPTION_MAX else line[: DESCRIPTION_MAX - 1] + "…"
 
 
-def _project(gitlab, project: str):
-    return gitlab.get_client().projects.get(project, lazy=True)
+@contextmanager
+def _redacted_errors(redactor: Redactor):
+    """GitLab's error answers, re-raised as the same exception type and code with the message redacted
+    and without the response body (the retry policy reads `response_code`)."""
+    import gitlab as gl
+
+    try:
+        yield
+    except gl.exceptions.GitlabError as exc:
+        raise type(exc)(redactor.text(str(exc.error_message)), exc.response_code) from None
 
 
-@task(name="get-gitlab-project", cache_policy=NONE, **TRANSIENT_RETRIES)
-def get_project(gitlab, project: str) -> dict[str, Any]:
-    """The project's id, path, default branch and clone URL."""
-    p = gitlab.get_client().projects.get(project)
-    return {"id": p.id, "path_with_namespace": p.path_with_namespace, "http_url_to_repo": p.http_url_to_repo,
-            "web_url": getattr(p, "web_url", None), "default_branch": getattr(p, "default_branch", None)}
+@task(name="get-gitlab-clone-url", cache_policy=NONE, **TRANSIENT_RETRIES)
+def project_clone_url(gitlab, project: str, *, redactor: Redactor) -> str:
+    """The project's HTTP clone URL."""
+    with _redacted_errors(redactor):
+        return redactor.text(gitlab.projects.get(project).http_url_to_repo)
 
 
-@task(name="read-repository-file", cache_policy=NONE, **TRANSIENT_RETRIES)
-def read_repository_file(gitlab, project: str, file_path: str, ref: str) -> str | None:
+# The file is returned as written, not redacted: the training spec's validation must see a token
+# pasted into it in order to reject it. So this one result is never persisted.
+@task(name="read-repository-file", cache_policy=NONE, persist_result=False, **TRANSIENT_RETRIES)
+def read_repository_file(gitlab, project: str, file_path: str, ref: str, *, redactor: Redactor) -> str | None:
     """The file's text at `ref`, or None when the repository has no such file there."""
     import gitlab as gl
 
     try:
-        raw = _project(gitlab, project).files.raw(file_path=file_path, ref=ref)
+        with _redacted_errors(redactor):
+            raw = gitlab.projects.get(project, lazy=True).files.raw(file_path=file_path, ref=ref)
     except gl.exceptions.GitlabGetError as exc:
         if exc.response_code == 404:
             return None
@@ -57,31 +72,35 @@ def read_repository_file(gitlab, project: str, file_path: str, ref: str) -> str 
 
 @task(name="set-commit-status", cache_policy=NONE, **TRANSIENT_RETRIES)
 def set_commit_status(gitlab, project: str, sha: str, state: StatusState, *, ref: str | None, name: str,
-                      target_url: str | None, description: str) -> dict[str, Any] | None:
-    """Post a commit status. A retry after a lost answer finds the state already set: that is success."""
+                      target_url: str | None, description: str, redactor: Redactor) -> None:
+    """Post a commit status (its description redacted). A retry after a lost answer finds the state
+    already set: that is success."""
     import gitlab as gl
 
-    data = {"state": state, "name": name, "description": status_description(description)}
+    data = {"state": state, "name": name, "description": status_description(redactor.text(description))}
     if ref:
         data["ref"] = ref
     if target_url:
         data["target_url"] = target_url
     try:
-        status = _project(gitlab, project).commits.get(sha, lazy=True).statuses.create(data)
+        with _redacted_errors(redactor):
+            gitlab.projects.get(project, lazy=True).commits.get(sha, lazy=True).statuses.create(data)
     except gl.exceptions.GitlabCreateError as exc:
-        if exc.response_code == 400 and "Cannot transition status" in str(exc.error_message):
-            return None
+        if exc.response_code == 400 and "Cannot transition status" in exc.error_message:
+            return
         raise
-    return status.attributes
 
 
 @task(name="post-commit-note", cache_policy=NONE, **TRANSIENT_RETRIES)
-def post_note(gitlab, project: str, sha: str, body: str, merge_request_iid: int | None = None) -> str:
-    """A note on the merge request when there is one, else a comment on the commit. Returns where."""
+def post_note(gitlab, project: str, sha: str, body: str, merge_request_iid: int | None = None, *,
+              redactor: Redactor) -> str:
+    """A note (redacted) on the merge request when there is one, else a comment on the commit. Returns where."""
+    body = redactor.text(body)
     body = body if len(body) <= NOTE_MAX else body[:NOTE_MAX] + "\n\n…(truncated)"
-    p = _project(gitlab, project)
-    if merge_request_iid:
-        p.mergerequests.get(merge_request_iid, lazy=True).notes.create({"body": body})
-        return f"{project}!{merge_request_iid}"
-    p.commits.get(sha, lazy=True).comments.create({"note": body})
+    p = gitlab.projects.get(project, lazy=True)
+    with _redacted_errors(redactor):
+        if merge_request_iid:
+            p.mergerequests.get(merge_request_iid, lazy=True).notes.create({"body": body})
+            return f"{project}!{merge_request_iid}"
+        p.commits.get(sha, lazy=True).comments.create({"note": body})
     return f"{project}@{sha[:12]}"

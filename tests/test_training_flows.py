@@ -5,6 +5,10 @@ A push event (a `train_on_push` run) must leave the commit statuses pending -> r
 (or failed / canceled) on the stand-in GitLab and exactly one workflow on the stand-in Argo, even
 when the first submit's response is lost. Polls are short here (0.2 s), the Argo stand-in advances
 one step per 0.5 s.
+
+Fault-and-retry tests read the Argo stand-in's request log to prove the fault fired and to count
+the attempts. Secrets: the flows redact what they report with every secret of the platform's
+blocks (`Platform.secrets()`), and the Argo / GitLab tasks redact what they return.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import secrets
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -54,6 +59,10 @@ class Argo:
     def heal(self) -> None:
         httpx.post(f"{self.url}/control/heal", timeout=10).raise_for_status()
 
+    def requests_since(self, t0: float, method: str, path: str) -> list[dict]:
+        """The stand-in's log of API requests (faulted ones included) made at or after `t0`."""
+        return [r for r in self.state()["requests"] if r["at"] >= t0 and r["method"] == method and r["path"] == path]
+
     def workflows(self, commit: str) -> list[dict]:
         return [wf for wf in self.state()["workflows"].values()
                 if (wf["metadata"].get("annotations") or {}).get("ai-platform-ops/commit") == commit]
@@ -88,16 +97,18 @@ class GitLab:
 
 
 @pytest.fixture
-def argo(training_platform, sandbox):
-    a = Argo(sandbox.urls["argo"])
+def argo(training_platform):
+    """The Argo stand-in the `sandbox-ci` platform points at, healed before and after the test."""
+    a = Argo(str(training_platform.argo.url).rstrip("/"))
     a.heal()
     yield a
     a.heal()
 
 
 @pytest.fixture
-def gitlab(training_platform, sandbox):
-    return GitLab(sandbox.urls["gitlab_ci_api"])
+def gitlab(training_platform):
+    """The GitLab CI API stand-in the `sandbox-ci` platform points at."""
+    return GitLab(str(training_platform.gitlab.api_url).rstrip("/"))
 
 
 def _push(gitlab, spec, project="ml/rl-robot"):
@@ -106,10 +117,10 @@ def _push(gitlab, spec, project="ml/rl-robot"):
     return project, sha
 
 
-def _train(project, sha, **kw):
+def _train(project, sha, platform="sandbox-ci", **kw):
     from flows.training import train_on_push
 
-    return train_on_push(project=project, commit_sha=sha, ref="main", platform="sandbox-ci",
+    return train_on_push(project=project, commit_sha=sha, ref="main", platform=platform,
                          return_state=True, **(FAST | kw))
 
 
@@ -128,7 +139,9 @@ async def _run_outputs(flow_run_id) -> str:
         LogFilter,
         LogFilterFlowRunId,
     )
+    from prefect.logging.handlers import APILogHandler
 
+    await APILogHandler.aflush()  # logs are sent in batches: send what is still queued
     async with get_client() as client:
         ids = [flow_run_id]
         children = await client.read_flow_runs(
@@ -147,11 +160,18 @@ def _outputs(state) -> str:
     return asyncio.run(_run_outputs(state.state_details.flow_run_id))
 
 
-def test_push_trains_once_even_when_the_first_submit_response_is_lost(argo, gitlab):
+def test_push_trains_once_even_when_the_first_submit_response_is_lost(argo, gitlab, training_platform):
     project, sha = _push(gitlab, _spec("succeed"))
+    t0 = time.time()
     argo.fault("lose-create-response")
     state = _train(project, sha)
     assert state.is_completed(), state.message
+
+    # the fault fired: the first create was stored but its answer lost; the one retry got 409 and adopted
+    assert argo.state()["faults"] == {}
+    assert len(argo.requests_since(t0, "POST", f"/api/v1/workflows/{training_platform.argo.namespace}")) == 2
+    submits = _task_runs(_flow_run_of(sha, "argo-training-run").id, "submit-argo-workflow")
+    assert [(r.run_count, r.state.type.value) for r in submits] == [(2, "COMPLETED")]
 
     statuses = gitlab.statuses(project, sha)
     assert [s["status"] for s in statuses] == ["pending", "running", "success"]
@@ -173,7 +193,7 @@ def test_push_trains_once_even_when_the_first_submit_response_is_lost(argo, gitl
     params = {p["name"]: p.get("value") for p in wf["spec"]["arguments"]["parameters"]}
     assert params == {"EPOCHS": "10"}
     for secret in _secret_values():
-        assert secret not in text and secret not in json.dumps(params)
+        assert secret not in text
     outputs = _outputs(state)
     assert wf["metadata"]["name"] in outputs
     for secret in _secret_values():
@@ -185,7 +205,6 @@ def test_push_trains_once_even_when_the_first_submit_response_is_lost(argo, gitl
 
 def test_failed_training_reports_argo_message_and_logs_without_secrets(argo, gitlab):
     project, sha = _push(gitlab, _spec("fail"))
-    gitlab.add_project(project, sha, _spec("fail"))
     state = _train(project, sha, merge_request_iid="7")
     assert state.is_failed()
     assert "failed: child" in state.message  # Argo's message
@@ -231,6 +250,16 @@ def _flow_run_of(sha: str, flow_name: str, timeout_s: float = 30):
                     return run
             time.sleep(0.1)
     raise AssertionError(f"no {flow_name} run for {sha}")
+
+
+def _task_runs(flow_run_id, task_name: str) -> list:
+    """The runs of one task in one flow run, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted((r for r in runs if r.name.startswith(f"{task_name}-")), key=lambda r: r.expected_start_time)
 
 
 def _in_thread(fn, **kw):
@@ -282,7 +311,7 @@ def test_a_workflow_stopped_in_argo_ends_the_run_cancelled(argo, gitlab, sandbox
     assert [s["status"] for s in gitlab.statuses(project, sha)] == ["pending", "running", "canceled"]
 
 
-def test_timeout_terminates_the_workflow(argo, training_platform):
+def test_timeout_terminates_the_workflow(argo):
     from flows.training import argo_training_run
     from tasks.argo import parse_training_spec
 
@@ -295,23 +324,40 @@ def test_timeout_terminates_the_workflow(argo, training_platform):
     assert wf["spec"]["shutdown"] == "Terminate" and wf["status"]["phase"] == "Failed"
 
 
-def test_argo_down_at_submit_fails_the_run_and_the_status(argo, gitlab):
+def test_argo_down_at_submit_fails_the_run_and_the_status(argo, gitlab, training_platform):
+    from tasks._retry import TRANSIENT_RETRIES
+
     project, sha = _push(gitlab, _spec("succeed"))
+    t0 = time.time()
     argo.fault("down")  # every request, until healed
     state = _train(project, sha)
     argo.heal()
     assert state.is_failed()
     assert [s["status"] for s in gitlab.statuses(project, sha)] == ["pending", "running", "failed"]
     assert argo.workflows(sha) == []
+    # the fault fired on every attempt: the submit and its retries, no more, and nothing after them
+    ns = training_platform.argo.namespace
+    assert len(argo.requests_since(t0, "POST", f"/api/v1/workflows/{ns}")) == 1 + TRANSIENT_RETRIES["retries"]
+    assert [r for r in argo.state()["requests"] if r["at"] >= t0 and r["method"] != "POST"] == []
+    submits = _task_runs(_flow_run_of(sha, "argo-training-run").id, "submit-argo-workflow")
+    assert [(r.run_count, r.state.type.value) for r in submits] == [(1 + TRANSIENT_RETRIES["retries"], "FAILED")]
 
 
 def test_argo_down_during_follow_is_retried(argo, gitlab):
     project, sha = _push(gitlab, _spec("succeed"))
+    t0 = time.time()
     argo.fault("down", count=2, only="GET")  # the submit (POST) goes through, the next two reads fail
     state = _train(project, sha)
     assert state.is_completed(), state.message
     assert [s["status"] for s in gitlab.statuses(project, sha)] == ["pending", "running", "success"]
-    assert len(argo.workflows(sha)) == 1
+    workflows = argo.workflows(sha)
+    assert len(workflows) == 1
+    # the fault fired twice, both on the first read: that poll took 3 attempts, any later one took 1
+    assert argo.state()["faults"] == {}
+    ns, name = workflows[0]["metadata"]["namespace"], workflows[0]["metadata"]["name"]
+    polls = _task_runs(_flow_run_of(sha, "argo-training-run").id, "get-argo-workflow")
+    assert [r.run_count for r in polls] == [3] + [1] * (len(polls) - 1)
+    assert len(argo.requests_since(t0, "GET", f"/api/v1/workflows/{ns}/{name}")) == len(polls) + 2
 
 
 def _push_image(registry_url: str, repository: str, tag: str) -> None:
@@ -389,3 +435,152 @@ def test_push_with_an_existing_image_trains_with_it(argo, gitlab, training_platf
     assert len(wf) == 1  # no build workflow: the image was there
     image = wf[0]["spec"]["templates"][0]["container"]["image"]
     assert image == f"{registry_url.removeprefix('http://')}/ml/rl-robot:{sha[:12]}"
+
+
+# --- secrets in what Argo and GitLab answer ---------------------------------------------------------
+
+# A line fragment the Argo stand-in's failing pod prints (sandbox/argo.py). Here it plays a secret that
+# the platform holds (its registry password): the redaction must hide it by value, not by its shape.
+LOGGED_SECRET = "legged_gym/scripts/train.py"
+
+
+@pytest.fixture
+def leaky_platform(training_platform, monkeypatch) -> str:
+    """`sandbox-ci` under another name, whose registry password is printed by the stand-in's failing pod."""
+    from blocks.config import parse_platform_config
+    from blocks.load import load_blocks
+
+    monkeypatch.setenv("SANDBOX_CI_LEAK_PASSWORD", LOGGED_SECRET)
+    data = training_platform.model_dump(mode="json", exclude_none=True)
+    data["name"] = "sandbox-ci-leak"
+    data["registry"] |= {"username": "ci", "password": {"env": "SANDBOX_CI_LEAK_PASSWORD"}}
+    load_blocks(parse_platform_config(data, "leaky-platform"))
+    return data["name"]
+
+
+def test_a_platform_secret_in_a_pod_log_reaches_no_result_artifact_log_or_note(argo, gitlab, leaky_platform):
+    project, sha = _push(gitlab, _spec("fail"))
+    state = _train(project, sha, platform=leaky_platform, merge_request_iid="3")
+    assert state.is_failed()
+
+    # the secret is really in the failed pod's log, as Argo serves it
+    wf = argo.workflows(sha)[0]
+    ns, name = wf["metadata"]["namespace"], wf["metadata"]["name"]
+    raw = httpx.get(f"{argo.url}/api/v1/workflows/{ns}/{name}/log", timeout=10,
+                    headers={"Authorization": f"Bearer {os.environ['SANDBOX_ARGO_TOKEN']}"}).text
+    assert LOGGED_SECRET in raw
+
+    # ... and nowhere in what the runs report: results, logs, the summary artifact, the note
+    result = state.result(raise_on_failure=False)
+    assert result["failed_steps"] and "CUDA out of memory" in result["failed_steps"][0]["log_tail"]
+    assert LOGGED_SECRET not in json.dumps(result)
+    training = _flow_run_of(sha, "argo-training-run")
+    assert LOGGED_SECRET not in (training.state.message or "")
+    outputs = _outputs(state)
+    assert "failed step run-rl-demo" in outputs  # the flow log that carries the failed step's log tail
+    assert "CUDA out of memory" in outputs and 'File \\"***\\", line 42' in outputs
+    assert LOGGED_SECRET not in outputs
+    note = gitlab.state()["mr_notes"][f"{project}!3"][-1]["body"]
+    assert 'File "***", line 42' in note and LOGGED_SECRET not in note
+    assert all(LOGGED_SECRET not in (s["description"] or "") for s in gitlab.statuses(project, sha))
+
+
+class _Canned:
+    """An HTTP server on loopback that answers every request with `answer` and records each request."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        canned = self
+        self.answer: tuple[int, Any] = (200, {})
+        self.received: list[dict] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length).decode() if length else ""
+                canned.received.append({"method": self.command, "path": self.path, "body": body})
+                status, payload = canned.answer
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = _any  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+
+@pytest.fixture
+def canned():
+    server = _Canned()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")
+def test_argo_tasks_return_and_raise_no_secret(canned):
+    from blocks.connections import ArgoServer
+    from tasks.argo import ArgoAPIError, get_pod_logs, get_workflow
+    from tasks.redact import Redactor
+
+    secret = f"platform-secret-{secrets.token_hex(8)}"
+    argo = ArgoServer(url=canned.url, namespace="ml", token=f"argo-{secrets.token_hex(8)}")
+    redactor = Redactor.of([secret, argo.token.get_secret_value()])
+
+    lines = [f"using the password {secret}", "AUTH_URL is http://oauth2:glpat-CANNEDLEAKEDTOKEN1@gitlab/x.git",
+             "RuntimeError: CUDA out of memory"]
+    canned.answer = 200, "".join(json.dumps({"result": {"content": line, "podName": "wf-1-run-1"}}) + "\n"
+                                 for line in lines).encode()
+    text = get_pod_logs(argo, "ml", "wf-1", "wf-1-run-1", redactor=redactor)
+    assert text == "using the password ***\nAUTH_URL is http://***:***@gitlab/x.git\nRuntimeError: CUDA out of memory"
+
+    canned.answer = 403, {"code": 7, "message": f"the service account with {secret} may not get workflows"}
+    before = len(canned.received)
+    state = get_workflow(argo, "ml", "wf-1", redactor=redactor, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ArgoAPIError, match=r"status code 403 .*the service account with \*\*\* may not") as err:
+        state.result()
+    assert err.value.status_code == 403 and secret not in str(err.value) and secret not in state.message
+    assert len(canned.received) - before == 1  # a 403 is not transient: one attempt, no retry
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")
+def test_gitlab_tasks_post_and_raise_no_secret(canned):
+    import gitlab as gl
+
+    from tasks.gitlab_ci import post_note, read_repository_file, set_commit_status
+    from tasks.redact import Redactor
+
+    secret = f"platform-secret-{secrets.token_hex(8)}"
+    client = gl.Gitlab(canned.url, private_token=f"gitlab-{secrets.token_hex(8)}", timeout=5)
+    redactor = Redactor.of([secret])
+
+    canned.answer = 201, {"id": 1}
+    where = post_note(client, "ml/x", "0123abcd", f"log tail:\n{secret}\nglpat-CANNEDLEAKEDTOKEN1", 7,
+                      redactor=redactor)
+    assert where == "ml/x!7"
+    posted = json.loads(canned.received[-1]["body"])
+    assert canned.received[-1]["path"] == "/api/v4/projects/ml%2Fx/merge_requests/7/notes"
+    assert posted == {"body": "log tail:\n***\n***"}
+    set_commit_status(client, "ml/x", "0123abcd", "failed", ref="main", name="aiplatform/train", target_url=None,
+                      description=f"training failed: {secret}", redactor=redactor)
+    assert json.loads(canned.received[-1]["body"])["description"] == "training failed: ***"
+
+    canned.answer = 403, {"message": f"403 Forbidden - {secret} lacks read_repository"}
+    before = len(canned.received)
+    with pytest.raises(gl.exceptions.GitlabGetError, match=r"403: 403 Forbidden - \*\*\* lacks") as err:
+        read_repository_file(client, "ml/x", ".aiplatform/train.yaml", "0123abcd", redactor=redactor)
+    assert err.value.response_code == 403 and err.value.response_body is None and err.value.__cause__ is None
+    assert secret not in str(err.value)
+    assert len(canned.received) - before == 1  # a 403 is not transient: one attempt, no retry
