@@ -16,6 +16,7 @@ BENCHMARKS = {
     "inventory": "benchmarks.inventory",
     "gpu-sweep": "benchmarks.gpu_sweep",
     "backup-stream": "benchmarks.backup_stream",
+    "cert-scan": "benchmarks.cert_scan",
 }
 
 
@@ -24,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(BENCHMARKS))
     parser.add_argument("--size", type=int, default=None, help="benchmark size (its own default when omitted)")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions per measurement (median)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     module = importlib.import_module(BENCHMARKS[args.name])
-    module.run(size=args.size, repeat=args.repeat)
+    if extra:  # a benchmark's own options (cert-scan: --endpoints N, ...)
+        module.run(size=args.size, repeat=args.repeat, extra=extra)
+    else:
+        module.run(size=args.size, repeat=args.repeat)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 - project:  `tasks.storage.copy_stream` with a `TarStreamVerifier` into a `LocalFileSink` (one pass that
   hashes, checks the tar and writes `NAME.part`; then the copy is read back and its SHA-256 compared
-  before the rename), plus `tasks.gitlab.check_archive` on what the pass captured. It runs in a child
+  before the rename), plus `tasks.gitlab_rules.check_archive` on what the pass captured. It runs in a child
   process so its peak RSS is its own (target: <= 150 MB whatever the size: nothing is held in memory).
 - baseline: `sha256sum ARCHIVE` followed by `cp ARCHIVE DEST`, the same run, the same file.
 
@@ -65,7 +65,7 @@ def make_archive(directory: Path, size_mb: int) -> Path:
 
 def child(archive: str, dest: str) -> None:
     """The project side, in its own process: one verified copy; prints seconds and peak RSS."""
-    from tasks.gitlab import check_archive
+    from tasks.gitlab_rules import check_archive
     from tasks.storage import LocalFileSink, TarStreamVerifier, copy_stream, file_chunks
 
     start = time.perf_counter()

@@ -1,8 +1,12 @@
 """gpu-sweep: one sweep over an N-node x 8-GPU sandbox fleet vs a naive per-node baseline, same run.
 
-- project:  `flows.gpu_monitoring_sweep.sweep`: two paginated Kubernetes listings and four PromQL
-  queries run together, one follow-up query for the GPUs that need details, the pure join and
-  classification. Prefect's start-up is not included (the flow wraps this in a handful of tasks).
+- project:  `flows.gpu_monitoring_sweep.sweep` (the flow's own `run_sweep`): two paginated Kubernetes
+  listings and four PromQL queries run together, filtered and aggregated in Prometheus (per-exporter
+  counts and utilisation; full series only for GPUs that fail a filter), one follow-up query for the
+  GPUs that need details, the pure join and classification. Prefect's start-up is not included.
+- baseline `afternoon`: what a competent engineer writes in an afternoon: the typed `kubernetes`
+  client listing nodes and pods once, `prometheus-api-client` asking one query per metric for the
+  whole fleet, joined and judged in Python. Timed whole, in the same run.
 - baseline `per-node`: what a script asking per node does: list the nodes, then for each node read
   it, list its pods (`fieldSelector=spec.nodeName=...`) and ask Prometheus one query per metric for
   that node's exporter; timed on a sample of nodes and scaled to N (`extrapolated_from`).
@@ -39,6 +43,53 @@ BASELINE_QUERIES = [
 ]
 
 
+AFTERNOON_QUERIES = {
+    "util": "avg_over_time(DCGM_FI_DEV_GPU_UTIL[{w}])",
+    "util_max": "max_over_time(DCGM_FI_DEV_GPU_UTIL[{w}])",
+    "temp": "max_over_time(DCGM_FI_DEV_GPU_TEMP[{w}])",
+    "memory_temp": "max_over_time(DCGM_FI_DEV_MEMORY_TEMP[{w}])",
+    "xid": "max_over_time(DCGM_FI_DEV_XID_ERRORS[{w}])",
+    "rows": "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+    "row_fail": "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+    "up": "up",
+}
+
+
+def afternoon(api, prom: str, th) -> int:
+    """The afternoon script: typed client listings, one fleet-wide query per metric, a join in Python."""
+    from kubernetes import client as k8s
+    from prometheus_api_client import PrometheusConnect
+
+    core = k8s.CoreV1Api(api)
+    nodes = core.list_node(label_selector="nvidia.com/gpu.product", _request_timeout=TIMEOUT_S).items
+    pods = core.list_pod_for_all_namespaces(field_selector="status.phase=Running", _request_timeout=TIMEOUT_S).items
+    host_node = {n.metadata.name: n.metadata.name for n in nodes}
+    held: dict[str, list[str]] = {}
+    for p in pods:
+        if (p.metadata.labels or {}).get("app") == "nvidia-dcgm-exporter":
+            host_node[p.metadata.name] = p.spec.node_name
+        for c in p.spec.containers:
+            limits = (c.resources.limits or {}) if c.resources else {}
+            if any(k.startswith(("nvidia.com/", "aliyun.com/")) for k in limits):
+                held.setdefault(p.spec.node_name, []).append(f"{p.metadata.namespace}/{p.metadata.name}")
+    pc = PrometheusConnect(url=prom, disable_ssl=True)
+    answers = {k: pc.custom_query(q.format(w=th.window), params={"timeout": f"{int(TIMEOUT_S)}s"})
+               for k, q in AFTERNOON_QUERIES.items()}
+    gpus: dict[tuple[str, str], dict[str, float]] = {}
+    for name, series in answers.items():
+        for s in series:
+            m = s["metric"]
+            node = host_node.get(m.get("Hostname", ""))
+            if node is not None:
+                gpus.setdefault((node, m.get("gpu", "")), {})[name] = float(s["value"][1])
+    findings = 0
+    for (node, _gpu), v in gpus.items():
+        findings += v.get("xid", 0) in th.critical_xids or v.get("rows", 0) > 0 or v.get("row_fail", 0) > 0
+        findings += v.get("temp", 0) > th.temp_c or v.get("memory_temp", 0) > th.memory_temp_c
+        findings += v.get("util_max", 100) < th.idle_util_pct and bool(held.get(node))
+    return findings
+
+
 def run(size: int | None = None, repeat: int = 5) -> None:
     from kubernetes import client as k8s
 
@@ -46,11 +97,11 @@ def run(size: int | None = None, repeat: int = 5) -> None:
     from sandbox.cluster import exporter_pod_names
     from sandbox.platform import Sandbox, _start_prometheus, start_core
     from sandbox.prometheus import wait_for_first_scrape
-    from tasks.gpu_health import SweepThresholds
+    from tasks.gpu_model import SweepSettings, SweepThresholds
     from tasks.kubernetes import api_client_from_kubeconfig, list_raw
 
     size = size or 2000
-    th = SweepThresholds()  # the platform defaults: a 15m window
+    th = SweepThresholds()  # the platform defaults: a 15m window, XIDs read at a 1m resolution
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
         sb = Sandbox(state_dir=Path(tmp), gpu_nodes=size, nodes=size + 4, profile="sweep")
@@ -63,7 +114,7 @@ def run(size: int | None = None, repeat: int = 5) -> None:
             last = {}
 
             def project():
-                result = sweep(api, prom, th, cluster="sandbox", timeout_s=TIMEOUT_S)
+                result = sweep(api, prom, SweepSettings(thresholds=th, cluster="sandbox"), timeout_s=TIMEOUT_S)
                 last["result"] = result
                 return result
 
@@ -97,10 +148,15 @@ def run(size: int | None = None, repeat: int = 5) -> None:
             baseline_sample()
             per_node = (time.perf_counter() - t) / sample
             baseline_seconds = per_node * size
+            afternoon_seconds, afternoon_findings = timed(lambda: afternoon(api, prom, th),
+                                                          repeat=max(1, repeat // 2), warmup=0)
             emit("gpu-sweep", size, seconds=seconds, baseline_seconds=baseline_seconds, peak_rss_mb=rss,
                  round_trips=result.round_trips, baseline="per-node", baseline_round_trips=size * (2 + len(
                      BASELINE_QUERIES)) + 1, extrapolated_from=sample, gpus=size * 8,
                  findings=len(result.findings), phases={k: round(v, 3) for k, v in result.timings.items()},
                  sandbox_setup_s=round(setup_s, 1), scrape_interval_s=sb.scrape_interval_s)
+            emit("gpu-sweep", size, seconds=seconds, baseline_seconds=afternoon_seconds, baseline="afternoon",
+                 round_trips=result.round_trips, baseline_round_trips=2 + len(AFTERNOON_QUERIES), gpus=size * 8,
+                 baseline_findings=afternoon_findings)
         finally:
             sb.down()

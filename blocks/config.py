@@ -199,11 +199,37 @@ class SSHTarget(_Model):
     connect_timeout_s: float = Field(10.0, gt=0, le=300)
 
 
+_HOST_PATH_RE = r"^/[A-Za-z0-9_.@/\-]*$"
+
+
+class ClusterHost(SSHTarget):
+    """A control-plane or etcd host of a cluster, reached over SSH (certificate checks and renewal).
+
+    Ports are kubespray's defaults (`roles/kubespray-defaults/defaults/main/main.yml`): `kube_apiserver_port`
+    6443, etcd's client URL :2379 and, with `etcd_events_cluster_enabled`, the events cluster's :2383."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,252}$",
+                             description="the node's name as in the kubespray inventory (default: host)")
+    root: str = Field("/", pattern=_HOST_PATH_RE,
+                      description="prefix of every host path: '/' on a real host (the sandbox's emulated hosts "
+                                  "each live in their own folder)")
+    apiserver_port: Port | None = Field(6443, description="kube-apiserver's port on this host; null: none here")
+    etcd_port: Port | None = Field(2379, description="etcd's client port on this host; null: no etcd here")
+    etcd_events_port: Port | None = Field(None, description="the events etcd cluster's client port (kubespray: "
+                                                            "2383) when events are split out")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.host
+
+
 class ClusterConfig(_Model):
     name: Name
     kubeconfig: Path | None = Field(None, description="kubeconfig path; omit for in-cluster credentials")
     context: str | None = None
-    control_plane: list[SSHTarget] = Field(default_factory=list)
+    control_plane: list[ClusterHost] = Field(default_factory=list)
+    etcd: list[ClusterHost] = Field(default_factory=list,
+                                    description="etcd hosts that are not control-plane hosts (kubespray [etcd])")
     gpu_node_label: str = "nvidia.com/gpu.product"
     request_timeout_s: float = Field(15.0, gt=0, le=600)
     kubespray_inventory: Path | None = None
@@ -220,7 +246,27 @@ class GitLabConfig(_Model):
     backup_options: dict[str, str] = Field(
         default_factory=lambda: {"STRATEGY": "copy", "GZIP_RSYNCABLE": "yes", "CRON": "1"}
     )
+    # Host layout beyond the paths above (issue 9); the scratch section may override each.
+    backup_user: str = Field("git:git", pattern=r"^[a-z_][a-z0-9_\-]{0,31}(:[a-z_][a-z0-9_\-]{0,31})?$",
+                             description="owner of archives `gitlab-backup restore` reads (omnibus: git:git)")
+    gitlab_rb: str = "/etc/gitlab/gitlab.rb"
+    backup_log: str = Field("/var/log/gitlab/gitlab-rails/backup_json.log",
+                            description="GitLab's backup log (JSON), read for what a CRON=1 backup reported")
+    control_dir: str = Field("/run/ai-platform-ops", description="locks and process groups of supervised commands")
+    timeouts: GitLabTimeouts = Field(default_factory=lambda: GitLabTimeouts())
     scratch: GitLabScratchConfig | None = Field(None, description="scratch GitLab for the restore drill")
+
+
+class GitLabTimeouts(_Model):
+    """Per-step limits of the backup lifecycle's remote commands; a command past its limit is stopped."""
+
+    backup_create: Duration = "6h"
+    backup_restore: Duration = "6h"
+    transfer: Duration = "6h"
+    reconfigure: Duration = "30m"
+    restart: Duration = "10m"
+    check: Duration = "30m"
+    stop_grace: Duration = "30s"
 
 
 class GitLabScratchConfig(_Model):
@@ -230,6 +276,13 @@ class GitLabScratchConfig(_Model):
     backup_path: str | None = Field(None, description="defaults to the production host's backup_path")
     config_backup_path: str | None = Field(None, description="defaults to the production host's")
     secrets_file: str | None = Field(None, description="defaults to the production host's")
+    gitlab_rb: str | None = Field(None, description="defaults to the production host's")
+    backup_log: str | None = Field(None, description="defaults to the production host's")
+    control_dir: str | None = Field(None, description="defaults to the production host's")
+    external_url: HttpUrl | None = Field(None, description="scratch's own external_url, kept by the drill "
+                                                             "(defaults to api_url)")
+    object_store_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
+                                            description="scratch bucket for the drill; none: object storage off")
 
 
 class PrometheusConfig(_Model):
@@ -237,11 +290,31 @@ class PrometheusConfig(_Model):
     timeout_s: float = Field(15.0, gt=0, le=300)
 
 
+_GO_DURATION_RE = re.compile(r"^(\d+(h|m|s))+$")
+
+
+def _go_duration(value: Any) -> str:
+    if not isinstance(value, str) or not _GO_DURATION_RE.match(value):
+        raise PydanticCustomError("go_duration", "expected a duration such as 90s, 5m or 1h30m, got {value}",
+                                  {"value": repr(value)})
+    return value
+
+
 class ArgoConfig(_Model):
     url: HttpUrl
     namespace: Name = "argo"
     token: SecretField | None = None
     verify_tls: bool = True
+    # How a failed step's log outlives its pod (podGC deletes pods; Argo's /log reads live pods only).
+    archive_logs: bool = Field(False, description="render archiveLogs: true; needs an artifact repository "
+                                                  "configured in Argo (workflow-controller-configmap)")
+    keep_failed_pods_for: Annotated[str, BeforeValidator(_go_duration)] = Field(
+        "10m", description="without archive_logs: podGC.deleteDelayDuration, so a pod deleted on completion "
+                           "lives long enough for the flow to read its log")
+    allowed_resources: list[str] = Field(
+        default_factory=lambda: ["nvidia.com/gpu", "nvidia.com/gpumem", "nvidia.com/gpucores", "nvidia.com/mig-*",
+                                 "aliyun.com/gpu-mem"],
+        description="extended resources a training spec may request (names or globs such as nvidia.com/mig-*)")
 
 
 class RegistryConfig(_Model):
@@ -288,11 +361,120 @@ class GPUThresholds(_Model):
     stale_after: Duration = "2m"
     critical_xids: list[int] = Field(default_factory=lambda: list(CRITICAL_XIDS))
     cordon_max_share: float = Field(0.10, gt=0, le=1)
+    # Where the sweep and the rendered alert rules find dcgm-exporter (see tasks/gpu_model.py).
+    exporter_jobs: list[str] = Field(
+        default_factory=lambda: ["nvidia-dcgm-exporter", "dcgm-exporter"], min_length=1,
+        description="Prometheus scrape jobs of dcgm-exporter (exact names)")
+    exporter_selectors: list[str] = Field(
+        default_factory=lambda: ["app=nvidia-dcgm-exporter", "app.kubernetes.io/name=dcgm-exporter"], min_length=1,
+        description="label selectors (key=value[,key=value]) of dcgm-exporter pods; any one matches")
+    metric_selector: str = Field("", description='extra matchers for the DCGM series, e.g. cluster="gpu-prod"')
+    whole_gpu_resources: list[str] = Field(default_factory=lambda: ["nvidia.com/gpu"])
+    shared_gpu_resources: list[str] = Field(default_factory=lambda: [
+        "nvidia.com/gpu.shared", "nvidia.com/gpumem", "nvidia.com/gpumem-percentage", "nvidia.com/gpucores",
+        "aliyun.com/gpu-mem", "aliyun.com/gpu-count"])
+    gpu_resource_prefixes: list[str] = Field(default_factory=lambda: ["nvidia.com/mig-"])
+    xid_resolution: Duration = "1m"
+    unknown_share: float = Field(0.5, gt=0, le=1)
+
+    @field_validator("exporter_jobs", "exporter_selectors")
+    @classmethod
+    def _no_quotes(cls, values: list[str]) -> list[str]:
+        for v in values:
+            if not v or any(c in v for c in '"\\\n{}'):
+                raise PydanticCustomError("plain", "expected plain names without quotes or braces, got {value}",
+                                          {"value": repr(v)})
+        return values
 
 
 class CertificateThresholds(_Model):
     warn_days: int = Field(30, ge=1, le=3650)
     critical_days: int = Field(7, ge=0, le=3650)
+
+
+class CertificateEndpoint(_Model):
+    """A live TLS endpoint whose served chain is checked (a real handshake with SNI set)."""
+
+    name: str = Field(..., pattern=r"^[^\n]{1,80}$")
+    host: Host
+    port: Port = 443
+    server_name: str | None = Field(None, pattern=r"^[A-Za-z0-9*][A-Za-z0-9.\-]{0,252}$",
+                                    description="SNI and the name checked against the SANs (default: host)")
+    kind: Literal["apiserver", "etcd", "etcd-events", "gitlab", "registry", "argo", "ingress", "other"] = "other"
+
+
+class CertificateKubeconfig(_Model):
+    """A kubeconfig handed to people or CI, checked daily and refreshed by the renewal flow."""
+
+    path: Path
+    refresh_from: str | None = Field(None, pattern=r"^[a-z][a-z0-9\-]*\.conf$",
+                                     description="host kubeconfig (in layout.kubeconfig_dir) whose client "
+                                                 "certificate replaces this one's after a renewal, e.g. admin.conf")
+    user: str | None = Field(None, description="the user entry to refresh (default: the current context's)")
+
+
+class CertificateLayout(_Model):
+    """Where kubespray and kubeadm keep certificates on a host (kubespray defaults: `kube_config_dir`
+    /etc/kubernetes, `kube_cert_dir` /etc/kubernetes/ssl, `kube_cert_compat_dir` /etc/kubernetes/pki,
+    `etcd_cert_dir` /etc/ssl/etcd/ssl, `bin_dir` /usr/local/bin). Every path is under the host's `root`."""
+
+    pki_dirs: list[str] = Field(default_factory=lambda: ["/etc/kubernetes/ssl", "/etc/kubernetes/pki",
+                                                         "/etc/ssl/etcd/ssl"])
+    cert_dir: str = Field("/etc/kubernetes/ssl", pattern=_HOST_PATH_RE, description="kubeadm's --cert-dir")
+    kubeconfig_dir: str = Field("/etc/kubernetes", pattern=_HOST_PATH_RE)
+    kubeconfigs: list[str] = Field(default_factory=lambda: ["admin.conf", "super-admin.conf",
+                                                            "controller-manager.conf", "scheduler.conf",
+                                                            "kubelet.conf"])
+    kubelet_client_cert: str = Field("/var/lib/kubelet/pki/kubelet-client-current.pem", pattern=_HOST_PATH_RE)
+    manifests_dir: str = Field("/etc/kubernetes/manifests", pattern=_HOST_PATH_RE)
+    static_pods: list[str] = Field(default_factory=lambda: ["kube-apiserver.yaml", "kube-controller-manager.yaml",
+                                                            "kube-scheduler.yaml", "etcd.yaml"])
+    kubeadm: str = Field("/usr/local/bin/kubeadm", pattern=_HOST_PATH_RE)
+    backup_dir: str = Field("/var/backups/ai-platform-ops/certificates", pattern=_HOST_PATH_RE)
+    renew_timer: str = Field("k8s-certs-renew.timer", pattern=r"^[A-Za-z0-9@_.\-]+\.timer$")
+    renew_service: str = Field("k8s-certs-renew.service", pattern=r"^[A-Za-z0-9@_.\-]+\.service$")
+
+    @field_validator("pki_dirs")
+    @classmethod
+    def _absolute(cls, values: list[str]) -> list[str]:
+        for v in values:
+            if not re.match(_HOST_PATH_RE, v) or ".." in v.split("/"):
+                raise PydanticCustomError("path", "expected an absolute path of [A-Za-z0-9_.@/-], got {value}",
+                                          {"value": repr(v)})
+        return values
+
+    @field_validator("kubeconfigs", "static_pods")
+    @classmethod
+    def _file_names(cls, values: list[str]) -> list[str]:
+        for v in values:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", v):
+                raise PydanticCustomError("file_name", "expected a plain file name, got {value}", {"value": repr(v)})
+        return values
+
+
+class CertificateTimeouts(_Model):
+    source_s: float = Field(120, gt=0, le=3600, description="each source as a whole (hosts, endpoints, secrets)")
+    ssh_s: float = Field(60, gt=0, le=3600, description="one host's scan")
+    endpoint_s: float = Field(10, gt=0, le=300, description="one TLS handshake")
+    kubeadm_s: float = Field(300, gt=0, le=3600)
+    static_pod_wait_s: float = Field(20, ge=0, le=600, description="manifests stay out this long (the kubelet's "
+                                                                   "fileCheckFrequency is 20s)")
+    readyz_s: float = Field(300, gt=0, le=3600, description="the API server's /readyz after a restart")
+    approval: Duration = "1h"
+
+
+class CertificatesConfig(_Model):
+    """The certificate lifecycle (issue 12): what is checked beyond the hosts of `clusters[]`."""
+
+    endpoints: list[CertificateEndpoint] = Field(default_factory=list)
+    derive_endpoints: bool = Field(True, description="also check each host's API server and etcd ports and the "
+                                                     "https URLs of gitlab, registry and argo")
+    kubeconfigs: list[CertificateKubeconfig] = Field(default_factory=list)
+    secret_namespaces: list[Name] = Field(default_factory=list, description="empty: every namespace")
+    page_size: int = Field(500, ge=1, le=5000)
+    timer_max_age_days: int = Field(35, ge=1, le=400, description="k8s-certs-renew.timer runs monthly")
+    layout: CertificateLayout = CertificateLayout()
+    timeouts: CertificateTimeouts = CertificateTimeouts()
 
 
 class ImageThresholds(_Model):
@@ -325,6 +507,7 @@ class PlatformConfig(_Model):
     registry: RegistryConfig | None = None
     backup_store: BackupStoreConfig | None = None
     notifications: NotificationsConfig = NotificationsConfig()
+    certificates: CertificatesConfig = CertificatesConfig()
     thresholds: Thresholds = Thresholds()
 
     @field_validator("clusters")

@@ -51,6 +51,29 @@ class GitLabHost(Block):
         }
 
 
+class SSHHost(Block):
+    """A cluster's control-plane or etcd host, reached over SSH (key-only): certificate checks and renewal.
+
+    One document per host, named `<platform>-<cluster>-<host label>`; `role` is `control-plane` or `etcd`."""
+
+    _block_type_name = "Cluster SSH Host"
+    host: str
+    port: int = 22
+    username: str = "root"
+    private_key: SecretStr | None = Field(None, description="OpenSSH/PEM private key text")
+    private_key_path: str | None = Field(None, description="private key file on the worker")
+    known_hosts: str | None = Field(None, description="known_hosts file; empty disables host key checks")
+    connect_timeout_s: float = 10.0
+    cluster: str
+    role: Literal["control-plane", "etcd"] = "control-plane"
+    label: str = Field(..., description="the node's name as in the kubespray inventory")
+    root: str = Field("/", description="prefix of every host path ('/' on a real host)")
+    apiserver_port: int | None = Field(6443, description="kube-apiserver's port (its /readyz after a renewal)")
+
+    # the same SSH connection as the GitLab host block's: keys loaded in memory, never written out
+    connect_kwargs = GitLabHost.connect_kwargs
+
+
 class GitLabAPI(Block):
     """GitLab's REST API (`/api/v4`)."""
 
@@ -146,6 +169,7 @@ class PlatformSettings(Block):
 
 BLOCK_TYPES: list[type[Block]] = [
     GitLabHost,
+    SSHHost,
     GitLabAPI,
     PrometheusServer,
     ArgoServer,

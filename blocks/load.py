@@ -33,6 +33,27 @@ def _ssh_fields(target: SSHTarget) -> dict:
     }
 
 
+def cluster_host_name(platform: str, cluster: str, label: str) -> str:
+    """The block document name of one control-plane or etcd host: `<platform>-<cluster>-<label>`."""
+    import re
+
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]+", "-", f"{platform}-{cluster}-{label}".lower())).strip("-")
+
+
+def cluster_host_blocks(cfg: PlatformConfig) -> list[tuple[str, object]]:
+    """An `SSHHost` document per control-plane and etcd host of every cluster (certificate lifecycle)."""
+    from blocks.connections import SSHHost
+
+    out: list[tuple[str, object]] = []
+    for cluster in cfg.clusters:
+        for role, hosts in (("control-plane", cluster.control_plane), ("etcd", cluster.etcd)):
+            for h in hosts:
+                out.append((cluster_host_name(cfg.name, cluster.name, h.label),
+                            SSHHost(**_ssh_fields(h), cluster=cluster.name, role=role, label=h.label, root=h.root,
+                                    apiserver_port=h.apiserver_port)))
+    return out
+
+
 def build_blocks(cfg: PlatformConfig) -> list[tuple[str, object]]:
     """The block documents a config describes, as (name, block) pairs, without saving them."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
@@ -73,6 +94,7 @@ def build_blocks(cfg: PlatformConfig) -> list[tuple[str, object]]:
                     scratch_extra[key] = getattr(g.scratch, key)
             out.append((f"{cfg.name}-scratch", GitLabHost(**_ssh_fields(g.scratch.ssh), **scratch_extra)))
             out.append((f"{cfg.name}-scratch", GitLabAPI(url=g.scratch.api_url, token=_secret(g.scratch.token))))
+    out += cluster_host_blocks(cfg)
     if cfg.prometheus:
         out.append((cfg.name, PrometheusServer(url=cfg.prometheus.url, timeout_s=cfg.prometheus.timeout_s)))
     if cfg.argo:

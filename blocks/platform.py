@@ -138,6 +138,26 @@ class Platform:
     def prometheus(self):
         return self._part("prometheus")
 
+    def cluster_hosts(self, cluster: str | None = None) -> list:
+        """The cluster's control-plane hosts, then its etcd hosts: `SSHHost` blocks (`connect_kwargs()`),
+        in the config's order, each loaded once per run."""
+        return [self._cluster_host(cfg.name, h) for cfg in [self.config.cluster(cluster)]
+                for h in (*cfg.control_plane, *cfg.etcd)]
+
+    def _cluster_host(self, cluster: str, host) -> Any:
+        from blocks.connections import SSHHost
+        from blocks.load import cluster_host_name
+
+        doc = cluster_host_name(self.name, cluster, host.label)
+        key = f"ssh-host:{doc}"
+        if key not in self._blocks:
+            try:
+                self._blocks[key] = SSHHost.load(doc, _sync=True)
+            except ValueError as exc:
+                raise LookupError(f"no cluster-ssh-host block named {doc!r}: run `python -m blocks.load "
+                                  "<platform.yaml>`") from exc
+        return self._blocks[key]
+
     def argo(self):
         return self._part("argo")
 
@@ -166,20 +186,17 @@ class Platform:
                 out += secret_values(self._part(part), _PLAIN_SECRET_FIELDS.get(part, ()))
             except LookupError:
                 self._blocks.setdefault(part, None)
+        for cluster in self.config.clusters:  # the control-plane and etcd hosts' SSH keys
+            for host in (*cluster.control_plane, *cluster.etcd):
+                try:
+                    out += secret_values(self._cluster_host(cluster.name, host))
+                except LookupError:
+                    pass
         return out
 
     async def asecrets(self) -> list[str]:
-        """`secrets()` for async flows: the blocks are loaded concurrently, off the event loop's path."""
-        parts = _secret_parts((await self._apart("settings")).platform())
-
-        async def quiet(part: str) -> None:
-            try:
-                await self._apart(part)
-            except LookupError:
-                self._blocks.setdefault(part, None)
-
-        await asyncio.gather(*(quiet(p) for p in parts))
-        return [v for p in parts for v in secret_values(self._blocks.get(p), _PLAIN_SECRET_FIELDS.get(p, ()))]
+        """`secrets()` for async flows: the same list, loaded off the event loop."""
+        return await asyncio.to_thread(self.secrets)
 
 
 def _secret_parts(cfg: PlatformConfig) -> list[str]:

@@ -6,7 +6,15 @@ a time (global concurrency limit `gitlab-host-<platform>`). Retention runs only 
 verified run and never deletes the newest verified backup. A failure notifies the webhook.
 
 Each run opens the platform once (`blocks.platform.Platform`) and hands its tasks the GitLab host
-and API blocks, the off-site `Store` and one `Redactor` built from the platform's secrets.
+and API blocks, the host's layout from the config (`host_layout`), the off-site `Store` and one
+`Redactor` built from the platform's secrets.
+
+What GitLab reports decides what the archive must hold: the components its backup log says it
+dumped (with CRON=1 read from `backup_json.log`), never a fixed list, so a disabled registry or a
+GitLab without repositories verifies. `gitlab-backup create` runs supervised (`tasks.ssh`): a
+timeout stops it on the host, and a retry can never start a second one. The secrets copy is kept
+apart from the data off-site (`secrets/<kind>/<id>/`, server-side encrypted on S3). Preflight warns
+when GitLab's own `backup_keep_time` would delete archives that retention keeps.
 """
 
 from __future__ import annotations
@@ -18,26 +26,32 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.concurrency.asyncio import concurrency
 
-from blocks.config import BackupThresholds
+from blocks.config import BackupThresholds, parse_duration
 from blocks.platform import Platform
-from tasks.gitlab import (
-    BackupFile,
-    BackupRecord,
-    Manifest,
-    RetentionDecision,
+from tasks.gitlab_api import api_preflight
+from tasks.gitlab_host import (
+    HostLayout,
     copy_offsite,
     create_config_backup,
     create_data_backup,
     delete_host_files,
     ensure_host_limit,
-    gitlab_preflight,
+    host_preflight,
+    list_host_backups,
+    write_host_manifest,
+)
+from tasks.gitlab_rules import (
+    BackupFile,
+    BackupRecord,
+    Manifest,
+    RetentionDecision,
     human_bytes,
     human_duration,
-    list_host_backups,
+    keep_time_warning,
+    offsite_key,
     parse_backup_id,
     plan_retention,
     space_problem,
-    write_host_manifest,
 )
 from tasks.redact import Redactor
 from tasks.reports import AsyncProgress, apublish_markdown, apublish_table, md_table
@@ -58,6 +72,37 @@ class BackupFailed(RuntimeError):
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def host_layout(config: Any, scratch: bool = False) -> HostLayout:
+    """The `HostLayout` of the production (or scratch) GitLab host from the platform config's `gitlab`."""
+    g = config.gitlab
+    s = g.scratch if scratch else None
+    return HostLayout(backup_user=g.backup_user, gitlab_rb=(s and s.gitlab_rb) or g.gitlab_rb,
+                      backup_log=(s and s.backup_log) or g.backup_log, control_dir=(s and s.control_dir) or g.control_dir)
+
+
+def step_timeout(config: Any, step: str) -> int:
+    """A per-step timeout from `gitlab.timeouts` (what the operator configured), in seconds."""
+    return parse_duration(getattr(config.gitlab.timeouts, step))
+
+
+async def preflight_checks(host: Any, api: Any, layout: HostLayout, redactor: Redactor, keep_days: int) -> dict:
+    """API and host preflight in one dict; `problems` stop the run, `warnings` go into the report."""
+    out = {**await api_preflight(api, redactor), **await host_preflight(host, layout, redactor)}
+    out["problems"], out["warnings"] = [], []
+    if not out["ready"]:
+        out["problems"].append(f"GitLab is not ready: /-/readiness answered {out['readiness_status']}")
+    if not out["secrets_present"]:
+        out["problems"].append(f"{host.secrets_file} is missing: a backup without it cannot be restored "
+                               "(restore it from the last config backup first)")
+    if out.get("backup_keep_time") is None:
+        out["warnings"].append("gitlab.rb's backup_keep_time is not a number: GitLab's own pruning is unknown")
+    elif w := keep_time_warning(out["backup_keep_time"], keep_days):
+        out["warnings"].append(w)
+    if not out.get("gitlab_rb_read"):
+        out["warnings"].append(f"{layout.gitlab_rb} could not be read: GitLab's own backup_keep_time is unknown")
+    return out
 
 
 async def notify_failure(notifier: Any, subject: str, body: str) -> None:
@@ -81,17 +126,20 @@ def rpo_seconds(manifests: list[dict], now: datetime) -> float | None:
 
 async def _config_and_secrets(host: Any, store: Store, redactor: Redactor, kind: str, backup_id: str | None,
                               progress: AsyncProgress) -> tuple[list[BackupFile], str]:
-    """backup-etc + secrets copy on the host, both verified and copied off-site under `<kind>/<id>/`
-    (`id` defaults to the config archive's stamp)."""
+    """backup-etc + secrets copy on the host, both verified and copied off-site: the config archive under
+    `<kind>/<id>/`, the secrets apart under `secrets/<kind>/<id>/`, server-side encrypted where the store
+    offers it (`id` defaults to the config archive's stamp)."""
     cfg = await create_config_backup(host, redactor)
     await progress.advance()
     backup_id = backup_id or cfg["stamp"]
     files = []
     for role, name, archive in (("config", cfg["config_archive"], True), ("secrets", cfg["secrets_copy"], False)):
         path = posixpath.join(cfg["directory"], name)
-        copied = await copy_offsite(host, path, archive=archive, store=store, store_key=f"{kind}/{backup_id}/{name}")
+        key = offsite_key(kind, backup_id, role, name)
+        copied = await copy_offsite(host, path, archive=archive, store=store, store_key=key,
+                                    encrypt=role == "secrets")
         files.append(BackupFile(role=role, name=name, host_path=path, size=copied["size"], sha256=copied["sha256"],
-                                offsite=copied["location"]))
+                                offsite=copied["location"], store_key=key))
         await progress.advance()
     return files, cfg["stamp"]
 
@@ -122,7 +170,7 @@ async def apply_retention(host: Any, store: Store, thresholds: BackupThresholds,
     plan = plan_retention(records, now=now, keep_days=keep_days, keep_count=keep_count, run_succeeded=True)
     doomed_offsite = [d.id for d in plan if d.action == "delete"]
     if doomed_offsite:
-        await delete_offsite_backups(store, kind, doomed_offsite)
+        await delete_offsite_backups(store, kind, doomed_offsite, apart=("secrets",))
     rows += [_decision_row("off-site", kind, d) for d in plan]
     return rows
 
@@ -142,13 +190,16 @@ def _summary(platform: str, title: str, manifest: Manifest | None, preflight: di
         lines += [f"- **Backup:** `{manifest.id}` ({manifest.kind})",
                   f"- **GitLab:** {manifest.gitlab_version} {manifest.edition.upper()}",
                   f"- **Components:** {', '.join(manifest.components) or '-'}"
-                  + (f" (skipped: {', '.join(manifest.skipped)})" if manifest.skipped else ""),
+                  + (f" (skipped: {', '.join(manifest.skipped)})" if manifest.skipped else "")
+                  + (f" (disabled on this GitLab: {', '.join(manifest.disabled)})" if manifest.disabled else ""),
                   f"- **Size:** {human_bytes(manifest.total_size)}",
                   f"- **Verified:** {'yes' if manifest.verified else 'NO'}"]
     lines += [f"- **Duration:** {human_duration(seconds)}", f"- **Off-site location:** {location}",
               "- **RPO (age of newest verified off-site copy):** "
               f"{human_duration(rpo) if rpo is not None else 'none!'}",
               f"- **Host free space:** {human_bytes(preflight.get('free_bytes', 0))}" if preflight else "", ""]
+    if preflight and preflight.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in preflight["warnings"]] + [""]
     if manifest:
         lines += ["## Files", "", md_table([{"role": f.role, "name": f.name, "size": human_bytes(f.size),
                                               "sha256": f.sha256[:16] + "...", "off-site": f.offsite or ""}
@@ -165,6 +216,9 @@ async def _run_backup(platform: str, kind: str, options: dict[str, str] | None) 
     redactor = Redactor.of(await plat.asecrets())
     host, api, store, notifier = plat.gitlab_host(), plat.gitlab_api(), plat.backup_store(), plat.notifier()
     thresholds = plat.config.thresholds.backup
+    layout = host_layout(plat.config)
+    create_s, transfer_s = step_timeout(plat.config, "backup_create"), step_timeout(plat.config, "transfer")
+    grace_s = step_timeout(plat.config, "stop_grace")
     limit = await ensure_host_limit(platform)
     preflight: dict = {}
     manifest: Manifest | None = None
@@ -175,7 +229,9 @@ async def _run_backup(platform: str, kind: str, options: dict[str, str] | None) 
                                          total=7 if kind == "data" else 4, description=f"GitLab {kind} backup")
     try:
         async with concurrency(limit, occupy=1, timeout_seconds=3600):
-            preflight = await gitlab_preflight(host, api, redactor)
+            preflight = await preflight_checks(host, api, layout, redactor, thresholds.keep_days)
+            for w in preflight["warnings"]:
+                logger.warning("preflight: %s", w)
             await progress.advance()
             if preflight["problems"]:
                 raise BackupFailed("preflight: " + "; ".join(preflight["problems"]))
@@ -184,28 +240,33 @@ async def _run_backup(platform: str, kind: str, options: dict[str, str] | None) 
                 problem = space_problem(preflight["free_bytes"], needed, "a new backup (last backup size x factor)")
                 if problem:
                     raise BackupFailed("preflight: " + problem)
-                backup_id = await create_data_backup(host, redactor, options)
+                created = await create_data_backup.with_options(timeout_seconds=create_s + grace_s + 300)(
+                    host, layout, redactor, options, timeout_s=create_s,
+                    progress_key=f"gitlab-backup-create-progress-{platform}")
+                backup_id = created["backup_id"]
                 await progress.advance()
                 bid = parse_backup_id(backup_id)
                 archive_path = posixpath.join(host.backup_path, bid.archive)
-                copied = await copy_offsite(host, archive_path, archive=True, store=store,
-                                            store_key=f"data/{backup_id}/{bid.archive}",
-                                            expected_version=preflight["gitlab_version"])
+                key = offsite_key("data", backup_id, "data", bid.archive)
+                copied = await copy_offsite.with_options(timeout_seconds=transfer_s)(
+                    host, archive_path, archive=True, store=store, store_key=key,
+                    expected_version=preflight["gitlab_version"], log=created["log"],
+                    progress_key=f"gitlab-backup-offsite-progress-{platform}")
                 await progress.advance()
                 files = [BackupFile(role="data", name=bid.archive, host_path=archive_path, size=copied["size"],
-                                    sha256=copied["sha256"], offsite=copied["location"])]
+                                    sha256=copied["sha256"], offsite=copied["location"], store_key=key)]
                 extra, _ = await _config_and_secrets(host, store, redactor, "data", backup_id, progress)
                 files += extra
                 manifest_path = posixpath.join(host.backup_path, f"{backup_id}_gitlab_backup.manifest.json")
-                components, skipped = copied["components"], copied["skipped"]
+                components, skipped, disabled = copied["components"], copied["skipped"], copied["disabled"]
             else:
                 files, backup_id = await _config_and_secrets(host, store, redactor, "config", None, progress)
                 manifest_path = posixpath.join(host.config_backup_path, f"gitlab_config_{backup_id}.manifest.json")
-                components, skipped = [], []
+                components, skipped, disabled = [], [], []
             manifest = Manifest(
                 id=backup_id, kind=kind, platform=platform, host=preflight["host"],
                 gitlab_version=preflight["gitlab_version"], edition=preflight["edition"], components=components,
-                skipped=skipped, files=files, etc_dir=posixpath.dirname(host.secrets_file), started_at=started,
+                skipped=skipped, disabled=disabled, files=files, etc_dir=posixpath.dirname(host.secrets_file), started_at=started,
                 finished_at=_now(), verified=True, offsite=True)
             await write_host_manifest(host, manifest_path, manifest.model_dump(mode="json"))
             await write_offsite_manifest(store, kind, backup_id, manifest.model_dump(mode="json"))
@@ -244,7 +305,8 @@ async def _run_backup(platform: str, kind: str, options: dict[str, str] | None) 
 async def gitlab_backup(platform: str = "main", options: dict[str, str] | None = None) -> dict:
     """Back up GitLab (data, config, secrets), verify it, copy it off-site, apply retention.
 
-    `options` overrides the host's `backup_options` (STRATEGY, SKIP, GZIP_RSYNCABLE, CRON...).
+    `options` overrides the host's `backup_options` (STRATEGY, SKIP, GZIP_RSYNCABLE, CRON, BACKUP=<custom
+    name>...). Each step's time limit comes from `gitlab.timeouts` in the platform config.
     """
     return await _run_backup(platform, "data", options)
 

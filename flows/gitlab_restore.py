@@ -1,18 +1,26 @@
 """GitLab restore (manual, with approval) and the weekly restore drill onto a scratch GitLab.
 
 `gitlab_restore(backup_id)` is a dry run by default: it validates the id, finds the backup's
-manifest, checks version, edition and free space, and reports the plan. With `dry_run=False`
-it fetches what is missing from off-site (checksums verified), pauses for approval showing the
-plan, takes a safety backup, stops puma and sidekiq, runs `gitlab-backup restore`, restores the
-config archive and gitlab-secrets.json, reconfigures, restarts, runs `gitlab-rake gitlab:check`
-and checks health. Every step is reported; a failure says what state GitLab is in and how to
-continue or roll back to the safety backup.
+manifest, checks readiness, version, edition, files and free space (`tasks.gitlab_rules.
+restore_refusals`), and reports the plan. With `dry_run=False` it fetches what is missing from
+off-site (checksums verified, then owned by the backup user, 0600), pauses for approval showing
+the plan, takes a safety backup, and then follows GitLab's documented sequence (docs *Restore
+GitLab*): put back `gitlab.rb` and `gitlab-secrets.json` and `gitlab-ctl reconfigure`; stop puma
+and sidekiq and verify with `gitlab-ctl status` that they are down; `gitlab-backup restore` (as
+the git user, from an archive it owns); reconfigure, restart; `gitlab-rake gitlab:check
+SANITIZE=true` and `gitlab-rake gitlab:doctor:secrets`, whose printed failures count even when
+they exit 0; then health through the API. A failure report says exactly what state the host is
+in and the way back (`tasks.gitlab_rules.state_after_failure`).
 
 `gitlab_restore_drill()` restores the newest verified off-site backup onto the scratch host
-(blocks `<platform>-scratch`), compares it with production through the API and reports RTO and RPO.
+(blocks `<platform>-scratch`), which keeps its own identity: only `gitlab-secrets.json` is put
+back (needed to decrypt), and a drill overlay on scratch's *own* `gitlab.rb` sets scratch's URL
+and turns off mail, Sidekiq (mirrors, scheduled jobs) and production's object storage. It then
+compares scratch with production through the API and reports RTO and RPO.
 
 Each run opens the platform once (`blocks.platform.Platform`); its tasks get the host and API
-blocks of the target (production or scratch), the off-site `Store` and one `Redactor`.
+blocks of the target (production or scratch), its layout, the off-site `Store` and one `Redactor`.
+Long remote commands are supervised (`tasks.ssh.run_supervised`) and limited by `gitlab.timeouts`.
 """
 
 from __future__ import annotations
@@ -27,31 +35,55 @@ from prefect import flow, get_run_logger
 from prefect.concurrency.asyncio import concurrency
 
 from blocks.platform import Platform
-from flows.gitlab_backup import notify_failure
+from flows.gitlab_backup import host_layout, notify_failure, step_timeout
 from tasks.approval import aask_approval
-from tasks.gitlab import (
-    BackupFile,
-    Manifest,
-    ProjectState,
-    api_health,
-    compare_restore,
+from tasks.gitlab_api import api_health, api_preflight, project_states
+from tasks.gitlab_host import (
     copy_offsite,
     create_config_backup,
     create_data_backup,
+    drill_config,
     ensure_host_limit,
     fetch_to_host,
     gitlab_command,
-    gitlab_preflight,
+    hand_archive_to,
     host_file_sha256,
+    host_preflight,
+    list_host_backups,
+    restore_config_files,
+    restore_progress,
+    services_status,
+    write_host_manifest,
+)
+from tasks.gitlab_rules import (
+    STEP_CHECK,
+    STEP_CONFIG,
+    STEP_DOCTOR,
+    STEP_DRILL_CONFIG,
+    STEP_HEALTH,
+    STEP_RECONFIGURE,
+    STEP_RECONFIGURE_BEFORE,
+    STEP_RESTART,
+    STEP_RESTORE,
+    STEP_STATUS,
+    STEP_STOP,
+    BackupFile,
+    DrillOverlay,
+    HostFile,
+    Manifest,
+    ProjectState,
+    check_failures,
+    compare_restore,
+    doctor_secrets_failures,
     human_bytes,
     human_duration,
-    list_host_backups,
     parse_backup_id,
-    project_states,
-    restore_config_files,
-    space_problem,
-    version_problem,
-    write_host_manifest,
+    restore_refusals,
+    same_gitlab,
+    same_host,
+    services_still_up,
+    state_after_failure,
+    store_key_of,
 )
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, md_table
@@ -71,15 +103,21 @@ class RestoreRefused(RuntimeError):
     """A precondition failed (id, manifest, version, space, checksum): nothing was changed."""
 
 
+class CheckFailed(RuntimeError):
+    """A step ran but its output reports a failure (a check that printed failures and exited 0)."""
+
+
 class _Steps:
-    """The step log every report shows: what ran, how it ended, how long it took."""
+    """The step log every report shows: what ran, how it ended, how long it took; and which steps started."""
 
     def __init__(self, redactor: Redactor):
         self.redactor = redactor
         self.rows: list[dict] = []
+        self.started: set[str] = set()
 
     async def run(self, name: str, coro, detail: Callable[[Any], str] | None = None):
         start = time.monotonic()
+        self.started.add(name)
         try:
             result = await coro
         except BaseException as exc:
@@ -97,44 +135,31 @@ class _Steps:
         return {r["step"] for r in self.rows if r["status"] == "ok"}
 
 
-def _state_after_failure(done: set[str], backup_id: str, safety_id: str | None, target: str) -> str:
-    """What state GitLab is in after a failed restore, and how to continue or roll back."""
-    rollback = (f"roll back with `gitlab_restore(backup_id='{safety_id}', dry_run=False)` (the safety backup), or on "
-                f"the host: `gitlab-backup restore BACKUP={safety_id} force=yes`, restore its gitlab-secrets copy, "
-                "`gitlab-ctl reconfigure && gitlab-ctl restart`" if safety_id else
-                "no safety backup was taken (scratch host or failure before it)")
-    if "stop puma" not in done:
-        return f"GitLab on {target} is untouched and running. Fix the cause and run the restore again."
-    if "gitlab-backup restore" not in done:
-        return (f"puma and/or sidekiq are STOPPED on {target}; data is untouched. Continue by running the restore "
-                f"again, or resume service with `gitlab-ctl start`. To undo: {rollback}.")
-    if "gitlab-ctl restart" not in done:
-        return (f"data of {backup_id} is restored on {target} but configuration/services are not back "
-                "(puma/sidekiq may be stopped). Continue: restore gitlab-secrets.json, `gitlab-ctl reconfigure`, "
-                f"`gitlab-ctl restart`. To roll back: {rollback}.")
-    return (f"GitLab on {target} runs with {backup_id} restored but a check failed: read the gitlab:check output "
-            f"above. To roll back: {rollback}.")
-
-
-def _plan_markdown(platform: str, manifest: Manifest, target: str, preflight: dict, local: dict,
-                   safety: bool, problems: list[str]) -> str:
+def _plan_markdown(platform: str, manifest: Manifest, target: str, pre: dict, local: dict, safety: bool,
+                   problems: list[str], backup_user: str) -> str:
+    config_step = ("put back the backup's `gitlab.rb` and `gitlab-secrets.json` (0600), then `gitlab-ctl reconfigure`"
+                   if target == "production" else
+                   "put back only `gitlab-secrets.json`; scratch keeps its own `gitlab.rb` with the drill overlay "
+                   "(its URL, mail off, Sidekiq off, object storage off/scratch); then `gitlab-ctl reconfigure`")
     lines = [
         f"# GitLab restore plan: {platform}", "",
         f"- **Backup:** `{manifest.id}` taken {manifest.finished_at:%Y-%m-%d %H:%M} UTC on {manifest.host}",
-        f"- **Backup GitLab:** {manifest.gitlab_version} {manifest.edition.upper()}; **target** {target} runs "
-        f"{preflight.get('gitlab_version', '?')} {str(preflight.get('edition', '?')).upper()}",
-        f"- **Components:** {', '.join(manifest.components)}",
-        f"- **Size:** {human_bytes(manifest.total_size)}; free on target: "
-        f"{human_bytes(preflight.get('free_bytes', 0))}",
+        f"- **Backup GitLab:** {manifest.gitlab_version}; **target** {target} runs "
+        f"{pre.get('gitlab_version') or '?'}",
+        f"- **Components:** {', '.join(manifest.components)}"
+        + (f" (disabled: {', '.join(manifest.disabled)})" if manifest.disabled else ""),
+        f"- **Size:** {human_bytes(manifest.total_size)}; free on target: {human_bytes(pre.get('free_bytes', 0))}",
         "", "## Steps", "",
         "1. fetch from off-site what the host lacks, checksum-verified: "
         + (", ".join(f"{k} ({v})" for k, v in local.items()) or "nothing"),
         "2. " + ("take a safety backup (data, config, secrets), verified" if safety else "no safety backup (scratch)"),
-        "3. `gitlab-ctl stop puma`, `gitlab-ctl stop sidekiq`",
-        f"4. `gitlab-backup restore BACKUP={manifest.id} force=yes`",
-        "5. restore the config archive and gitlab-secrets.json (0600)",
-        "6. `gitlab-ctl reconfigure`, `gitlab-ctl restart`",
-        "7. `gitlab-rake gitlab:check SANITIZE=true`, then readiness, version and projects through the API",
+        f"3. hand the archive to `{backup_user}`, mode 0600 (GitLab restores as git)",
+        f"4. {config_step}",
+        "5. `gitlab-ctl stop puma`, `gitlab-ctl stop sidekiq`, and `gitlab-ctl status` shows both down",
+        f"6. `gitlab-backup restore BACKUP={manifest.id} force=yes`",
+        "7. `gitlab-ctl reconfigure`, `gitlab-ctl restart`",
+        "8. `gitlab-rake gitlab:check SANITIZE=true` and `gitlab-rake gitlab:doctor:secrets` (their printed "
+        "failures count), then readiness, version and projects through the API",
     ]
     if problems:
         lines += ["", "## Refused", ""] + [f"- {p}" for p in problems]
@@ -153,28 +178,31 @@ async def _load_manifest(store: Store, source_host: Any, backup_id: str) -> Mani
     return Manifest.model_validate(data)
 
 
+def _require(failures: list[str], what: str) -> None:
+    if failures:
+        raise CheckFailed(f"{what} reported: " + "; ".join(failures[:8]))
+
+
 async def _restore(plat: Platform, redactor: Redactor, backup_id: str, *, scratch: bool, dry_run: bool,
                    approval_timeout_s: int = 3600, poll_interval_s: int = 10) -> dict:
     """Restore onto production (`scratch=False`: approval and a safety backup first) or onto the scratch
-    host (the drill: neither)."""
+    host (the drill: neither, and scratch keeps its own identity)."""
     logger = get_run_logger()
-    platform = plat.name
+    platform, cfg = plat.name, plat.config
     bid = parse_backup_id(backup_id)  # ValueError before anything else: ids reach a remote shell
     host, api = plat.gitlab_host(scratch), plat.gitlab_api(scratch)
+    layout = host_layout(cfg, scratch)
     store, notifier = plat.backup_store(), plat.notifier()
     steps = _Steps(redactor)
     target = "scratch" if scratch else "production"
     started = time.monotonic()
+    if scratch and same_host((host.host, host.port), (plat.gitlab_host().host, plat.gitlab_host().port)):
+        raise RestoreRefused("the scratch host is the production host (same SSH host and port): a drill never "
+                             "restores onto production; fix gitlab.scratch in the platform config")
     manifest = await steps.run("find manifest", _load_manifest(store, plat.gitlab_host(), bid.value),
                                lambda m: f"{len(m.files)} files, verified={m.verified}")
-    preflight = await steps.run("preflight", gitlab_preflight(host, api, redactor),
-                                lambda p: f"GitLab {p['gitlab_version']}, ready={p['ready']}")
-    problems = [p for p in preflight["problems"] if "not ready" in p]
-    if preflight["gitlab_version"] is None:
-        problems.append("the installed GitLab version is unknown (the API is not ready): start GitLab "
-                        "(`gitlab-ctl start`) so its version can be checked against the backup")
-    elif p := version_problem(preflight["gitlab_version"], preflight["edition"], bid):
-        problems.append(p)
+    pre = await steps.run("preflight", _preflight(host, api, layout, redactor),
+                          lambda p: f"GitLab {p['gitlab_version']}, ready={p['ready']}")
     destinations = {
         "data": posixpath.join(host.backup_path, bid.archive),
         "config": posixpath.join(host.config_backup_path, manifest.file("config").name) if manifest.file("config")
@@ -182,27 +210,25 @@ async def _restore(plat: Platform, redactor: Redactor, backup_id: str, *, scratc
         "secrets": posixpath.join(host.config_backup_path, manifest.file("secrets").name)
         if manifest.file("secrets") else None,
     }
-    if destinations["secrets"] is None:
-        problems.append("the backup has no gitlab-secrets.json copy: restoring it would leave encrypted data "
-                        "unreadable")
-    missing: dict[str, str] = {}
+    facts, missing = [], {}
     for role, path in destinations.items():
         if path is None:
             continue
         f: BackupFile = manifest.file(role)
         present = await host_file_sha256(host, path)
+        facts.append(HostFile(role, f.name, present is not None,
+                              None if present is None else present["sha256"] == f.sha256, bool(f.offsite)))
         if present is None:
             missing[role] = "fetch from off-site" if f.offsite else "MISSING, no off-site copy"
-            if not f.offsite:
-                problems.append(f"{f.name} is neither on the host nor off-site")
-        elif present["sha256"] != f.sha256:
-            problems.append(f"{path} on the host does not match the manifest's SHA-256: it is corrupt or another "
-                            "file; move it away and run again (it will be fetched from off-site)")
-    needed = FREE_SPACE_FACTOR * manifest.file("data").size
-    if p := space_problem(preflight["free_bytes"], needed, f"the restore ({FREE_SPACE_FACTOR}x the archive)"):
-        problems.append(p)
+    problems = restore_refusals(ready=pre["ready"], installed_version=pre["version"],
+                                installed_edition=pre["edition"], backup_version=manifest.gitlab_version,
+                                files=facts, has_secrets=destinations["secrets"] is not None,
+                                free_bytes=pre["free_bytes"], needed_bytes=FREE_SPACE_FACTOR * manifest.file("data").size)
+    if bid.gitlab_version and not same_gitlab(bid.gitlab_version, manifest.gitlab_version):
+        problems.append(f"the id {bid.value} names GitLab {bid.gitlab_version} but its manifest says "
+                        f"{manifest.gitlab_version}: the manifest belongs to another backup")
     safety_backup = not scratch
-    plan = _plan_markdown(platform, manifest, target, preflight, missing, safety_backup, problems)
+    plan = _plan_markdown(platform, manifest, target, pre, missing, safety_backup, problems, layout.backup_user)
     key = f"gitlab-restore-plan-{platform}-{target}"
     await apublish_markdown(key, plan, description=f"Restore plan for {bid.value}")
     if problems:
@@ -212,13 +238,16 @@ async def _restore(plat: Platform, redactor: Redactor, backup_id: str, *, scratc
         logger.info("dry run: the plan is in artifact %s; run with dry_run=False to restore", key)
         return {"dry_run": True, "backup_id": bid.value, "plan": plan, "steps": steps.rows}
 
+    transfer_s = step_timeout(cfg, "transfer")
     for role, path in destinations.items():
         if role in missing:
             f = manifest.file(role)
-            rel = f.offsite.split(f"/data/{bid.value}/", 1)[-1]
-            await steps.run(f"fetch {role}", fetch_to_host(host, store, f"data/{bid.value}/{rel}", path, f.sha256,
-                                                           archive=role != "secrets"),
-                            lambda r: f"{human_bytes(r['size'])}, sha256 verified")
+            await steps.run(f"fetch {role}", fetch_to_host.with_options(timeout_seconds=transfer_s)(
+                host, store, store_key_of(f, "data", bid.value), path, f.sha256, archive=role != "secrets",
+                owner=layout.backup_user if role == "data" else None,
+                progress_key=f"gitlab-restore-fetch-{role}-progress-{platform}-{target}"),
+                lambda r: f"{human_bytes(r['size'])}, sha256 verified" + (f", owned by {r['owner']}"
+                                                                          if r["owner"] else ""))
 
     approver = "(scratch drill: no approval needed)"
     if not scratch:
@@ -232,52 +261,103 @@ async def _restore(plat: Platform, redactor: Redactor, backup_id: str, *, scratc
         steps.rows.append({"step": "approval", "status": "ok", "seconds": 0, "detail": f"approved by {approver}"})
         logger.info("restore of %s approved by %s", bid.value, approver)
 
-    safety_id = None
+    safety_id = safety_config = None
     limit = await ensure_host_limit(f"{platform}-scratch" if scratch else platform)
     restore_started = time.monotonic()
+    t = {name: step_timeout(cfg, name) for name in ("backup_create", "backup_restore", "reconfigure", "restart",
+                                                     "check", "stop_grace")}
+
+    def cmd(argv: list[str], limit_s: int, **kw):
+        return gitlab_command.with_options(timeout_seconds=limit_s + t["stop_grace"] + 300)(
+            host, layout, argv, limit_s, redactor, **kw)
+
     try:
         async with concurrency(limit, occupy=1, timeout_seconds=3600):
             if safety_backup:
-                safety_id = await steps.run("safety backup", create_data_backup(host, redactor), lambda r: r)
+                created = await steps.run("safety backup", create_data_backup.with_options(
+                    timeout_seconds=t["backup_create"] + t["stop_grace"] + 300)(
+                    host, layout, redactor, timeout_s=t["backup_create"],
+                    progress_key=f"gitlab-restore-safety-progress-{platform}"), lambda r: r["backup_id"])
+                safety_id = created["backup_id"]
                 safety = parse_backup_id(safety_id)
                 safety_path = posixpath.join(host.backup_path, safety.archive)
-                checked = await steps.run("verify safety backup", copy_offsite(
-                    host, safety_path, archive=True, expected_version=preflight["gitlab_version"]),
+                checked = await steps.run("verify safety backup", copy_offsite.with_options(timeout_seconds=transfer_s)(
+                    host, safety_path, archive=True, expected_version=pre["gitlab_version"], log=created["log"]),
                     lambda r: f"{human_bytes(r['size'])}, sha256 {r['sha256'][:12]}...")
-                cfg = await steps.run("safety config backup", create_config_backup(host, redactor),
-                                      lambda r: r["config_archive"])
+                cfg_backup = await steps.run("safety config backup", create_config_backup(host, redactor),
+                                             lambda r: r["config_archive"])
+                safety_config = cfg_backup["config_archive"]
                 now = datetime.now(timezone.utc)
                 await write_host_manifest(host, posixpath.join(
                     host.backup_path, f"{safety_id}_gitlab_backup.manifest.json"), Manifest(
-                    id=safety_id, kind="data", platform=platform, host=preflight["host"],
-                    gitlab_version=preflight["gitlab_version"], edition=preflight["edition"],
-                    components=checked["components"], skipped=checked["skipped"], safety=True, verified=True,
-                    etc_dir=posixpath.dirname(host.secrets_file), started_at=now, finished_at=now,
-                    files=[BackupFile(role="data", name=safety.archive, host_path=safety_path, size=checked["size"],
-                                      sha256=checked["sha256"])]).model_dump(mode="json"))
-                logger.info("safety backup %s (config %s) taken before the restore", safety_id, cfg["config_archive"])
+                    id=safety_id, kind="data", platform=platform, host=pre["host"],
+                    gitlab_version=pre["gitlab_version"], edition=pre["edition"],
+                    components=checked["components"], skipped=checked["skipped"], disabled=checked["disabled"],
+                    safety=True, verified=True, etc_dir=posixpath.dirname(host.secrets_file), started_at=now,
+                    finished_at=now, files=[BackupFile(role="data", name=safety.archive, host_path=safety_path,
+                                                       size=checked["size"], sha256=checked["sha256"])]
+                ).model_dump(mode="json"))
+                logger.info("safety backup %s (config %s) taken before the restore", safety_id, safety_config)
             else:
                 steps.skip("safety backup", "scratch host")
-            for svc in ("puma", "sidekiq"):
-                await steps.run(f"stop {svc}", gitlab_command(host, ["gitlab-ctl", "stop", svc], 300, redactor))
-            await steps.run("gitlab-backup restore", gitlab_command(
-                host, ["gitlab-backup", "restore", f"BACKUP={bid.value}", "force=yes"], 6 * 3600, redactor),
+            await steps.run(f"archive owned by {layout.backup_user}", hand_archive_to(
+                host, destinations["data"], layout.backup_user), lambda r: r["owner_mode"])
+            # Before the data: the configuration that belongs with it (docs *Restore GitLab*: "have run
+            # gitlab-ctl reconfigure after copying over the GitLab secrets file").
+            if scratch:
+                external_url = str(cfg.gitlab.scratch.external_url or cfg.gitlab.scratch.api_url).rstrip("/")
+                await steps.run(STEP_DRILL_CONFIG, drill_config(
+                    host, layout, destinations["secrets"],
+                    DrillOverlay(external_url, cfg.gitlab.scratch.object_store_bucket)),
+                    lambda r: f"scratch's own gitlab.rb, external_url {r['external_url']}")
+            else:
+                await steps.run(STEP_CONFIG, restore_config_files(
+                    host, destinations["config"], destinations["secrets"], manifest.etc_dir),
+                    lambda r: f"into {r['etc_dir']}")
+            await steps.run(STEP_RECONFIGURE_BEFORE, cmd(["gitlab-ctl", "reconfigure"], t["reconfigure"]))
+
+            async def stop_both() -> None:
+                for svc in ("puma", "sidekiq"):
+                    await cmd(["gitlab-ctl", "stop", svc], t["restart"])
+
+            await steps.run(STEP_STOP, stop_both())
+
+            async def both_down() -> dict:
+                status = await services_status(host, redactor)
+                up = services_still_up(status["services"])
+                if up:
+                    raise CheckFailed(f"gitlab-ctl status still shows {', '.join(up)} running after the stop")
+                return status
+
+            await steps.run(STEP_STATUS, both_down(),
+                            lambda s: ", ".join(f"{k}: {v}" for k, v in s["services"].items()
+                                                if k in ("puma", "sidekiq")) or "puma, sidekiq not running")
+            await steps.run(STEP_RESTORE, cmd(
+                ["gitlab-backup", "restore", f"BACKUP={bid.value}", "force=yes"], t["backup_restore"],
+                progress_key=f"gitlab-restore-progress-{platform}-{target}", progress=restore_progress),
                 lambda r: f"{r['seconds']}s")
-            await steps.run("restore config and secrets", restore_config_files(
-                host, destinations["config"], destinations["secrets"], manifest.etc_dir),
-                lambda r: f"into {r['etc_dir']}")
-            await steps.run("gitlab-ctl reconfigure", gitlab_command(host, ["gitlab-ctl", "reconfigure"], 1800,
-                                                                      redactor))
-            await steps.run("gitlab-ctl restart", gitlab_command(host, ["gitlab-ctl", "restart"], 600, redactor))
-            await steps.run("gitlab:check", gitlab_command(
-                host, ["gitlab-rake", "gitlab:check", "SANITIZE=true"], 1800, redactor),
-                lambda r: (r["tail"] or [""])[-1])
-            health = await steps.run("health", api_health(api, redactor),
+            await steps.run(STEP_RECONFIGURE, cmd(["gitlab-ctl", "reconfigure"], t["reconfigure"]))
+            await steps.run(STEP_RESTART, cmd(["gitlab-ctl", "restart"], t["restart"]))
+
+            async def checked(argv: list[str], parse: Callable[[str], list[str]], what: str) -> dict:
+                r = await cmd(argv, t["check"])
+                _require(parse("\n".join(r["output"])), what)
+                return r
+
+            # the drill keeps Sidekiq off (the overlay): its "Running? ... no" is expected there
+            allowed = ("Sidekiq",) if scratch else ()
+            await steps.run(STEP_CHECK, checked(["gitlab-rake", "gitlab:check", "SANITIZE=true"],
+                                                lambda text: check_failures(text, allowed), "gitlab:check"),
+                            lambda r: "no failures")
+            await steps.run(STEP_DOCTOR, checked(["gitlab-rake", "gitlab:doctor:secrets"], doctor_secrets_failures,
+                                                 "gitlab:doctor:secrets"), lambda r: "every value decrypts")
+            health = await steps.run(STEP_HEALTH, api_health(api, redactor),
                                      lambda h: f"ready={h['ready']}, {h.get('version')}, {h.get('projects')} projects")
-            if not health["ready"] or health.get("version") != bid.gitlab_version:
+            if not health["ready"] or not same_gitlab(health.get("version"), manifest.gitlab_version):
                 raise RestoreFailed(f"GitLab is not healthy after the restore: {health}")
     except BaseException as exc:
-        state = _state_after_failure(steps.names(), bid.value, safety_id, target)
+        state = state_after_failure(steps.started, steps.names(), bid.value, target, safety_id, safety_config,
+                                    host.backup_path, host.config_backup_path, layout.backup_user)
         error = redactor.error(exc)
         await apublish_markdown(f"gitlab-restore-{platform}-{target}", "\n".join([
             f"# GitLab restore FAILED: {platform} ({target})", "", f"**Error:** {error}", "",
@@ -299,11 +379,15 @@ async def _restore(plat: Platform, redactor: Redactor, backup_id: str, *, scratc
             round(time.monotonic() - started, 1), "health": health, "steps": steps.rows, "manifest": manifest}
 
 
+async def _preflight(host: Any, api: Any, layout: Any, redactor: Redactor) -> dict:
+    return {**await api_preflight(api, redactor), **await host_preflight(host, layout, redactor)}
+
+
 @flow(name="gitlab-restore", log_prints=False)
 async def gitlab_restore(platform: str = "main", backup_id: str = "", dry_run: bool = True,
                          approval_timeout_s: int = 3600, poll_interval_s: int = 10) -> dict:
-    """Restore GitLab from `backup_id` (e.g. 1717000000_2024_05_29_17.0.1-ee). Dry run by default;
-    a real run pauses for approval, takes a safety backup first and reports every step."""
+    """Restore GitLab from `backup_id` (e.g. 1717000000_2024_05_29_17.0.1-ee, or a custom BACKUP= name). Dry
+    run by default; a real run pauses for approval, takes a safety backup first and reports every step."""
     parse_backup_id(backup_id)  # ValueError before anything else: ids reach a remote shell
     plat = await Platform.aopen(platform, *PARTS)
     redactor = Redactor.of(await plat.asecrets())

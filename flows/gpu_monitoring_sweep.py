@@ -3,7 +3,7 @@
 Every 5 minutes, for one cluster: two Kubernetes listings (GPU nodes; unfinished pods, of which
 the dcgm-exporter pods and the pods holding GPUs are kept) and four PromQL queries run together,
 then one follow-up query for the few GPUs that need details; the pure join and classification of
-`tasks.gpu_health` turn them into findings, each with severity, evidence and a recommended action.
+`tasks.gpu_classify` turn them into findings, each with severity, evidence and a recommended action.
 A handful of tasks and a constant number of API calls, whatever the fleet's size.
 
 The run leaves a markdown summary with a fleet heatmap (nodes x GPUs, utilisation, faulty GPUs
@@ -17,9 +17,11 @@ When Prometheus cannot be asked, every GPU is `unknown`, the report says so, and
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -28,24 +30,24 @@ from prefect.states import Failed
 
 from blocks.platform import Platform
 from tasks.approval import Approval, ask_approval
-from tasks.gpu_health import (
+from tasks.gpu_classify import classify, needs_detail
+from tasks.gpu_model import (
     FINDING_ANNOTATION,
-    UNHEALTHY_TAINT_KEY,
-    CordonPlan,
     FleetSnapshot,
     Severity,
     SweepResult,
+    SweepSettings,
     SweepThresholds,
-    classify,
-    heatmap,
-    needs_detail,
+)
+from tasks.gpu_pictures import heatmap, render_heatmap_png
+from tasks.gpu_plans import (
+    UNHEALTHY_TAINT_KEY,
+    CordonPlan,
     plan_cordon,
     plan_uncordon,
-    render_heatmap_png,
+    repair_note,
 )
 from tasks.kubernetes import (
-    DEFAULT_EXPORTER_SELECTOR,
-    SWEEP_PAGE_SIZE,
     cordon_gpu_nodes,
     drain_gpu_nodes,
     fetch_gpu_fleet,
@@ -54,60 +56,91 @@ from tasks.kubernetes import (
 )
 from tasks.prometheus import (
     DCGMSnapshot,
-    PrometheusError,
     fetch_dcgm,
     fetch_dcgm_detail,
+    query_args,
     query_dcgm_details,
     query_dcgm_metrics,
+    with_detail_error,
 )
 from tasks.reports import md_table, png_data_uri, publish_markdown, publish_table
 
-# --- the sweep without Prefect (the benchmark times exactly this) ------------------------------
+# --- the one sweep path ------------------------------------------------------------------------
+#
+# `run_sweep` is the sweep: the flow, the uncordon flow, the tests and the benchmark all run it.
+# It takes three callables that start the fetches and return something with `.result()`: the flow
+# passes Prefect task submissions (retries, task runs in the UI), `sweep` plain threads.
 
 
-def sweep(api: Any, prometheus_url: str, thresholds: SweepThresholds, *, cluster: str = "default",
-          gpu_node_label: str = "nvidia.com/gpu.product", exporter_selector: str = DEFAULT_EXPORTER_SELECTOR,
-          metric_selector: str = "", exporter_job: str = ".*dcgm.*", page_size: int = SWEEP_PAGE_SIZE,
-          timeout_s: float = 15.0) -> SweepResult:
-    """Fetch (Kubernetes and Prometheus together), join and classify one cluster's GPUs.
+def run_sweep(settings: SweepSettings, start_fleet: Callable[[], Any], start_metrics: Callable[[], Any],
+              start_detail: Callable[[DCGMSnapshot, set[str]], Any]) -> tuple[SweepResult, FleetSnapshot]:
+    """Fetch (Kubernetes and Prometheus together), ask details for the GPUs that need them, classify.
 
-    Prometheus errors become a `prometheus-unavailable` finding (every GPU unknown); Kubernetes
-    errors raise, since without the node list there is nothing to judge.
+    Kubernetes errors raise (without the node list there is nothing to judge). A failed first
+    Prometheus phase makes every GPU unknown; a failed detail query leaves the established findings
+    standing, with a `details-missing` finding.
     """
+    th = settings.thresholds
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="sweep") as pool:
-        fleet_f = pool.submit(fetch_gpu_fleet, api, gpu_node_label=gpu_node_label,
-                              exporter_selector=exporter_selector, page_size=page_size, timeout_s=timeout_s)
-        metrics_f = pool.submit(_metrics_or_error, prometheus_url, thresholds, metric_selector, exporter_job,
-                                timeout_s)
-        fleet: FleetSnapshot = fleet_f.result()
-        metrics: DCGMSnapshot = metrics_f.result()
+    fleet_f, metrics_f = start_fleet(), start_metrics()
+    fleet: FleetSnapshot = fleet_f.result()
+    metrics = _result_or(metrics_f, lambda err: DCGMSnapshot.unavailable(th.window, err))
     timings["fetch_s"] = time.perf_counter() - start
-    hosts = needs_detail(fleet, metrics, thresholds)
+    hosts = needs_detail(fleet, metrics, th)
     if hosts:
         t = time.perf_counter()
-        try:
-            fetch_dcgm_detail(prometheus_url, metrics, hosts, metric_selector=metric_selector, timeout_s=timeout_s)
-        except PrometheusError as exc:
-            metrics = DCGMSnapshot.unavailable(thresholds.window, str(exc), metrics.round_trips + 1)
+        first = metrics
+        metrics = _result_or(start_detail(first, hosts), lambda err: with_detail_error(first, err))
         timings["detail_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    result = classify(fleet, metrics, thresholds, cluster=cluster)
+    result = classify(fleet, metrics, th, cluster=settings.cluster, xid_baseline_kind=settings.xid_baseline)
     timings["classify_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     result.timings = timings
+    return result, fleet
+
+
+def _result_or(future: Any, fallback: Callable[[str], DCGMSnapshot]) -> DCGMSnapshot:
+    """The future's snapshot; when it failed (after a task's retries), `fallback(error)`: unknown, not healthy."""
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001 - reported as unknown, never as healthy
+        return fallback(f"{type(exc).__name__}: {exc}")
+
+
+def sweep(api: Any, prometheus_url: str, settings: SweepSettings | SweepThresholds, *, cluster: str | None = None,
+          timeout_s: float | None = None, **overrides: Any) -> SweepResult:
+    """`run_sweep` without Prefect, in threads (the tests and the benchmark time exactly this)."""
+    if isinstance(settings, SweepThresholds):
+        settings = SweepSettings(thresholds=settings)
+    changes = {k: v for k, v in {"cluster": cluster, "timeout_s": timeout_s, **overrides}.items() if v is not None}
+    if changes:
+        settings = dataclasses.replace(settings, **changes)
+    s = settings
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="sweep") as pool:
+        result, _ = run_sweep(
+            s,
+            lambda: pool.submit(fetch_gpu_fleet, api, gpu_node_label=s.gpu_node_label,
+                                exporter_selectors=s.exporter_selectors, resources=s.resources,
+                                page_size=s.page_size, timeout_s=s.timeout_s),
+            lambda: pool.submit(fetch_dcgm, prometheus_url, s.thresholds.window, timeout_s=s.timeout_s,
+                                **query_args(s)),
+            lambda snap, hosts: pool.submit(fetch_dcgm_detail, prometheus_url, snap, hosts,
+                                            metric_selector=s.metric_selector, timeout_s=s.timeout_s),
+        )
     return result
 
 
-def _metrics_or_error(url: str, th: SweepThresholds, metric_selector: str, exporter_job: str,
-                      timeout_s: float) -> DCGMSnapshot:
-    try:
-        return fetch_dcgm(url, th.window, memory_temp_c=th.memory_temp_c,
-                          stale_after_s=th.stale_after_s, metric_selector=metric_selector, exporter_job=exporter_job,
-                          timeout_s=timeout_s)
-    except PrometheusError as exc:
-        return DCGMSnapshot.unavailable(th.window, str(exc))
+def _flow_sweep(plat: Platform, api: Any, settings: SweepSettings) -> tuple[SweepResult, FleetSnapshot]:
+    """`run_sweep` with each fetch a Prefect task (retries for transient faults)."""
+    prom = plat.prometheus()
+    return run_sweep(
+        settings,
+        lambda: list_gpu_fleet.submit(api, settings),
+        lambda: query_dcgm_metrics.submit(prom, settings),
+        lambda snap, hosts: query_dcgm_details.submit(prom, snap, hosts, settings.metric_selector),
+    )
 
 
 # --- reports ---------------------------------------------------------------------------------
@@ -123,7 +156,7 @@ def summary_markdown(platform: str, result: SweepResult, plan: CordonPlan | None
         f"# GPU monitoring sweep: {platform}/{result.cluster}",
         "",
         f"**Status: {result.status.upper()}** at "
-        f"{datetime.fromtimestamp(result.at, tz=timezone.utc):%Y-%m-%d %H:%M:%S} UTC, window {result.window}",
+        f"{datetime.fromtimestamp(result.at, tz=UTC):%Y-%m-%d %H:%M:%S} UTC, window {result.window}",
         "",
         f"- **Findings:** {counts['critical']} critical, {counts['warning']} warning, {counts['info']} info",
         f"- **Fleet:** {result.gpu_nodes} GPU nodes, {result.gpus_expected} GPUs, {result.gpus_reporting} reporting",
@@ -172,8 +205,9 @@ def publish_sweep_report(platform: str, result: SweepResult, plan: CordonPlan | 
 # --- flows -----------------------------------------------------------------------------------
 
 
-def _thresholds(platform_cfg: Any, **overrides: Any) -> SweepThresholds:
-    return SweepThresholds.from_config(platform_cfg.thresholds.gpu, **overrides)
+def _settings(plat: Platform, cluster: str | None, **overrides: Any) -> SweepSettings:
+    cfg = plat.config
+    return SweepSettings.from_config(cfg, cfg.cluster(cluster), **overrides)
 
 
 @flow(name="gpu-monitoring-sweep", log_prints=False)
@@ -189,49 +223,44 @@ def gpu_monitoring_sweep(
     max_share: float | None = None,
     drain: bool = False,
     approval_timeout_s: int = 3600,
-    metric_selector: str = "",
-    exporter_job: str = ".*dcgm.*",
-    exporter_selector: str = DEFAULT_EXPORTER_SELECTOR,
-    page_size: int = SWEEP_PAGE_SIZE,
+    metric_selector: str | None = None,
+    exporter_jobs: list[str] | None = None,
+    exporter_selectors: list[str] | None = None,
+    page_size: int | None = None,
+    note_training_commits: bool = True,
 ) -> Any:
     """Sweep one cluster's GPUs; plan (dry run) or, approved, apply cordons of nodes with critical findings.
 
-    Thresholds come from the platform config (`thresholds.gpu`); any parameter given overrides them.
+    Thresholds, exporter jobs and selectors come from the platform config (`thresholds.gpu`); any
+    parameter given overrides them. A critical finding on a node running a `train-on-push` training
+    leaves a note on its commit (`note_training_commits`).
     """
     logger = get_run_logger()
     plat = Platform(platform)
     cfg = plat.config
-    cluster_cfg = cfg.cluster(cluster)
+    settings = _settings(plat, cluster, window=window, temp_c=temp_c, memory_temp_c=memory_temp_c,
+                         idle_util_pct=idle_util_pct, stale_after=stale_after, metric_selector=metric_selector,
+                         exporter_jobs=exporter_jobs, exporter_selectors=exporter_selectors, page_size=page_size)
     api = plat.kubernetes(cluster)
-    prom = plat.prometheus()
-    th = _thresholds(cfg, window=window, temp_c=temp_c, memory_temp_c=memory_temp_c,
-                     idle_util_pct=idle_util_pct, stale_after=stale_after)
+    cluster_cfg = cfg.cluster(cluster)
     share = max_share if max_share is not None else cfg.thresholds.gpu.cordon_max_share
-    start = time.perf_counter()
-
-    fleet_f = list_gpu_fleet.submit(api, cluster_cfg, page_size, exporter_selector)
-    metrics_f = query_dcgm_metrics.submit(prom, th.window, th.memory_temp_c, th.stale_after_s, metric_selector,
-                                          exporter_job)
-    fleet: FleetSnapshot = fleet_f.result()  # no node list: nothing to judge, the run fails here
-    metrics = _snapshot_or_unknown(metrics_f, th)
-    hosts = needs_detail(fleet, metrics, th)
-    if hosts:
-        detail_f = query_dcgm_details.submit(prom, metrics, hosts, metric_selector)
-        metrics = _snapshot_or_unknown(detail_f, th, round_trips=metrics.round_trips + 1)
-    result = classify(fleet, metrics, th, cluster=cluster_cfg.name)
-    result.timings["total_s"] = time.perf_counter() - start
+    result, fleet = _flow_sweep(plat, api, settings)  # no node list: nothing to judge, the run fails here
 
     plan = plan_cordon(result, fleet.nodes, share)
     publish_sweep_report(platform, result, plan, dry_run)
-    logger.info("GPU sweep %s/%s: %s; %s; would cordon %s", platform, cluster_cfg.name, result.status,
-                result.counts, plan.nodes or "none")
+    logger.info("GPU sweep %s/%s: %s; %s; XIDs from %s; would cordon %s", platform, cluster_cfg.name, result.status,
+                result.counts, result.xid_source, plan.nodes or "none")
     summary: dict[str, Any] = {
         "status": result.status, "counts": result.counts, "findings": [f.row() for f in result.findings],
         "gpu_nodes": result.gpu_nodes, "gpus": result.gpus_expected, "gpus_reporting": result.gpus_reporting,
-        "fleet_util_pct": result.fleet_util_pct, "round_trips": result.round_trips,
+        "gpus_unknown": result.gpus_unknown, "fleet_util_pct": result.fleet_util_pct,
+        "round_trips": result.round_trips, "xid_source": result.xid_source,
         "cordon_plan": plan.nodes, "cordon_over_cap": [a.node for a in plan.over_cap],
         "cordon_already": plan.already, "dry_run": dry_run, "cordoned": [], "approved_by": None,
+        "training_notes": [],
     }
+    if note_training_commits and cfg.argo is not None and cfg.gitlab is not None:
+        summary["training_notes"] = _note_training_commits(plat, platform, result)
 
     if not dry_run and plan.actions:
         approval = pause_for_approval(plan.markdown(dry_run=False), approval_timeout_s)
@@ -241,7 +270,7 @@ def gpu_monitoring_sweep(
             summary["rejected"] = True
         else:
             note = {"by": "ai-platform-ops gpu-monitoring-sweep", "approved_by": approval.who(),
-                    "at": datetime.now(tz=timezone.utc).isoformat(timespec="seconds"), "flow_run": _flow_run_id()}
+                    "at": datetime.now(tz=UTC).isoformat(timespec="seconds"), "flow_run": _flow_run_id()}
             changes = cordon_gpu_nodes(api, cluster_cfg, plan.actions, note)
             summary["cordoned"] = [c["node"] for c in changes if c["changed"]]
             evictions = drain_gpu_nodes(api, cluster_cfg, plan.nodes) if drain else []
@@ -254,12 +283,70 @@ def gpu_monitoring_sweep(
     return summary
 
 
-def _snapshot_or_unknown(future: Any, th: SweepThresholds, round_trips: int = 0) -> DCGMSnapshot:
-    """The Prometheus task's snapshot; when it failed (after its retries), an unavailable one: unknown, not healthy."""
-    future.wait()
-    if future.state.is_completed():
-        return future.result()
-    return DCGMSnapshot.unavailable(th.window, _error_of(future.state), round_trips)
+# --- the training lifecycle: a note on the commit whose training runs on a faulty node ---------------
+
+
+def training_commits(result: SweepResult, workflows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """(project, commit, workflow, findings) for each `train-on-push` workflow named by a critical finding.
+
+    `workflows` maps "namespace/name" to the Workflow as Argo returns it; a workflow started by
+    `train-on-push` carries the annotations `ai-platform-ops/repository` (the GitLab project) and
+    `ai-platform-ops/commit` (its SHA), written by `flows.training.argo_training_run`.
+    """
+    from tasks.gitlab_ci import PROJECT_RE, SHA_RE
+
+    out: dict[str, dict[str, Any]] = {}
+    for f in result.findings:
+        if f.severity is not Severity.CRITICAL or not f.workflow:
+            continue
+        for ref in f.workflow.split(", "):
+            wf = workflows.get(ref) or {}
+            notes = (wf.get("metadata") or {}).get("annotations") or {}
+            project, sha = notes.get("ai-platform-ops/repository", ""), notes.get("ai-platform-ops/commit", "")
+            if not (PROJECT_RE.match(project) and SHA_RE.match(sha)):
+                continue
+            item = out.setdefault(ref, {"project": project, "commit": sha, "workflow": ref, "findings": []})
+            item["findings"].append(f"{f.kind.value} on {f.node}" + (f" gpu {f.gpu}" if f.gpu else "")
+                                    + f": {f.summary}")
+    return list(out.values())
+
+
+@task(name="note-gpu-faults-on-training-commits", cache_policy=NONE)
+def _note_training_commits_task(plat: Platform, platform: str, result: SweepResult) -> list[str]:
+    from tasks.argo import read_workflow
+    from tasks.gitlab_ci import post_note
+    from tasks.redact import Redactor
+
+    read = getattr(read_workflow, "fn", read_workflow)  # one task for the whole note: no task run per workflow
+    redactor = Redactor.of(plat.secrets())
+    argo = plat.argo()
+    refs = sorted({r for f in result.findings if f.severity is Severity.CRITICAL and f.workflow
+                   for r in f.workflow.split(", ")})
+    workflows: dict[str, dict[str, Any]] = {}
+    for ref in refs:
+        ns, name = ref.split("/", 1)
+        try:
+            workflows[ref] = read(argo, ns, name, redactor=redactor)
+        except Exception:  # noqa: BLE001, S112 - a workflow gone (deleted, archived) has no commit to note
+            continue
+    gitlab = plat.gitlab_api().get_client()
+    where = []
+    for item in training_commits(result, workflows):
+        body = (f"**GPU fault under this commit's training** (`{item['workflow']}`), found by the GPU sweep of "
+                f"{platform}/{result.cluster}:\n\n" + "\n".join(f"- {x}" for x in item["findings"])
+                + "\n\nThe node is planned for cordon; the training may fail or slow down.")
+        where.append(post_note(gitlab, item["project"], item["commit"], body, redactor=redactor))
+    return where
+
+
+def _note_training_commits(plat: Platform, platform: str, result: SweepResult) -> list[str]:
+    if not any(f.severity is Severity.CRITICAL and f.workflow for f in result.findings):
+        return []
+    state = _note_training_commits_task(plat, platform, result, return_state=True)
+    if not state.is_completed():  # a note is a courtesy: it never fails the sweep
+        get_run_logger().warning("could not note GPU faults on training commits: %s", state.message)
+        return []
+    return state.result()
 
 
 def pause_for_approval(plan_markdown: str, timeout_s: int) -> Approval:
@@ -290,34 +377,24 @@ def _flow_run_id() -> str | None:
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 
 
-def _error_of(state: Any) -> str:
-    try:
-        state.result()
-    except BaseException as exc:  # noqa: BLE001 - we report it, never re-raise here
-        return f"{type(exc).__name__}: {exc}"
-    return state.message or "failed"
-
-
 @flow(name="gpu-node-uncordon", log_prints=False)
 def gpu_node_uncordon(platform: str = "main", nodes: list[str] | None = None, cluster: str | None = None,
                       dry_run: bool = True, force: bool = False, window: str | None = None,
                       approval_timeout_s: int = 3600) -> dict:
-    """Return repaired GPU nodes to service: remove the unhealthy taint and annotation, uncordon.
+    """Return repaired GPU nodes to service: remove the unhealthy taint and annotation, uncordon, and
+    record the repair (`ai-platform-ops.io/gpu-repaired`: when, who, the XIDs dcgm-exporter still shows).
 
-    A fresh sweep must show the node without critical findings and with its exporter reporting
-    (`force=True` overrides). Only nodes this project cordoned are touched. Dry run by default; a
-    real run pauses for approval.
+    A fresh sweep (the same sweep as `gpu-monitoring-sweep`) must show the node without critical
+    findings and with its exporter reporting (`force=True` overrides); an XID that dcgm-exporter's
+    last-value gauge still shows from before the cordon does not count. Only nodes this project
+    cordoned are touched. Dry run by default; a real run pauses for approval.
     """
     logger = get_run_logger()
     plat = Platform(platform)
-    cfg = plat.config
-    cluster_cfg = cfg.cluster(cluster)
+    cluster_cfg = plat.config.cluster(cluster)
     api = plat.kubernetes(cluster)
-    th = _thresholds(cfg, window=window)
-    metrics_f = query_dcgm_metrics.submit(plat.prometheus(), th.window, th.memory_temp_c, th.stale_after_s)
-    fleet: FleetSnapshot = list_gpu_fleet(api, cluster_cfg)
-    metrics = _snapshot_or_unknown(metrics_f, th)
-    result = classify(fleet, metrics, th, cluster=cluster_cfg.name)
+    settings = dataclasses.replace(_settings(plat, cluster, window=window), xid_baseline="cordon")
+    result, fleet = _flow_sweep(plat, api, settings)
     plan = plan_uncordon(nodes or [], fleet.nodes, result, force=force)
     publish_markdown(f"gpu-uncordon-plan-{platform}-{cluster_cfg.name}", plan.markdown(dry_run),
                      description="GPU nodes to return to service")
@@ -330,11 +407,20 @@ def gpu_node_uncordon(platform: str = "main", nodes: list[str] | None = None, cl
     if not approval.approve:
         logger.warning("uncordon rejected by %s", approval.who())
         return summary
-    changes = uncordon_gpu_nodes(api, cluster_cfg, plan.actions)
+    at = datetime.now(tz=UTC).isoformat(timespec="seconds")
+    notes = {n: repair_note(result, n, approval.who(), at) for n in plan.actions}
+    changes = uncordon_gpu_nodes(api, cluster_cfg, plan.actions, notes)
     summary["uncordoned"] = [c["node"] for c in changes if c["changed"]]
     publish_action_report(platform, cluster_cfg.name, "uncordon", approval.who(), changes, [])
     return summary
 
 
-__all__ = ["gpu_monitoring_sweep", "gpu_node_uncordon", "sweep", "FINDING_ANNOTATION",
-           "UNHEALTHY_TAINT_KEY", "Severity"]
+__all__ = [
+    "FINDING_ANNOTATION",
+    "UNHEALTHY_TAINT_KEY",
+    "Severity",
+    "gpu_monitoring_sweep",
+    "gpu_node_uncordon",
+    "run_sweep",
+    "sweep",
+]

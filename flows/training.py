@@ -5,17 +5,21 @@
   started), follows it with backoff while a progress artifact moves, collects the failed steps'
   logs, and ends in the Prefect state Argo's phase means. Cancelling the Prefect run stops the
   workflow (and terminates it after a grace period); a timeout terminates it.
-- `train_on_push(project, commit_sha, ref)`: what a GitLab CI job starts. Reads
-  `.aiplatform/train.yaml` at the commit, validates it, reports pending/running/success/failed
-  (linking this run) as a commit status, builds the image when asked and missing, runs the
-  training subflow and leaves a summary note on the commit or merge request.
+- `train_on_push(project, commit_sha, ref, retrain="")`: what a GitLab CI job starts. Reads
+  `.aiplatform/train.yaml` at the commit, validates it (and the extended resources against the
+  platform's `argo.allowed_resources`), reports pending/running/success/failed (linking this run)
+  as a commit status, pins the pushed repository to the pushed commit, builds the image when asked
+  and missing, runs the training subflow and leaves a summary note on the commit or merge request.
+  One workflow per (project, commit, spec); `retrain` trains again on purpose.
+- A failed step's log survives `podGC`: the workflow archives logs (`argo.archive_logs`) and the
+  flow reads the `main-logs` artifact, or keeps deleted-on-completion pods for
+  `argo.keep_failed_pods_for`; when neither holds, the note says "logs unavailable" and why.
 - `build_training_image(...)`: builds an image from a Dockerfile with rootless BuildKit in an Argo
   Workflow and pushes it to the platform registry, unless the registry already has it.
 """
 
 from __future__ import annotations
 
-import shlex
 import time
 from typing import Any
 from uuid import UUID
@@ -25,31 +29,31 @@ from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks.platform import Platform
 from tasks.argo import (
-    LABEL_PREFIX,
-    CodeSource,
-    GitCredentials,
-    ImageBuild,
-    ResourceSpec,
-    SecretEnvVar,
-    TrainingSpec,
-    TrainingSpecError,
     argo_ui_link,
-    get_pod_logs,
-    get_workflow,
-    label_value,
-    load_training_spec,
-    parse_status,
+    read_step_log,
     read_workflow,
-    render_workflow,
-    secrets_in,
-    shutdown_workflow,
-    stop_or_terminate_workflow,
+    stop_workflow,
     submit_workflow,
-    training_outcome,
+)
+from tasks.argo_render import (
+    LogRetention,
+    render_workflow,
+    run_metadata,
+    secrets_in,
     workflow_name,
 )
+from tasks.argo_status import Shutdown, logs_unavailable, parse_status, training_outcome
 from tasks.redact import Redactor
 from tasks.reports import Progress, md_table, publish_markdown
+from tasks.training_spec import (
+    TrainingSpec,
+    TrainingSpecError,
+    build_spec,
+    is_pushed_repository,
+    load_training_spec,
+    pin_to_push,
+    resource_problems,
+)
 
 MAX_FAILED_STEP_LOGS = 5
 NOTE_LOG_LINES = 20
@@ -100,7 +104,7 @@ def _stop_on_cancellation(_flow, flow_run, _state) -> None:
     """on_cancellation hook: stop the run's workflow (its name follows from the run's parameters),
     then terminate it if it has not ended within the grace period. Never raises.
 
-    It runs outside the flow run, so it opens its own `Platform`."""
+    It runs outside the flow run, so it opens its own `Platform` and calls the tasks' plain functions."""
     import logging
 
     log = logging.getLogger("ai_platform_ops.training")
@@ -113,16 +117,16 @@ def _stop_on_cancellation(_flow, flow_run, _state) -> None:
         redactor = Redactor.of(plat.secrets())
         ns = spec.namespace or argo.namespace
         name = workflow_name(spec, params.get("repository", ""), params.get("commit", ""),
-                             str(params.get("attempt_key", "1")))
-        wf = shutdown_workflow(argo, ns, name, "stop", "cancelled in Prefect", redactor=redactor)
+                             str(params.get("attempt_key", "")))
+        wf = stop_workflow.fn(argo, ns, name, "stop", "cancelled in Prefect", redactor=redactor)
         deadline = time.monotonic() + min(float(params.get("stop_grace_s", 60.0)), 60.0)
         while not parse_status(wf).terminal and time.monotonic() < deadline:
             time.sleep(min(2.0, float(params.get("poll_initial_s", 2.0))))
-            wf = read_workflow(argo, ns, name, redactor=redactor)
+            wf = read_workflow.fn(argo, ns, name, redactor=redactor)
         if not parse_status(wf).terminal:
-            shutdown_workflow(argo, ns, name, "terminate", redactor=redactor)
+            stop_workflow.fn(argo, ns, name, "terminate", redactor=redactor)
         log.warning("cancelled: Argo workflow %s/%s stopped", ns, name)
-    except Exception as exc:  # noqa: BLE001 - a hook must not mask the cancellation
+    except Exception as exc:
         log.error("could not stop the Argo workflow of a cancelled run: %s", redactor.error(exc))
 
 
@@ -145,7 +149,7 @@ def argo_training_run(
     platform: str = "main",
     repository: str = "",
     commit: str = "",
-    attempt_key: str = "1",
+    attempt_key: str = "",
     timeout_s: float | None = None,
     poll_initial_s: float = 5.0,
     poll_max_s: float = 60.0,
@@ -153,26 +157,25 @@ def argo_training_run(
 ):
     """Run `spec` as one Argo Workflow and follow it to the end; the run's state is the training's.
 
-    What it reports (logs, the summary artifact, its result) is redacted with every secret of the
-    platform's blocks."""
+    One workflow per (repository, commit, spec, attempt_key): a second run for the same key adopts the
+    workflow the first one started. What it reports (logs, the summary artifact, its result) is
+    redacted with every secret of the platform's blocks."""
     logger = get_run_logger()
     plat = Platform(platform)
     argo = plat.argo()
+    argo_cfg = plat.config.argo
     redactor = Redactor.of(plat.secrets())
     ns = spec.namespace or argo.namespace
     name = workflow_name(spec, repository, commit, attempt_key)
+    problems = resource_problems(spec, argo_cfg.allowed_resources if argo_cfg else [])
+    if problems:
+        return Failed(message=f"refusing to submit {name}: " + "; ".join(problems))
     this_run = _current_flow_run()
-    labels = {f"{LABEL_PREFIX}/training": spec.name}
-    if repository:
-        labels[f"{LABEL_PREFIX}/repository"] = label_value(repository)
-    if commit:
-        labels[f"{LABEL_PREFIX}/commit"] = label_value(commit)
-    annotations = {f"{LABEL_PREFIX}/repository": repository, f"{LABEL_PREFIX}/commit": commit,
-                   f"{LABEL_PREFIX}/attempt": str(attempt_key)}
-    if this_run is not None:
-        annotations[f"{LABEL_PREFIX}/prefect-flow-run"] = str(this_run.id)
-    manifest = render_workflow(spec, name=name, namespace=ns, labels=labels,
-                               annotations={k: v for k, v in annotations.items() if v})
+    labels, annotations = run_metadata(spec, repository, commit, attempt_key,
+                                       str(this_run.id) if this_run is not None else None)
+    logs = LogRetention(archive=bool(argo_cfg and argo_cfg.archive_logs),
+                        keep_pods_for=argo_cfg.keep_failed_pods_for if argo_cfg else "10m")
+    manifest = render_workflow(spec, name=name, namespace=ns, labels=labels, annotations=annotations, logs=logs)
     leaks = secrets_in(manifest, redactor.secrets)
     if leaks:
         return Failed(message=f"refusing to submit {name}: {', '.join(leaks)} would be visible in the workflow")
@@ -185,50 +188,41 @@ def argo_training_run(
     lineage = _lineage(this_run) if this_run is not None else []
     progress = Progress(f"training-progress-{name}", total=100,
                         description=f"Argo workflow {ns}/{name}: share of steps done")
-    started = time.monotonic()
-    delay = poll_initial_s
-    cancelled, timed_out = False, None
-    shutdown_at: float | None = None
-    terminated = False
-    seen = None
+    shutdown = Shutdown(started=time.monotonic(), grace_s=stop_grace_s, timeout_s=timeout_s)
+    delay, seen = poll_initial_s, None
     while True:
-        st = parse_status(get_workflow(argo, ns, name, redactor=redactor))
+        st = parse_status(read_workflow(argo, ns, name, redactor=redactor))
         progress.set(st.percent)
         if (st.phase, st.steps_done, st.steps_total) != seen:
             seen = (st.phase, st.steps_done, st.steps_total)
             logger.info("%s: %s, %d/%d steps done", name, st.phase, st.steps_done, st.steps_total)
-        if st.terminal:
+        asked = not shutdown.shutting_down and not st.terminal and bool(lineage) and _cancel_requested(lineage)
+        action = shutdown.next(time.monotonic(), st.terminal, asked)
+        if action in ("done", "give_up"):
+            if action == "give_up":
+                logger.error("%s is still %s after terminate; leaving it to Argo", name, st.phase)
             break
-        now = time.monotonic()
-        if not cancelled and timed_out is None and lineage and _cancel_requested(lineage):
-            cancelled, shutdown_at = True, now
+        if action == "stop":
             logger.warning("cancellation requested: stopping %s (exit handlers run; terminate after %.0fs)",
                            name, stop_grace_s)
-            stop_or_terminate_workflow(argo, ns, name, "stop", "cancelled in Prefect", redactor=redactor)
-        elif not cancelled and timed_out is None and timeout_s is not None and now - started > timeout_s:
-            timed_out, shutdown_at, terminated = now - started, now, True
-            logger.error("%s ran longer than %.0fs: terminating it", name, timeout_s)
-            stop_or_terminate_workflow(argo, ns, name, "terminate", redactor=redactor)
-        elif shutdown_at is not None and not terminated and now - shutdown_at > stop_grace_s:
-            terminated, shutdown_at = True, now
-            logger.warning("%s did not stop within %.0fs: terminating it", name, stop_grace_s)
-            stop_or_terminate_workflow(argo, ns, name, "terminate", redactor=redactor)
-        elif shutdown_at is not None and terminated and now - shutdown_at > stop_grace_s:
-            logger.error("%s is still %s after terminate; leaving it to Argo", name, st.phase)
-            break
-        time.sleep(poll_initial_s if shutdown_at is not None else delay)
+            stop_workflow(argo, ns, name, "stop", "cancelled in Prefect", redactor=redactor)
+        elif action == "terminate":
+            logger.warning("%s: terminating it (%s)", name, f"ran longer than {timeout_s:.0f}s"
+                           if shutdown.timed_out_s is not None and not shutdown.cancelled
+                           else f"did not stop within {stop_grace_s:.0f}s")
+            stop_workflow(argo, ns, name, "terminate", redactor=redactor)
+        time.sleep(poll_initial_s if shutdown.shutting_down else delay)
         delay = min(delay * 2, poll_max_s)
 
-    outcome = training_outcome(st, cancelled=cancelled, timed_out_s=timed_out)
+    outcome = training_outcome(st, cancelled=shutdown.cancelled, timed_out_s=shutdown.timed_out_s)
     failed_steps = []
     if outcome.state == "Failed":
         for step in st.failed_steps[:MAX_FAILED_STEP_LOGS]:
-            if not step.pod:
-                continue
             try:
-                text = get_pod_logs(argo, ns, name, step.pod, redactor=redactor)
-            except Exception as exc:  # noqa: BLE001 - logs are best effort; the failure is already known
-                text = f"(logs unavailable: {redactor.error(exc)})"
+                text = read_step_log(argo, ns, name, step, redactor=redactor) \
+                    or logs_unavailable(step, st.pod_gc, st.archive_logs)
+            except Exception as exc:
+                text = f"logs unavailable: {redactor.error(exc)}"
             logger.error("failed step %s (%s), pod %s, last lines:\n%s", step.name, step.message, step.pod, text)
             tail = "\n".join(text.splitlines()[-NOTE_LOG_LINES:])
             failed_steps.append({"name": step.name, "pod": step.pod, "message": step.message, "log_tail": tail})
@@ -249,57 +243,13 @@ def argo_training_run(
 
 # --- building the image -------------------------------------------------------------------
 
-BUILDKIT_IMAGE = "moby/buildkit:rootless"
-
-
-def build_spec(image: str, context_url: str, revision: str, dockerfile: str = "Dockerfile", context: str = ".",
-               git_secret: str | None = None, push_secret: str = "registry-push-credentials",
-               insecure_registry: bool = False, name: str = "build-image") -> TrainingSpec:
-    """The training spec of a rootless BuildKit build of `dockerfile` at `revision`, pushed as `image` (pure)."""
-    ImageBuild(repository="x", dockerfile=dockerfile, context=context)  # validates the paths
-    if ".." in f"{dockerfile}/{context}".split("/"):
-        raise ValueError("dockerfile and context must stay inside the repository (no '..')")
-    src = "/workspace/src"
-    dockerfile_dir, _, filename = f"{src}/{dockerfile.strip('/')}".rpartition("/")
-    context_dir = src if context.strip("/") in ("", ".") else f"{src}/{context.strip('/')}"
-    output = f"type=image,name={image},push=true" + (",registry.insecure=true" if insecure_registry else "")
-    argv = ["buildctl-daemonless.sh", "build", "--frontend", "dockerfile.v0",
-            "--local", f"context={context_dir}", "--local", f"dockerfile={dockerfile_dir}",
-            "--opt", f"filename={filename}", "--output", output]
-    script = "\n".join([
-        "set -eu",
-        'mkdir -p "$HOME/.docker"',
-        'printf \'%s\' "$REGISTRY_AUTH" > "$HOME/.docker/config.json"',
-        " ".join(shlex.quote(a) for a in argv),
-    ])
-    return TrainingSpec(
-        name=name, image=BUILDKIT_IMAGE, shell=["sh"], script=script,
-        code=CodeSource(url=context_url, ref=revision, path=src,
-                        credentials=GitCredentials(secret=git_secret) if git_secret else None),
-        env={"BUILDKITD_FLAGS": "--oci-worker-no-process-sandbox"},
-        secret_env=[SecretEnvVar(name="REGISTRY_AUTH", secret=push_secret, key=".dockerconfigjson")],
-        resources=ResourceSpec(cpu="2", memory="4Gi", cpu_limit="4", memory_limit="8Gi"),
-        pod_spec_patch={
-            "containers": [{
-                "name": "main",
-                "securityContext": {"seccompProfile": {"type": "Unconfined"},
-                                    "appArmorProfile": {"type": "Unconfined"},
-                                    "runAsUser": 1000, "runAsGroup": 1000},
-                "volumeMounts": [{"name": "buildkitd", "mountPath": "/home/user/.local/share/buildkit"}],
-            }],
-            "volumes": [{"name": "buildkitd", "emptyDir": {}}],
-        },
-        active_deadline_seconds=3 * 3600, pod_gc="OnPodSuccess",
-        retry={"limit": 1, "policy": "OnError"},
-    )
-
 
 @flow(name="build-training-image", log_prints=False)
 def build_training_image(
     context_url: str,
-    revision: str,
+    revision: str | int | float,  # noqa: PYI041 - an int must stay an int (its text is exact)
     repository: str = "ai-base",
-    tag: str | None = None,
+    tag: str | int | float | None = None,  # noqa: PYI041 - an int must stay an int (its text is exact)
     dockerfile: str = "configs/images/Dockerfile",
     context: str = ".",
     platform: str = "main",
@@ -311,12 +261,18 @@ def build_training_image(
     poll_max_s: float = 60.0,
 ):
     """Build `dockerfile` of `context_url` at `revision` with BuildKit on Argo and push it as
-    <registry>/<repository>:<tag> (tag defaults to the revision), unless the registry has it already."""
+    <registry>/<repository>:<tag> (tag defaults to the revision's first 12 characters), unless the
+    registry has it already (`force` builds anyway)."""
     from tasks.registry import check_manifest, image_ref
 
     logger = get_run_logger()
+    revision, exact = as_text(revision)
+    tag_text, tag_exact = as_text(tag) if tag is not None else (None, True)
+    if not exact or not tag_exact:
+        return Failed(message="revision and tag must arrive as strings (a number lost its text on the way: pass "
+                              "them with --params JSON, quoted)")
     registry = Platform(platform).registry()
-    tag = tag or revision[:12]
+    tag = tag_text or revision[:12]
     image = image_ref(registry.url, repository, tag)
     if not force and check_manifest(registry, repository, tag):
         logger.info("%s is already in the registry: nothing to build", image)
@@ -331,8 +287,8 @@ def build_training_image(
     if not check_manifest(registry, repository, tag):
         return Failed(message=f"the build of {image} succeeded but the registry does not have it: check the push "
                               f"credentials (secret {push_secret!r}) and the registry URL")
-    publish_markdown(f"image-build-{repository}-{tag}", f"# Image built\n\n`{image}` from `{context_url}` at "
-                     f"`{revision}` ({dockerfile})\n", description=f"Built {image}")
+    publish_markdown(f"image-build-{repository}-{tag}", f"\n\n`{image}` from `{context_url}` at `{revision}` ({dockerfile})\n",
+                     description=f"Built {image}")
     logger.info("built and pushed %s", image)
     return {"image": image, "built": True}
 
@@ -340,13 +296,31 @@ def build_training_image(
 # --- train on push ------------------------------------------------------------------------
 
 
+def as_text(value: Any) -> tuple[str, bool]:
+    """A flow parameter that should be a string, as one: (text, exact).
+
+    `prefect deployment run --param ref=1.0` parses the value as JSON, so a branch or tag named
+    `1.0` arrives as a float; an int keeps its text, a float may not have (`1.10` -> 1.1), so it is
+    marked inexact. The CI template passes every parameter as a JSON string with `--params`."""
+    if isinstance(value, bool):
+        return ("true" if value else "false"), False
+    if isinstance(value, int):
+        return str(value), True
+    if isinstance(value, float):
+        return repr(value), False
+    return ("" if value is None else str(value)), True
+
+
 def _note(sha: str, state: State | None, result: dict[str, Any] | None, message: str,
           prefect_url: str | None) -> str:
     icon = {"Completed": "✅", "Failed": "❌", "Cancelled": "⏹️"}.get(state.type.value.title() if state else "", "❌")
     lines = [f"### {icon} Training `{sha[:12]}`: {message}", ""]
     if result:
-        lines += [f"- **Argo workflow:** [{result['namespace']}/{result['workflow']}]({result['argo_url']}) "
-                  f"({result['phase']}, {result['steps']} steps)"]
+        lines.append(f"- **Argo workflow:** [{result['namespace']}/{result['workflow']}]({result['argo_url']}) "
+                     f"({result['phase']}, {result['steps']} steps)")
+        if result.get("adopted"):
+            lines.append("- This commit and spec were trained already: this is that workflow's result. Run the "
+                         "pipeline with `AIPLATFORM_RETRAIN` set to train again.")
     if prefect_url:
         lines += [f"- **Prefect run:** {prefect_url}"]
     for step in (result or {}).get("failed_steps", []):
@@ -358,27 +332,31 @@ def _note(sha: str, state: State | None, result: dict[str, Any] | None, message:
 def _state_result(state: State) -> dict[str, Any] | None:
     try:
         data = state.result(raise_on_failure=False)
-    except Exception:  # noqa: BLE001 - a state without data
+    except Exception:
         return None
     return data if isinstance(data, dict) else None
 
 
 @flow(name="train-on-push", log_prints=False)
 def train_on_push(
-    project: str,
-    commit_sha: str,
-    ref: str = "",
+    project: str | int,
+    commit_sha: str | int | float,  # noqa: PYI041 - an int must stay an int (its text is exact)
+    ref: str | int | float = "",  # noqa: PYI041 - an int must stay an int (its text is exact)
     platform: str = "main",
     spec_path: str = ".aiplatform/train.yaml",
     merge_request_iid: int | str | None = None,
-    attempt: str = "1",
+    retrain: str | int | float = "",  # noqa: PYI041 - an int must stay an int (its text is exact)
     status_name: str = "aiplatform/train",
     timeout_s: float | None = None,
     poll_initial_s: float = 5.0,
     poll_max_s: float = 60.0,
     stop_grace_s: float = 120.0,
 ):
-    """Train the commit a GitLab CI job names, reporting back to GitLab as a commit status and a note."""
+    """Train the commit a GitLab CI job names, reporting back to GitLab as a commit status and a note.
+
+    One workflow per (project, commit, spec): a second pipeline for the same push (a branch and a
+    merge-request pipeline, a tag on a trained commit, a retried job) reports the first one's
+    workflow. `retrain` (any text, e.g. a counter) trains the same commit and spec again."""
     from tasks.gitlab_ci import (
         PROJECT_RE,
         REF_RE,
@@ -390,6 +368,16 @@ def train_on_push(
     from tasks.gitlab_ci import set_commit_status as _status
 
     logger = get_run_logger()
+    project, _ = as_text(project)
+    commit_sha, sha_exact = as_text(commit_sha)
+    ref, ref_exact = as_text(ref)
+    retrain, _ = as_text(retrain)
+    if not sha_exact:
+        return Failed(message="commit_sha arrived as a number and lost its text: pass the parameters as JSON "
+                              "strings (`prefect deployment run ... --params`), as the CI template does")
+    if not ref_exact:
+        logger.warning("ref arrived as a number (%s): its text may differ from the branch or tag name, so the "
+                       "commit statuses go without a ref; pass parameters as JSON strings with --params", ref)
     if not PROJECT_RE.match(project) or not SHA_RE.match(commit_sha) or (ref and not REF_RE.match(ref)):
         return Failed(message="expected project 'group/name', a hex commit SHA and a branch or tag name as ref")
     mr_iid = int(merge_request_iid) if merge_request_iid and str(merge_request_iid).isdigit() else None
@@ -400,8 +388,8 @@ def train_on_push(
     prefect_url = flow_run_url(this_run.id) if this_run else None
 
     def status(state: str, description: str) -> None:
-        _status(gitlab, project, commit_sha, state, ref=ref or None, name=status_name, target_url=prefect_url,
-                description=description, redactor=redactor)
+        _status(gitlab, project, commit_sha, state, ref=(ref or None) if ref_exact else None, name=status_name,
+                target_url=prefect_url, description=description, redactor=redactor)
 
     def finish(state: State, message: str, gitlab_state: str, result: dict[str, Any] | None = None) -> State:
         status(gitlab_state, message)
@@ -422,18 +410,20 @@ def train_on_push(
             msg = "invalid training spec: " + "; ".join(exc.problems)
             logger.error(redactor.text(str(exc)))
             return finish(Failed(message=msg), msg, "failed")
+        argo_cfg = plat.config.argo
+        problems = resource_problems(spec, argo_cfg.allowed_resources if argo_cfg else [])
+        if problems:
+            msg = "invalid training spec: " + "; ".join(problems)
+            return finish(Failed(message=msg), msg, "failed")
 
-        clone_url = project_clone_url(gitlab, project, redactor=redactor)
-        code = spec.code or CodeSource()
-        if code.url in (None, clone_url):
-            code = code.model_copy(update={"url": clone_url, "ref": commit_sha})
-        spec = spec.model_copy(update={"code": code})
+        spec = pin_to_push(spec, project, project_clone_url(gitlab, project, redactor=redactor), commit_sha)
+        pushed = next(c for c in spec.code if is_pushed_repository(c, project) or c.ref == commit_sha)
         if spec.build is not None:
             logger.info("building image %s if missing", spec.build.repository)
             build = build_training_image(
-                context_url=clone_url, revision=commit_sha, repository=spec.build.repository,
+                context_url=pushed.url, revision=commit_sha, repository=spec.build.repository,
                 dockerfile=spec.build.dockerfile, context=spec.build.context, platform=platform,
-                git_secret=code.credentials.secret if code.credentials else None,
+                git_secret=pushed.credentials.secret if pushed.credentials else None,
                 poll_initial_s=poll_initial_s, poll_max_s=poll_max_s, return_state=True)
             if not build.is_completed():
                 return finish(Failed(message=build.message), f"image build failed: {build.message}", "failed")
@@ -441,12 +431,12 @@ def train_on_push(
 
         status("running", "training on Argo")
         state = argo_training_run(spec, platform=platform, repository=project, commit=commit_sha,
-                                  attempt_key=attempt, timeout_s=timeout_s, poll_initial_s=poll_initial_s,
+                                  attempt_key=retrain, timeout_s=timeout_s, poll_initial_s=poll_initial_s,
                                   poll_max_s=poll_max_s, stop_grace_s=stop_grace_s, return_state=True)
     except BaseException as exc:
         try:
             status("failed", f"training flow error: {type(exc).__name__}")
-        except Exception:  # noqa: BLE001 - report what we can; the original error matters
+        except Exception:
             pass
         raise
     result = _state_result(state)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from sandbox.platform import DEFAULT_STATE_DIR, Sandbox, SandboxError
 
-FAULTS = ["node-not-ready", "xid", "gpu-missing", "hot-gpu", "idle-gpu", "remapped-rows", "exporter-down",
-          "api-down", "prometheus-down"]
+FAULTS = ["node-not-ready", "xid", "gpu-missing", "hot-gpu", "idle-gpu", "remapped-rows", "row-remap-pending",
+          "row-remap-failure", "exporter-down", "exporter-restart", "api-down", "prometheus-down"]
 
 
 def main(argv: list[str] | None = None) -> int:

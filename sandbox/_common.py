@@ -303,3 +303,45 @@ def read_secrets(state_dir: Path) -> dict[str, str]:
     if not d.is_dir():
         return {}
     return {p.name: p.read_text() for p in sorted(d.iterdir()) if p.name.startswith("SANDBOX_") and p.is_file()}
+
+
+# -- emulated hosts over SSH -----------------------------------------------------------------
+
+
+def start_key_only_sshd(sb: SandboxLike, name: str, folder: Path, public_key: str, env: dict[str, str]) -> tuple[int, Path]:
+    """A real OpenSSH `sshd` on 127.0.0.1:<free port> for an emulated host: key-only, root allowed by key,
+    its own ed25519 host key pinned in a known_hosts file, `env` set for every session (`SetEnv`: PATH
+    with the host's stand-in commands first, the host's root folder). Process `sshd-<name>`.
+    Returns (port, known_hosts path). Like production servers, it does not deliver a client's signal
+    requests (OpenSSH `session.c`: "session signalling requires privilege separation")."""
+    import asyncssh
+
+    sshd = require_binary("sshd", "openssh-server")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)  # sshd refuses a host key that others can read
+    host_key = folder / "ssh_host_ed25519_key"
+    if not host_key.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        write_secret_file(host_key, key.export_private_key())
+        key.write_public_key(str(host_key) + ".pub")
+    authorized = folder / "authorized_keys"
+    authorized.write_text(public_key + "\n")
+    os.chmod(authorized, 0o600)
+    port = free_port()
+    set_env = " ".join(f"{k}={v}" for k, v in env.items())
+    config = folder / "sshd_config"
+    config.write_text("\n".join([
+        "ListenAddress 127.0.0.1", f"Port {port}", f"HostKey {host_key}", f"PidFile {folder / 'sshd.pid'}",
+        f"AuthorizedKeysFile {authorized}", "AuthenticationMethods publickey", "PubkeyAuthentication yes",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
+        "StrictModes no", "UsePAM no", "PrintMotd no", "PrintLastLog no", "X11Forwarding no",
+        "AllowTcpForwarding no", "PermitUserEnvironment no", "Subsystem sftp internal-sftp",
+        "MaxStartups 50:30:100", "MaxSessions 20", "LogLevel ERROR", f"SetEnv {set_env}" if set_env else "", "",
+    ]))
+    proc = sb.spawn(f"sshd-{name}", [sshd, "-D", "-e", "-f", str(config)])
+    wait_for(tcp_banner(port, b"SSH-"), f"sshd for emulated host {name}", 20, proc, sb.log_of(f"sshd-{name}"))
+    known_hosts = folder / "known_hosts"
+    key_type, key_b64 = Path(str(host_key) + ".pub").read_text().split()[:2]
+    known_hosts.write_text(f"[127.0.0.1]:{port} {key_type} {key_b64}\n")
+    return port, known_hosts

@@ -2,25 +2,47 @@
 
     python -m sandbox.argo --port P [--token-file SECRETS/SANDBOX_ARGO_TOKEN] [--tick 0.2]
 
-Answers as the Argo Server does (JSON bodies, gRPC-gateway errors ``{"code", "message"}``):
+Answers as the Argo Server does; each behaviour cites argoproj/argo-workflows:
 
-- ``POST /api/v1/workflows/{ns}`` create (``{"workflow": {...}}``): 409 AlreadyExists for a taken
-  name, 400 for a workflow that does not validate against the Argo schema;
+- errors are gRPC-gateway bodies ``{"code", "message"}`` with the HTTP status gRPC's code maps to
+  (`server/workflow/workflow_server.go` returns `sutils.ToStatusError(err, codes.X)`; the gateway
+  writes ``{code, message}``): 404/5 NotFound, 409/6 AlreadyExists, 400/3 InvalidArgument,
+  401/16 Unauthenticated, 503/14 Unavailable, 500/13 Internal;
+- ``POST /api/v1/workflows/{ns}`` create (``{"workflow": {...}}``, `WorkflowCreateRequest` in
+  `pkg/apiclient/workflow/workflow.proto`): 409 AlreadyExists for a taken name, 400 for a
+  workflow that does not validate against the Argo schema;
 - ``GET /api/v1/workflows/{ns}`` list (``listOptions.labelSelector`` equality terms);
-- ``GET /api/v1/workflows/{ns}/{name}``; ``DELETE`` the same;
-- ``PUT .../{name}/stop`` and ``PUT .../{name}/terminate``;
-- ``GET .../{name}/log?podName=`` one JSON object per line, ``{"result": {"content", "podName"}}``.
+  ``GET /api/v1/workflows/{ns}/{name}``; ``DELETE`` the same;
+- ``PUT .../{name}/stop`` and ``PUT .../{name}/terminate``: on a finished workflow, HTTP 500 with
+  code 13 "cannot shutdown a completed workflow: workflow: "N", namespace: "NS""
+  (`workflow/util/util.go` `patchShutdownStrategy` returns `AlreadyShutdownError`, which
+  `StopWorkflow`/`TerminateWorkflow` wrap as `codes.Internal`);
+- ``GET .../{name}/log?podName=`` one JSON object per line, ``{"result": {"content", "podName"}}``,
+  read from the pods that exist *now* (`PodLogs` -> `util/logs/workflow-logger.go` lists the
+  workflow's pods by label and name): a pod deleted by podGC gives an empty stream;
+- pods are deleted as ``spec.podGC`` says (`workflow/controller/pod/cleanup.go`
+  `determinePodCleanupAction`): OnPodCompletion deletes every finished pod, OnPodSuccess only
+  succeeded ones, OnWorkflowCompletion all when the workflow ends, OnWorkflowSuccess all when it
+  succeeds; none keeps them; ``deleteDelayDuration`` delays the deletion;
+- with ``spec.archiveLogs`` (or a template's ``archiveLocation.archiveLogs``) a finished pod's log is
+  saved as its node's output artifact ``main-logs`` (`workflow/executor/executor.go`
+  `saveContainerLogs`; docs/configure-archive-logs.md) and served, after the pod is gone, by
+  ``GET /artifact-files/{ns}/workflows/{name}/{nodeId}/outputs/main-logs``
+  (`server/artifacts/artifact_server.go` `GetArtifactFile`; an unknown node or artifact is a 500).
 
 Each workflow runs a script chosen by its label ``sandbox/scenario``: ``succeed`` (default),
 ``fail`` (the training step fails with a message), ``error`` (the pod is lost: phase Error) or
 ``stuck`` (runs until stopped). ``sandbox/stop: slow`` makes a stop hang (only terminate ends it).
-The phase advances one step per ``--tick`` seconds after creation.
+The phase advances one step per ``--tick`` seconds after creation. A step whose image is
+``moby/buildkit*`` and whose script runs ``buildctl ... --output type=image,name=REF,push=true``
+pushes an image to REF when it succeeds, as BuildKit would (loopback registries only; an http
+registry needs ``registry.insecure=true``, as with BuildKit, else the step fails).
 
 Faults (``POST /control/fault``): ``{"kind": "down", "count": N}`` resets the next N connections
 (N null: until healed), ``{"kind": "unavailable", "count": N}`` answers 503,
 ``"only": "GET"`` limits a fault to one HTTP method; ``{"kind": "lose-create-response"}`` stores the next created workflow and then drops the
 connection without answering. ``POST /control/heal``, ``POST /control/reset``,
-``GET /control/state`` (workflows, create attempts per name, request log).
+``GET /control/state`` (workflows, pods that exist, create attempts per name, request log).
 """
 
 from __future__ import annotations
@@ -28,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -44,6 +67,8 @@ TOKEN_ENV = "SANDBOX_ARGO_TOKEN"
 
 SCENARIO_LABEL = "sandbox/scenario"
 STOP_LABEL = "sandbox/stop"
+LOGS_ARTIFACT = "main-logs"
+_BUILDKIT_PUSH_RE = re.compile(r"--output\s+'?type=image,name=([^,\s']+),push=true(,registry\.insecure=true)?")
 
 
 def _now() -> str:
@@ -61,8 +86,34 @@ def _fnv(text: str) -> str:
     return str(h)
 
 
+def _go_duration_s(text: str | None) -> float:
+    """A Go duration (``30s``, ``5m``, ``1h30m``, ``250ms``) in seconds; 0 for none."""
+    if not text:
+        return 0.0
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text))
+
+
+def _buildkit_push(image: str, insecure: bool) -> str | None:
+    """Push `image` (host:port/repo:tag) as BuildKit's image exporter would; an error message, or None."""
+    from sandbox.registry import push_image
+
+    host, _, rest = image.partition("/")
+    repository, _, tag = rest.rpartition(":")
+    if not insecure:
+        return (f"failed to push {image}: failed to do request: Head \"https://{host}/v2/{repository}/blobs/..."
+                f"\": http: server gave HTTP response to HTTPS client")
+    if host.split(":")[0] not in ("127.0.0.1", "localhost"):
+        return f"failed to push {image}: dial tcp {host}: connect: network is unreachable"
+    try:
+        push_image(f"http://{host}", repository, tag)
+    except Exception as exc:  # noqa: BLE001 - the step fails with the push error, as BuildKit's would
+        return f"failed to push {image}: {exc}"
+    return None
+
+
 class _Run:
-    """One workflow and its scripted progression."""
+    """One workflow, its scripted progression and its pods."""
 
     def __init__(self, wf: dict[str, Any], tick: float):
         self.wf = wf
@@ -73,8 +124,8 @@ class _Run:
         self.scenario = labels.get(SCENARIO_LABEL, "succeed")
         self.slow_stop = labels.get(STOP_LABEL) == "slow"
         spec = wf["spec"]
-        templates = {t["name"]: t for t in spec.get("templates", [])}
-        entry = templates.get(spec.get("entrypoint", ""), {})
+        self.templates = {t["name"]: t for t in spec.get("templates", [])}
+        entry = self.templates.get(spec.get("entrypoint", ""), {})
         self.step_templates: list[str] = []
         if "steps" in entry:
             for group in entry["steps"]:
@@ -83,17 +134,40 @@ class _Run:
         else:
             self.step_templates.append(entry.get("name", "main"))
         self.exit_template = spec.get("onExit")
+        gc = spec.get("podGC") or {}
+        self.pod_gc = gc.get("strategy")
+        self.gc_delay_ticks = _go_duration_s(gc.get("deleteDelayDuration")) / tick
         self.shutdown: str | None = None
         self.shutdown_at: float | None = None
         self.final: dict[str, Any] | None = None
+        self.end_t: float | None = None  # when the workflow ended, in ticks after creation
+        self.node_end: dict[str, float] = {}  # pod node id -> when it finished, in ticks
+        self.executed: dict[str, str | None] = {}  # node id -> what its container's side effect gave
+
+    def _elapsed(self) -> float:
+        return (time.monotonic() - self.created) / self.tick
+
+    def _archives(self, template: str) -> bool:
+        tpl = self.templates.get(template) or {}
+        return bool(self.wf["spec"].get("archiveLogs") or (tpl.get("archiveLocation") or {}).get("archiveLogs"))
+
+    def _side_effect(self, node_id: str, template: str) -> str | None:
+        """What the step's container does besides printing: a BuildKit step pushes its image (once)."""
+        if node_id not in self.executed:
+            tpl = self.templates.get(template) or {}
+            body = tpl.get("script") or tpl.get("container") or {}
+            m = _BUILDKIT_PUSH_RE.search(body.get("source", "") + " " + " ".join(body.get("args") or []))
+            self.executed[node_id] = None
+            if str(body.get("image", "")).startswith("moby/buildkit") and m:
+                self.executed[node_id] = _buildkit_push(m.group(1), bool(m.group(2)))
+        return self.executed[node_id]
 
     # the steps run one after the other, one tick each, then the exit handler (one tick)
     def status(self) -> dict[str, Any]:
         if self.final is not None:
             return self.final
         name = self.wf["metadata"]["name"]
-        now = time.monotonic()
-        elapsed = (now - self.created) / self.tick
+        elapsed = self._elapsed()
         stop_t = None
         if self.shutdown == "Terminate" or (self.shutdown == "Stop" and not self.slow_stop):
             stop_t = (self.shutdown_at - self.created) / self.tick  # type: ignore[operator]
@@ -109,6 +183,13 @@ class _Run:
             nodes[n["id"]] = n
             return n
 
+        def finish(n: dict[str, Any], end: float, **fields: Any) -> None:
+            n.update(finishedAt=at(end), **fields)
+            self.node_end[n["id"]] = end
+            if self._archives(n["templateName"]) and n["phase"] != "Error":
+                n["outputs"] = {"artifacts": [{"name": LOGS_ARTIFACT, "s3": {
+                    "key": f"{name}/{self.pod_of(n)}/main.log"}}]}
+
         t = 0.5
         failed: dict[str, Any] | None = None
         for i, template in enumerate(self.step_templates):
@@ -117,7 +198,8 @@ class _Run:
                 n["phase"] = "Omitted"
                 continue
             if stop_t is not None and (self.scenario == "stuck" or stop_t < t + 1):
-                n.update(phase="Failed", message=f"Stopped with strategy '{self.shutdown}'", finishedAt=at(stop_t))
+                n["phase"] = "Failed"
+                finish(n, stop_t, message=f"Stopped with strategy '{self.shutdown}'")
                 failed, t = n, max(stop_t, t)
                 continue
             if elapsed >= t:
@@ -126,20 +208,30 @@ class _Run:
                 t = float("inf")
                 break
             if elapsed >= t + 1:
-                n.update(phase="Succeeded", finishedAt=at(t + 1))
+                pushed = self._side_effect(n["id"], template)
                 if self.scenario == "fail":
-                    n.update(phase="Failed", message="Error (exit code 1)")
+                    n["phase"] = "Failed"
+                    finish(n, t + 1, message="Error (exit code 1)")
                     failed = n
                 elif self.scenario == "error":
-                    n.update(phase="Error", message="pod deleted")
+                    n["phase"] = "Error"
+                    finish(n, t + 1, message="pod deleted")
                     failed = n
+                elif pushed is not None:
+                    n["phase"] = "Failed"
+                    finish(n, t + 1, message="Error (exit code 1)")
+                    failed = n
+                else:
+                    n["phase"] = "Succeeded"
+                    finish(n, t + 1)
             t += 1
         exit_done = True
         if self.exit_template and self.shutdown != "Terminate":
             n = node(self.exit_template, f"{name}.onExit")
             exit_done = elapsed >= t + 1
             if exit_done:
-                n.update(phase="Succeeded", startedAt=at(t), finishedAt=at(t + 1))
+                n.update(phase="Succeeded", startedAt=at(t))
+                finish(n, t + 1)
             elif elapsed >= t:
                 n.update(phase="Running", startedAt=at(t))
         pods = [n for n in nodes.values() if n["type"] == "Pod"]
@@ -163,6 +255,7 @@ class _Run:
         if phase != "Running":
             status["finishedAt"] = _now()
             self.final = status
+            self.end_t = elapsed
         return status
 
     def view(self) -> dict[str, Any]:
@@ -172,26 +265,54 @@ class _Run:
         wf["status"] = self.status()
         return wf
 
-    def logs(self, pod: str | None) -> list[tuple[str, str]]:
-        name = self.wf["metadata"]["name"]
-        out = []
-        for node in self.status()["nodes"].values():
-            if node["type"] != "Pod" or node["phase"] in ("Pending", "Omitted"):
-                continue
-            h = node["id"].rsplit("-", 1)[-1]
-            pod_name = f"{name}-{node['templateName']}-{h}"
-            if pod and pod != pod_name:
-                continue
-            lines = [f"time=\"{_now()}\" level=info msg=\"starting {node['templateName']}\"",
-                     "Cloning into '/workspace/src'... (git artifact, credentials from secret)",
-                     "epoch 1/10 reward=0.12"]
-            if node["phase"] == "Failed" and not node.get("message", "").startswith("Stopped"):
+    def pod_of(self, node: dict[str, Any]) -> str:
+        return f"{self.wf['metadata']['name']}-{node['templateName']}-{node['id'].rsplit('-', 1)[-1]}"
+
+    def pod_exists(self, node: dict[str, Any]) -> bool:
+        """Whether the node's pod exists now: started, and not yet deleted by podGC (cleanup.go)."""
+        if node["type"] != "Pod" or node["phase"] in ("Pending", "Omitted") or node["phase"] == "Error":
+            return False  # not started; or lost (phase Error: "pod deleted")
+        end = self.node_end.get(node["id"])
+        if end is None:
+            return True  # still running
+        wf_phase = (self.final or {}).get("phase")
+        strategy, delay, now = self.pod_gc, self.gc_delay_ticks, self._elapsed()
+        if strategy == "OnPodCompletion" or (strategy == "OnPodSuccess" and node["phase"] == "Succeeded"):
+            return now < end + delay
+        if self.end_t is not None and (strategy == "OnWorkflowCompletion" or (
+                strategy == "OnWorkflowSuccess" and wf_phase == "Succeeded")):
+            return now < self.end_t + delay
+        return True
+
+    def log_lines(self, node: dict[str, Any]) -> list[str]:
+        lines = [f"time=\"{_now()}\" level=info msg=\"starting {node['templateName']}\"",
+                 "Cloning into '/workspace/src'... (git artifact, credentials from secret)",
+                 "epoch 1/10 reward=0.12"]
+        if node["phase"] == "Failed" and not node.get("message", "").startswith("Stopped"):
+            pushed = self.executed.get(node["id"])
+            if pushed:
+                lines += [f"error: {pushed}"]
+            else:
                 lines += ["AUTH_URL is http://oauth2:glpat-SANDBOXLEAKEDTOKEN123@gitlab.sandbox/team/rl.git",
                           "Traceback (most recent call last):",
                           "  File \"legged_gym/scripts/train.py\", line 42, in <module>",
                           "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"]
-            out += [(pod_name, line) for line in lines]
+        return lines
+
+    def logs(self, pod: str | None) -> list[tuple[str, str]]:
+        """The log lines of the pods that exist now (PodLogs streams from live pods only)."""
+        out = []
+        for node in self.status()["nodes"].values():
+            if not self.pod_exists(node):
+                continue
+            pod_name = self.pod_of(node)
+            if pod and pod != pod_name:
+                continue
+            out += [(pod_name, line) for line in self.log_lines(node)]
         return out
+
+    def live_pods(self) -> list[str]:
+        return [self.pod_of(n) for n in self.status()["nodes"].values() if self.pod_exists(n)]
 
 
 class ArgoStandIn:
@@ -262,6 +383,8 @@ def _handler(state: ArgoStandIn):
                 return self._drop()
             if self._take_fault("unavailable", method):
                 return self._error(503, 14, "argo-server is unavailable")
+            if parts[:1] == ["artifact-files"] and method == "GET":
+                return self._artifact(parts)
             if parts[:3] != ["api", "v1", "workflows"] and parts[:2] != ["api", "v1"]:
                 return self._error(404, 5, "Not Found")
             if parts[:3] == ["api", "v1", "version"]:
@@ -355,7 +478,9 @@ def _handler(state: ArgoStandIn):
                 if run is None:
                     return self._not_found(name)
                 if run.status()["phase"] in ("Succeeded", "Failed", "Error"):
-                    return self._error(400, 9, f"cannot shutdown a completed workflow: {name}")
+                    # workflow/util/util.go AlreadyShutdownError, wrapped as codes.Internal
+                    return self._error(500, 13, f'cannot shutdown a completed workflow: workflow: "{name}", '
+                                                f'namespace: "{ns}"')
                 run.shutdown = strategy
                 run.shutdown_at = time.monotonic()
             self._send(200, run.view())
@@ -372,6 +497,26 @@ def _handler(state: ArgoStandIn):
             body = "".join(json.dumps({"result": {"content": c, "podName": p}}) + "\n" for p, c in lines)
             self._send(200, body.encode(), "application/json")
 
+        def _artifact(self, parts: list[str]) -> None:
+            """GET /artifact-files/{ns}/workflows/{name}/{nodeId}/outputs/{artifact} (artifact_server.go
+            `GetArtifactFile`): plain-text file content; a bad token is 401, anything not found a 500."""
+            if state.token and (self.headers.get("Authorization") or "") != f"Bearer {state.token}":
+                return self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8")
+            if len(parts) != 7 or parts[2] != "workflows" or parts[5] != "outputs":
+                return self._send(400, b"Bad Request\n", "text/plain; charset=utf-8")
+            ns, name, node_id, artifact = parts[1], parts[3], parts[4], parts[6]
+            with state.lock:
+                run = state.runs.get((ns, name))
+            if run is None:
+                return self._send(500, f'workflows.argoproj.io "{name}" not found\n'.encode(),
+                                  "text/plain; charset=utf-8")
+            node = run.status()["nodes"].get(node_id)
+            arts = ((node or {}).get("outputs") or {}).get("artifacts") or []
+            if node is None or not any(a["name"] == artifact for a in arts):
+                return self._send(500, f"artifact not found: {artifact}\n".encode(), "text/plain; charset=utf-8")
+            text = "\n".join(run.log_lines(node)) + "\n"
+            self._send(200, text.encode(), "text/plain; charset=utf-8")
+
         # -- control -----------------------------------------------------------------------
 
         def _control(self, method: str, parts: list[str]) -> None:
@@ -380,7 +525,8 @@ def _handler(state: ArgoStandIn):
             if parts == ["state"] and method == "GET":
                 with state.lock:
                     workflows = {f"{ns}/{name}": r.view() for (ns, name), r in state.runs.items()}
-                    return self._send(200, {"workflows": workflows, "create_attempts": dict(state.create_attempts),
+                    pods = {f"{ns}/{name}": r.live_pods() for (ns, name), r in state.runs.items()}
+                    return self._send(200, {"workflows": workflows, "pods": pods, "create_attempts": dict(state.create_attempts),
                                             "requests": list(state.requests), "faults": dict(state.faults)})
             if parts == ["fault"] and method == "POST":
                 body = self._body()
@@ -435,8 +581,9 @@ def start_argo(sb: SandboxLike) -> None:
                              "--tick", tick])
     sb.urls["argo"] = f"http://127.0.0.1:{port}"
     wait_for(http_ok(f"{sb.urls['argo']}/control/health"), "argo stand-in", 30, proc, sb.log_of("argo"))
+    # the stand-in has an artifact repository (it serves main-logs), so the sandbox archives logs
     sb.config["argo"] = {"url": sb.urls["argo"], "namespace": "argo-job", "token": {"env": TOKEN_ENV},
-                         "verify_tls": False}
+                         "verify_tls": False, "archive_logs": True}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,16 @@ GPU_MODEL_NAME = "NVIDIA H100 80GB HBM3"
 DRIVER_VERSION = "535.129.03"
 EXPORTER_NAMESPACE = "gpu-operator"
 EXPORTER_APP = "nvidia-dcgm-exporter"
+# The two ways dcgm-exporter is installed, by its pods' names and labels: the GPU operator's DaemonSet
+# (namespace gpu-operator, `app=nvidia-dcgm-exporter`: gpu-operator assets/state-dcgm-exporter) and the
+# standalone helm chart (`app.kubernetes.io/name=dcgm-exporter` and `/instance`, no `app` label:
+# NVIDIA/dcgm-exporter deployment/templates/_helpers.tpl "dcgm-exporter.selectorLabels").
+EXPORTER_CHARTS = {
+    "gpu-operator": {"namespace": EXPORTER_NAMESPACE, "prefix": EXPORTER_APP,
+                     "labels": {"app": EXPORTER_APP, "app.kubernetes.io/name": EXPORTER_APP}},
+    "standalone": {"namespace": "dcgm-exporter", "prefix": "dcgm-exporter",
+                   "labels": {"app.kubernetes.io/name": "dcgm-exporter", "app.kubernetes.io/instance": "dcgm-exporter"}},
+}
 GPU_TAINT = {"key": "disable-node-scheduler", "value": "", "effect": "NoSchedule"}
 MONITOR_TAINT = {"key": "instance-type-is-monitor", "value": "", "effect": "NoSchedule"}
 CONTROL_PLANE_TAINT = {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}
@@ -147,11 +157,20 @@ def _pod(namespace: str, name: str, node: str, *, labels: dict[str, str], owner:
     }
 
 
-def node_names(gpu_nodes: int) -> tuple[list[str], list[str], list[str]]:
-    cps = [f"cp-{i}" for i in range(1, 4)] if gpu_nodes >= 16 else ["cp-1"]
-    monitors = ["monitor-1"] if gpu_nodes >= 16 else []
-    gpus = [f"gpu-node-{i:04d}" for i in range(1, gpu_nodes + 1)]
+def node_names(gpu_nodes: int, domain: str = "") -> tuple[list[str], list[str], list[str]]:
+    """Node names; with `domain`, fully qualified (kubelet's `--hostname-override` or cloud providers
+    name nodes by FQDN, while dcgm-exporter's Hostname may be the short host name)."""
+    d = f".{domain}" if domain else ""
+    cps = [f"cp-{i}{d}" for i in range(1, 4)] if gpu_nodes >= 16 else [f"cp-1{d}"]
+    monitors = [f"monitor-1{d}"] if gpu_nodes >= 16 else []
+    gpus = [f"gpu-node-{i:04d}{d}" for i in range(1, gpu_nodes + 1)]
     return cps, monitors, gpus
+
+
+def exporter_pod_ip(index: int) -> str:
+    """A pod IP per GPU node's exporter (10.64.0.0/10), unique, as the CNI assigns them."""
+    n = index + 1
+    return f"10.{64 + (n >> 16)}.{(n >> 8) & 255}.{n & 255}"
 
 
 def gpu_node_count(total_nodes: int) -> int:
@@ -179,17 +198,17 @@ def pod_suffixes(names: list[str]) -> dict[str, str]:
     return out
 
 
-def exporter_pod_names(gpu_nodes: int) -> dict[str, str]:
+def exporter_pod_names(gpu_nodes: int, chart: str = "gpu-operator", domain: str = "") -> dict[str, str]:
     """GPU node -> the name of its dcgm-exporter pod (which dcgm-exporter reports as `Hostname`)."""
-    cps, monitors, gpus = node_names(gpu_nodes)
+    cps, monitors, gpus = node_names(gpu_nodes, domain)
     suffixes = pod_suffixes(cps + monitors + gpus)
-    return {n: f"{EXPORTER_APP}-{suffixes[n]}" for n in gpus}
+    return {n: f"{EXPORTER_CHARTS[chart]['prefix']}-{suffixes[n]}" for n in gpus}
 
 
-def seed_cluster(gpu_nodes: int, seed: int = 7) -> SeededCluster:
+def seed_cluster(gpu_nodes: int, seed: int = 7, chart: str = "gpu-operator", domain: str = "") -> SeededCluster:
     """A cluster with `gpu_nodes` GPU nodes (8 GPUs each) plus its control plane and monitor node."""
     rng = random.Random(seed)
-    cps, monitors, gpus = node_names(gpu_nodes)
+    cps, monitors, gpus = node_names(gpu_nodes, domain)
     nodes = [_node(n, "control-plane", i, rng) for i, n in enumerate(cps)]
     nodes += [_node(n, "monitor", i, rng) for i, n in enumerate(monitors)]
     nodes += [_node(n, "gpu", i, rng) for i, n in enumerate(gpus)]
@@ -203,10 +222,11 @@ def seed_cluster(gpu_nodes: int, seed: int = 7) -> SeededCluster:
                          tolerations=[{"operator": "Exists"}]))
     for index, name in enumerate(gpus):
         suffix = suffixes[name]
-        pods.append(_pod(EXPORTER_NAMESPACE, f"{EXPORTER_APP}-{suffix}", name,
-                         labels={"app": EXPORTER_APP, "app.kubernetes.io/name": EXPORTER_APP},
-                         owner=("DaemonSet", EXPORTER_APP), image=_IMAGES[3][0],
-                         tolerations=[{"operator": "Exists"}]))
+        exp = EXPORTER_CHARTS[chart]
+        exporter = _pod(exp["namespace"], f"{exp['prefix']}-{suffix}", name, labels=dict(exp["labels"]),
+                        owner=("DaemonSet", exp["prefix"]), image=_IMAGES[3][0], tolerations=[{"operator": "Exists"}])
+        exporter["status"]["podIP"] = exporter_pod_ip(index)
+        pods.append(exporter)
         pods.append(_pod(EXPORTER_NAMESPACE, f"nvidia-device-plugin-daemonset-{suffix}", name,
                          labels={"app": "nvidia-device-plugin-daemonset"},
                          owner=("DaemonSet", "nvidia-device-plugin-daemonset"), image=_IMAGES[4][0],

@@ -5,12 +5,32 @@ counters (the names and types of `contracts/dcgm-exporter-default-counters.csv`)
 ``gpu``, ``UUID``, ``device``, ``modelName``, ``Hostname`` (the exporter *pod's* name, as in a
 real DaemonSet), ``DCGM_FI_DRIVER_VERSION``, and ``container``/``namespace``/``pod`` when a pod
 holds the GPU. Faults change what it serves: XID errors, a GPU gone from the bus, a hot GPU, an
-idle GPU held by a pod, remapped rows, an exporter that answers 503.
+idle GPU held by a pod, remapped rows (remap succeeded, pending or failed), an exporter that answers
+503 or restarts.
+
+Real installations differ, and each scrape picks its variant with URL parameters (Prometheus sets
+them from a target's `__param_<name>` labels):
+
+- ``hostname``: what ``Hostname`` holds. ``pod`` (default): the exporter pod's name, as
+  ``os.Hostname()`` inside a pod without ``NODE_NAME``; ``node``: the node's name, as with the
+  standalone chart, which sets ``NODE_NAME`` from ``spec.nodeName`` (dcgm-exporter
+  internal/pkg/hostname/hostname.go, deployment/templates/daemonset.yaml); ``short``: the node's
+  first DNS label (a host whose hostname is short while the kubelet registers its FQDN); ``none``:
+  no Hostname (relabelling may drop it: the scrape config's `metric_relabel_configs`).
+- ``counters=extended``: a counters file that adds ``DCGM_FI_DEV_ROW_REMAP_PENDING`` (DCGM field 396,
+  dcgm_fields.h) and dcgm-exporter's ``DCGM_EXP_XID_ERRORS_COUNT``: per GPU one series per XID seen in
+  the last ``--xid-count-window-size`` (label ``window_size_in_ms``, default 300000), or one series
+  with value 0 and no ``xid`` label when there was none (internal/pkg/collector/expcollector.go).
+
+``DCGM_FI_DEV_XID_ERRORS`` is the *last* XID and keeps its value until the exporter restarts
+(NVIDIA/dcgm-exporter issues 95 and 500, NVIDIA/DCGM issue 277): a repair does not clear it here
+either; the ``exporter-restart`` fault does.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +95,8 @@ class GPU:
     xid: int = 0
     uncorrectable_rows: int = 0
     row_remap_failure: int = 0
+    row_remap_pending: int = 0
+    xid_events: list[tuple[float, int]] = field(default_factory=list)  # (when, XID): for the XID counter
     missing: bool = False
     pod: dict[str, str] | None = None  # {"pod":..., "namespace":..., "container":...}
 
@@ -85,20 +107,22 @@ class Exporter:
     pod_name: str
     gpus: list[GPU]
     down: bool = False
-    _cache: bytes | None = field(default=None, repr=False)
+    _cache: dict[tuple[str, str], bytes] = field(default_factory=dict, repr=False)
 
 
 class DCGMSimulator:
     """State of every simulated GPU, rendered per node on demand (cached until a fault changes it)."""
 
-    def __init__(self, cluster: SeededCluster, profile: str = "full", seed: int = 11):
+    def __init__(self, cluster: SeededCluster, profile: str = "full", seed: int = 11,
+                 exporter_labels: dict[str, str] | None = None):
         self.profile = profile
         rng = random.Random(seed)
         holders = gpu_holders(cluster)
         exporter_pods = {
             p["spec"]["nodeName"]: p["metadata"]["name"]
             for p in cluster.pods
-            if p["metadata"]["labels"].get("app") == EXPORTER_APP
+            if all(p["metadata"]["labels"].get(k) == v
+                   for k, v in (exporter_labels or {"app": EXPORTER_APP}).items())
         }
         self.exporters: dict[str, Exporter] = {}
         for node in cluster.gpu_nodes:
@@ -121,6 +145,7 @@ class DCGMSimulator:
                                             gpus=gpus)
         counters = DEFAULT_COUNTERS if profile == "full" else [c for c in DEFAULT_COUNTERS if c[0] in SWEEP_COUNTERS]
         self.counters = counters
+        self.xid_window_s = 300.0
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -131,7 +156,7 @@ class DCGMSimulator:
             raise KeyError(f"no GPU {index} on node {node!r}") from None
 
     def touch(self, node: str) -> None:
-        self.exporters[node]._cache = None
+        self.exporters[node]._cache = {}
 
     def apply(self, kind: str, node: str, gpu: int | None = None, value: float | None = None) -> dict[str, Any]:
         """Inject one fault. Returns what changed, for the control API's answer."""
@@ -140,17 +165,26 @@ class DCGMSimulator:
         exporter = self.exporters[node]
         if kind == "exporter-down":
             exporter.down = True
+        elif kind == "exporter-restart":  # a new exporter process: the XID gauge starts from 0 again
+            for g in exporter.gpus:
+                g.xid = 0
         else:
             g = self.gpu(node, gpu if gpu is not None else 0)
             if kind == "xid":
                 g.xid = int(value if value is not None else 79)
+                g.xid_events.append((time.time(), g.xid))
             elif kind == "gpu-missing":
                 g.missing = True
             elif kind == "hot-gpu":
                 g.temp = float(value if value is not None else 93.0)
             elif kind == "idle-gpu":
                 g.util = float(value if value is not None else 0.0)
-            elif kind == "remapped-rows":
+            elif kind == "remapped-rows":  # remapped and applied: the count stays after the reset
+                g.uncorrectable_rows = int(value if value is not None else 3)
+            elif kind == "row-remap-pending":  # recorded, applied at the next GPU reset
+                g.uncorrectable_rows = int(value if value is not None else 1)
+                g.row_remap_pending = 1
+            elif kind == "row-remap-failure":  # no spare row left: the GPU must be replaced
                 g.uncorrectable_rows = int(value if value is not None else 3)
                 g.row_remap_failure = 1
             else:
@@ -160,14 +194,20 @@ class DCGMSimulator:
 
     # -- exposition --------------------------------------------------------------------------
 
-    def render(self, node: str) -> bytes | None:
-        """The node's /metrics body, or None when its exporter is down."""
+    def render(self, node: str, hostname: str = "pod", counters: str = "default") -> bytes | None:
+        """The node's /metrics body in the asked variant, or None when its exporter is down."""
         exporter = self.exporters.get(node)
         if exporter is None or exporter.down:
             return None
-        if exporter._cache is None:
-            exporter._cache = self._render(exporter).encode()
-        return exporter._cache
+        if hostname not in ("pod", "node", "short", "none") or counters not in ("default", "extended"):
+            raise ValueError(f"unknown variant hostname={hostname!r} counters={counters!r}")
+        key = (hostname, counters)
+        timed = counters == "extended" and any(g.xid_events for g in exporter.gpus)
+        body = exporter._cache.get(key)
+        if body is None or timed:  # the XID counter's window moves with time
+            body = self._render(exporter, hostname, counters).encode()
+            exporter._cache[key] = body
+        return body
 
     def _values(self, g: GPU) -> dict[str, float]:
         return {
@@ -198,21 +238,43 @@ class DCGMSimulator:
             "DCGM_FI_PROF_PCIE_RX_BYTES": 3_400_000 if g.util else 0,
         }
 
-    def _render(self, exporter: Exporter) -> str:
+    def _render(self, exporter: Exporter, hostname: str = "pod", counters: str = "default") -> str:
         gpus = [g for g in exporter.gpus if not g.missing]
+        host = {"pod": exporter.pod_name, "node": exporter.node, "short": exporter.node.split(".", 1)[0],
+                "none": None}[hostname]
         label_sets = []
         for g in gpus:
-            labels = (
-                f'gpu="{g.index}",UUID="{g.uuid}",device="nvidia{g.index}",modelName="{GPU_MODEL_NAME}",'
-                f'Hostname="{exporter.pod_name}",DCGM_FI_DRIVER_VERSION="{DRIVER_VERSION}"'
-            )
+            labels = f'gpu="{g.index}",UUID="{g.uuid}",device="nvidia{g.index}",modelName="{GPU_MODEL_NAME}"'
+            if host is not None:
+                labels += f',Hostname="{host}"'
+            labels += f',DCGM_FI_DRIVER_VERSION="{DRIVER_VERSION}"'
             if g.pod:
                 labels += f',container="{g.pod["container"]}",namespace="{g.pod["namespace"]}",pod="{g.pod["pod"]}"'
-            label_sets.append((labels, self._values(g)))
+            label_sets.append((labels, self._values(g), g))
+        fields = list(self.counters)
+        if counters == "extended":
+            fields.append(("DCGM_FI_DEV_ROW_REMAP_PENDING", "gauge"))
         lines: list[str] = []
-        for name, mtype in self.counters:
+        for name, mtype in fields:
             lines.append(f"# HELP {name} {name}.")
             lines.append(f"# TYPE {name} {mtype}")
-            for labels, values in label_sets:
-                lines.append(f"{name}{{{labels}}} {values[name]}")
+            for labels, values, g in label_sets:
+                value = g.row_remap_pending if name == "DCGM_FI_DEV_ROW_REMAP_PENDING" else values[name]
+                lines.append(f"{name}{{{labels}}} {value}")
+        if counters == "extended":
+            name = "DCGM_EXP_XID_ERRORS_COUNT"
+            lines.append(f"# HELP {name} Count of XID Errors within user-specified time window "
+                         "(see xid-count-window-size param).")
+            lines.append(f"# TYPE {name} gauge")
+            since = time.time() - self.xid_window_s
+            window = f'window_size_in_ms="{int(self.xid_window_s * 1000)}"'
+            for labels, _, g in label_sets:
+                seen: dict[int, int] = {}
+                for at, code in g.xid_events:
+                    if at >= since:
+                        seen[code] = seen.get(code, 0) + 1
+                if not seen:
+                    lines.append(f"{name}{{{labels},{window}}} 0")
+                for code, count in sorted(seen.items()):
+                    lines.append(f'{name}{{{labels},{window},xid="{code}"}} {count}')
         return "\n".join(lines) + "\n"

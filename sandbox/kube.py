@@ -12,7 +12,14 @@ kmock stores objects and answers list/get/create/patch/delete/watch. Real client
 - pod eviction (POST ``.../pods/NAME/eviction``) that honours PodDisruptionBudgets with
   ``429`` as the real API server answers;
 - a bounded request log: kmock keeps every request for assertions, which makes a long-running
-  server slower and bigger with each request; this server keeps the last few hundred.
+  server slower and bigger with each request; this server keeps the last few hundred;
+- list snapshots: the API server serves lists from its watch cache and pages through one
+  consistent snapshot (the continue token carries the resourceVersion the list started at:
+  Kubernetes API concepts, "Retrieving large results sets in chunks"). This server keeps the last
+  few list results, each object serialized once, keyed by the request's selectors and the store's
+  state, and pages through them; any write makes a new state. So a repeated 10,000-node listing
+  costs the stand-in a join of cached bytes, not a Python walk and serialization of every object
+  (which a real API server, in Go, does in a fraction of the time): benchmarks measure the client.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import itertools
 import json
 import re
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import aiohttp.web
@@ -31,6 +39,7 @@ from kmock import KubernetesEmulator
 from kmock._internal import enums, rendering
 
 REQUEST_LOG_KEEP = 200
+LIST_SNAPSHOTS_KEEP = 8
 _TERM = re.compile(r"^\s*(!)?\s*([A-Za-z0-9_./\-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9_.\-]*)|\s+(in|notin)\s*\(([^)]*)\))?\s*$")
 
 
@@ -157,6 +166,10 @@ class SandboxKubernetes(KubernetesEmulator):
         # Fault injection: when set, every API request answers this HTTP status.
         self.fail_with: int | None = None
         self.requests_served = 0
+        # list snapshots: (resource, namespace, selectors, state) -> (id, serialized objects in list order)
+        self._writes = 0
+        self._snapshots: OrderedDict[tuple, tuple[int, list[bytes]]] = OrderedDict()
+        self._snapshot_ids = itertools.count(1)
 
     async def _serve_version(self, request: rendering.Request) -> Any:
         # kmock announces the core group as "/v1" and gives subresources the parent's short
@@ -187,9 +200,11 @@ class SandboxKubernetes(KubernetesEmulator):
 
     def put_object(self, resource: str, namespace: str | None, name: str, obj: dict[str, Any]) -> None:
         """Seed or replace an object directly (no HTTP); stamps its metadata."""
+        self._writes += 1
         self.objects[resource, namespace, name] = self.stamp_new(obj)
 
     def patch_object(self, resource: str, namespace: str | None, name: str, patch: dict[str, Any]) -> None:
+        self._writes += 1
         patch = copy.deepcopy(patch)
         patch.setdefault("metadata", {})["resourceVersion"] = self.next_rv()
         self.objects[resource, namespace, name].patch(patch)
@@ -215,6 +230,8 @@ class SandboxKubernetes(KubernetesEmulator):
             if self.fail_with is not None:
                 return _status(self.fail_with, "ServiceUnavailable", "the sandbox API server is failing on purpose")
             method = str(request.method).upper().split(".")[-1]
+            if method not in ("GET", "HEAD"):
+                self._writes += 1  # a new state: list snapshots taken before it are not reused
             if request.subresource == "eviction" and method == "POST":
                 return await self._evict(request)
             if request.subresource == "status" and method in ("PATCH", "PUT"):
@@ -235,6 +252,44 @@ class SandboxKubernetes(KubernetesEmulator):
                 return aiohttp.web.Response(body=_dumps(table), content_type="application/json")
         return await super()._handle(request)
 
+    def _state(self) -> tuple[int, str, int]:
+        """Changes with every write (HTTP, seeding, patching) and every direct deletion from the store."""
+        return (self._writes, self.last_rv, len(self.objects))
+
+    def _snapshot(self, request: rendering.Request, label_ok: Any, field_ok: Any, snap_id: int | None
+                  ) -> tuple[int, list[bytes]]:
+        """The serialized objects a list answers, in its stable order: the continued snapshot `snap_id`
+        when it is still kept, else a snapshot of the store as it is now (cached per state)."""
+        params = request.params
+        if snap_id is not None:
+            for sid, items in self._snapshots.values():
+                if sid == snap_id:
+                    return sid, items
+        key = (request.resource, request.namespace, params.get("labelSelector", ""), params.get("fieldSelector", ""),
+               self._state())
+        hit = self._snapshots.get(key)
+        if hit is not None:
+            self._snapshots.move_to_end(key)
+            return hit
+        matching = []
+        for (res, ns, name), obj in self.objects.items():
+            if res != request.resource or obj.deleted:
+                continue
+            if request.namespace is not None and ns != request.namespace:
+                continue
+            raw = obj.raw
+            if not label_ok((raw.get("metadata") or {}).get("labels") or {}):
+                continue
+            if params.get("fieldSelector") and not field_ok(raw):
+                continue
+            matching.append(((ns or "", name), raw))
+        matching.sort(key=lambda pair: pair[0])
+        snap = (next(self._snapshot_ids), [_dumps(raw) for _, raw in matching])
+        self._snapshots[key] = snap
+        while len(self._snapshots) > LIST_SNAPSHOTS_KEEP:
+            self._snapshots.popitem(last=False)
+        return snap
+
     async def _list(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         params = request.params
         try:
@@ -245,40 +300,31 @@ class SandboxKubernetes(KubernetesEmulator):
         known = {r for r in self._get_resources()}
         if request.resource not in known:
             return _status(404, "NotFound", f"the server could not find the requested resource ({request.resource})")
-        async with self._lock:
-            matching = []
-            for (res, ns, name), obj in self.objects.items():
-                if res != request.resource or obj.deleted:
-                    continue
-                if request.namespace is not None and ns != request.namespace:
-                    continue
-                raw = obj.raw
-                if not label_ok((raw.get("metadata") or {}).get("labels") or {}):
-                    continue
-                if params.get("fieldSelector") and not field_ok(raw):
-                    continue
-                matching.append(((ns or "", name), raw))
-        matching.sort(key=lambda pair: pair[0])
-        offset = 0
+        offset, snap_id = 0, None
         if params.get("continue"):
             try:
                 token = json.loads(base64.urlsafe_b64decode(params["continue"].encode()))
                 offset = int(token["offset"])
+                snap_id = int(token["snapshot"]) if "snapshot" in token else None
             except (ValueError, KeyError, TypeError):
                 return _status(410, "Expired", "The provided continue parameter is too old or invalid")
+        async with self._lock:
+            snap_id, items = self._snapshot(request, label_ok, field_ok, snap_id)
         limit = int(params.get("limit") or 0)
-        page = matching[offset: offset + limit] if limit > 0 else matching[offset:]
+        page = items[offset: offset + limit] if limit > 0 else items[offset:]
         meta: dict[str, Any] = {"resourceVersion": self.last_rv}
         end = offset + len(page)
-        if limit > 0 and end < len(matching):
-            meta["continue"] = base64.urlsafe_b64encode(json.dumps({"offset": end}).encode()).decode()
-            meta["remainingItemCount"] = len(matching) - end
-        items = [raw for _, raw in page]
+        if limit > 0 and end < len(items):
+            meta["continue"] = base64.urlsafe_b64encode(json.dumps({"offset": end, "snapshot": snap_id}).encode()
+                                                        ).decode()
+            meta["remainingItemCount"] = len(items) - end
         if _wants_table(request):
-            return aiohttp.web.Response(body=_dumps(as_table(request.resource.plural, items, meta)),
+            objs = [json.loads(b) for b in page]
+            return aiohttp.web.Response(body=_dumps(as_table(request.resource.plural, objs, meta)),
                                         content_type="application/json")
-        body = {"apiVersion": "v1", "kind": "List", "metadata": meta, "items": items}
-        return aiohttp.web.Response(body=_dumps(body), content_type="application/json")
+        body = b"".join([b'{"apiVersion":"v1","kind":"List","metadata":', _dumps(meta), b',"items":[',
+                         b",".join(page), b"]}"])
+        return aiohttp.web.Response(body=body, content_type="application/json")
 
     async def _update_status(self, request: rendering.Request, replace: bool) -> aiohttp.web.StreamResponse:
         key = (request.resource, request.namespace, request.name)

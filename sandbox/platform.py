@@ -220,7 +220,10 @@ def start_core(sb: Sandbox) -> None:
     """Kubernetes API emulator + dcgm-exporters + control API, then kubeconfig and cluster config."""
     kube_port, sim_port = free_port(), free_port()
     proc = sb.spawn("core", [PYTHON, "-m", "sandbox.server", "--gpu-nodes", str(sb.gpu_nodes),
-                             "--kube-port", str(kube_port), "--sim-port", str(sim_port), "--profile", sb.profile])
+                             "--kube-port", str(kube_port), "--sim-port", str(sim_port), "--profile", sb.profile,
+                             # the dcgm-exporter install and node naming (sandbox/server.py; default: the GPU operator)
+                             "--exporter-chart", sb.extra.get("exporter_chart", "gpu-operator"),
+                             "--node-domain", sb.extra.get("node_domain", "")])
     sb.urls.update(kube=f"http://127.0.0.1:{kube_port}", sim=f"http://127.0.0.1:{sim_port}",
                    control=f"http://127.0.0.1:{sim_port}")
     wait_for(http_ok(f"{sb.urls['kube']}/version"), "sandbox core (Kubernetes API)", 60, proc, sb.log_of("core"))
@@ -262,12 +265,26 @@ COMPONENTS.append(_start_gitlab)
 
 
 def _start_training(sb: Sandbox) -> None:
-    """The Argo Server stand-in (scripted workflow runs) and the GitLab CI API stand-in (files, statuses, notes)."""
+    """The Argo Server stand-in (scripted workflow runs), the registry (Debian's docker-registry) and a
+    training project on the GitLab API stand-in (its CI routes: files, statuses, notes)."""
     from sandbox.argo import start_argo
-    from sandbox.gitlab_ci_api import start_gitlab_ci_api
+    from sandbox.gitlab_api import seed_training_project
+    from sandbox.registry import start_registry
 
     start_argo(sb)
-    start_gitlab_ci_api(sb)
+    start_registry(sb)
+    seed_training_project(sb)
 
 
 COMPONENTS.append(_start_training)
+
+
+def _start_control_plane(sb: Sandbox) -> None:
+    """Control-plane and etcd hosts (sshd) with a kubeadm/kubespray PKI of real X.509, TLS listeners serving
+    it (API servers with /readyz, etcd, an ingress with SNI, a hung one) and TLS secrets in the API (issue 12)."""
+    from sandbox.control_plane import start_control_plane
+
+    start_control_plane(sb)
+
+
+COMPONENTS.append(_start_control_plane)

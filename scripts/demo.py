@@ -52,6 +52,11 @@ DEMO_RUNS: list[tuple[str, dict]] = [
     ("gitlab-backup/gitlab-backup", {}),
     ("gitlab-config-backup/gitlab-config-backup", {}),
     ("gitlab-restore-drill/gitlab-restore-drill", {}),  # restores the backup above on the scratch host
+    # the sandbox's PKI holds an expired, a not-yet-valid, a wrong-SAN and a weak certificate on purpose:
+    # the report shows them; `fail_on=never` keeps the demo's run Completed
+    ("certificate-check/certificate-check", {"fail_on": "never"}),
+    # dry run: the renewal plan per control-plane node, nothing changed
+    ("renew-control-plane-certificates/renew-control-plane-certificates", {}),
 ]
 
 
@@ -203,18 +208,39 @@ class Demo:
 
         ok = True
         results = []
-        for name, params in DEMO_RUNS:
+        for name, params in DEMO_RUNS + self.training_runs():
             log(f"running {name} {params or ''}")
             run = run_deployment(name, parameters=params, timeout=600)
             state = run.state
             results.append((name, run, state))
             ok &= bool(state and state.is_completed())
+        self.show_commit_statuses()
         print()
         log(f"Prefect UI: {self.ui_url}")
         for name, run, state in results:
             print(f"  {name:55} {state.name if state else 'NO STATE':10} {self.ui_url}/runs/flow-run/{run.id}")
         print()
         return ok
+
+    def training_runs(self) -> list[tuple[str, dict]]:
+        """The training lifecycle on the sandbox: build the training image (BuildKit on the Argo stand-in
+        pushes it to the registry), then a push of the sandbox's training project (`sandbox.gitlab_api`)."""
+        push = self.sandbox.extra["training_project"]
+        clone_url = f"{self.sandbox.config['gitlab']['api_url']}/{push['project']}.git"
+        return [
+            ("build-training-image/build-training-image",
+             {"context_url": clone_url, "revision": push["commit_sha"], "repository": "ai-base", "tag": "demo"}),
+            ("train-on-push/train-on-push",
+             {"project": push["project"], "commit_sha": push["commit_sha"], "ref": push["ref"]}),
+        ]
+
+    def show_commit_statuses(self) -> None:
+        """The commit statuses train-on-push posted, as the GitLab API stand-in recorded them."""
+        push = self.sandbox.extra["training_project"]
+        state = httpx.get(f"{self.sandbox.config['gitlab']['api_url']}/control/state", timeout=10).json()
+        statuses = state["statuses"].get(f"{push['project']}@{push['commit_sha']}", [])
+        trail = " -> ".join(f"{s['status']} ({s['description']})" for s in statuses) or "none"
+        log(f"commit statuses of {push['project']}@{push['commit_sha'][:12]} on the GitLab stand-in: {trail}")
 
     def stop(self) -> None:
         """Stop everything this demo started (worker, server, sandbox), waiting for each to be gone."""

@@ -3,7 +3,7 @@
 The tasks take a python-gitlab client (`GitLabAPI.get_client()`, with the block's token and
 timeout; the flow builds it once per run) and a `tasks.redact.Redactor`: a status description or a
 note is redacted before it is posted, and GitLab's error messages are redacted before they leave a
-task. (Backups talk to GitLab in `tasks/gitlab.py`; this module is what a training run needs to
+task. (Backups talk to GitLab in `tasks/gitlab_host.py` and `tasks/gitlab_api.py`; this module is what a training run needs to
 read its spec and report back.)
 """
 
@@ -70,11 +70,29 @@ def read_repository_file(gitlab, project: str, file_path: str, ref: str, *, reda
     return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
 
 
+LOCK_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+"""Waits (before jitter) between the attempts of a status post that GitLab answered 409: the commit
+status service runs under an exclusive lease per (project, sha) and answers 409 "Another update to
+this commit status is in progress" when another update holds it (lib/api/commit_statuses.rb)."""
+
+
+def _lock_conflict(exc: Exception) -> bool:
+    return getattr(exc, "response_code", None) == 409
+
+
 @task(name="set-commit-status", cache_policy=NONE, **TRANSIENT_RETRIES)
 def set_commit_status(gitlab, project: str, sha: str, state: StatusState, *, ref: str | None, name: str,
-                      target_url: str | None, description: str, redactor: Redactor) -> None:
-    """Post a commit status (its description redacted). A retry after a lost answer finds the state
-    already set: that is success."""
+                      target_url: str | None, description: str, redactor: Redactor) -> int:
+    """Post a commit status (its description redacted); returns the attempts it took.
+
+    GitLab's rules (app/services/ci/create_commit_status_service.rb): a post moves the pending or
+    running status of this name and ref, so re-posting `pending` or `running` is a 400 "Cannot
+    transition status" (a retry after a lost answer finds the state already set: that is success),
+    while a final state is always accepted. A 409 lock conflict is retried here with backoff and
+    jitter (`LOCK_RETRY_DELAYS_S`); connection faults and 5xx by the task's transient retries."""
+    import random
+    import time
+
     import gitlab as gl
 
     data = {"state": state, "name": name, "description": status_description(redactor.text(description))}
@@ -82,13 +100,19 @@ def set_commit_status(gitlab, project: str, sha: str, state: StatusState, *, ref
         data["ref"] = ref
     if target_url:
         data["target_url"] = target_url
-    try:
-        with _redacted_errors(redactor):
-            gitlab.projects.get(project, lazy=True).commits.get(sha, lazy=True).statuses.create(data)
-    except gl.exceptions.GitlabCreateError as exc:
-        if exc.response_code == 400 and "Cannot transition status" in exc.error_message:
-            return
-        raise
+    statuses = gitlab.projects.get(project, lazy=True).commits.get(sha, lazy=True).statuses
+    for attempt, delay in enumerate((*LOCK_RETRY_DELAYS_S, None), start=1):
+        try:
+            with _redacted_errors(redactor):
+                statuses.create(data)
+            return attempt
+        except gl.exceptions.GitlabCreateError as exc:
+            if exc.response_code == 400 and "Cannot transition status" in exc.error_message:
+                return attempt
+            if not _lock_conflict(exc) or delay is None:
+                raise
+            time.sleep(delay * (1 + random.uniform(0, 0.5)))
+    raise AssertionError("unreachable")
 
 
 @task(name="post-commit-note", cache_policy=NONE, **TRANSIENT_RETRIES)

@@ -7,11 +7,11 @@ model deserialisation costs seconds for a few thousand nodes and is never used f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
-
 import json
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from kubernetes import client as k8s
@@ -21,24 +21,22 @@ from prefect.cache_policies import NONE
 
 from blocks.config import ClusterConfig
 from tasks._retry import TRANSIENT_RETRIES
-from tasks.gpu_health import (
+from tasks.gpu_model import (
+    DEFAULT_EXPORTER_SELECTORS,
     FINDING_ANNOTATION,
-    UNHEALTHY_TAINT_KEY,
+    REPAIR_ANNOTATION,
     ExporterPod,
     FleetSnapshot,
     GPUNode,
     GPUPod,
+    GPUResources,
 )
+from tasks.gpu_plans import UNHEALTHY_TAINT_KEY
 
-# Extended resources that hold (part of) a GPU: whole GPUs, HAMi's shares, Alibaba's GPU share.
-GPU_RESOURCES = (
-    "nvidia.com/gpu",
-    "nvidia.com/gpumem",
-    "nvidia.com/gpumem-percentage",
-    "nvidia.com/gpucores",
-    "aliyun.com/gpu-mem",
-    "aliyun.com/gpu-count",
-)
+# Extended resources that hold (part of) a GPU (`tasks.gpu_model.GPUResources`: configurable in
+# `thresholds.gpu`): whole GPUs, time-sliced and HAMi shares, Alibaba's GPU share, MIG slices.
+DEFAULT_GPU_RESOURCES = GPUResources()
+GPU_RESOURCES = DEFAULT_GPU_RESOURCES.whole + DEFAULT_GPU_RESOURCES.shared
 WHOLE_GPU = "nvidia.com/gpu"
 DEFAULT_PAGE_SIZE = 500
 
@@ -70,13 +68,14 @@ def list_raw(
     timeout_s: float = 15.0,
     transform: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Listing:
-    """Every object of `kind` ('nodes' or 'pods', cluster-wide) as plain dicts, page by page.
+    """Every object of `kind` ('nodes', 'pods' or 'secrets', cluster-wide) as plain dicts, page by page.
 
     `transform`, when given, turns each object into what the caller keeps (None drops it) as each
     page arrives, so a big listing never holds more than one page of raw objects.
     """
     core = k8s.CoreV1Api(api)
-    fetch = {"nodes": core.list_node, "pods": core.list_pod_for_all_namespaces}[kind]
+    fetch = {"nodes": core.list_node, "pods": core.list_pod_for_all_namespaces,
+             "secrets": core.list_secret_for_all_namespaces}[kind]
     items: list[dict[str, Any]] = []
     cont: str | None = None
     trips = 0
@@ -179,18 +178,28 @@ class PodInfo:
         return any(v > 0 for v in self.gpu_requests.values())
 
 
-def gpu_requests(pod: dict[str, Any]) -> dict[str, float]:
-    """GPU resources the pod holds: the max of requests/limits per container, summed."""
-    totals: dict[str, float] = {}
-    for container in (pod.get("spec") or {}).get("containers") or []:
+def gpu_requests(pod: dict[str, Any], resources: GPUResources = DEFAULT_GPU_RESOURCES) -> dict[str, float]:
+    """GPU resources the pod holds, as the scheduler counts them: per container the max of requests and
+    limits; the pod's request is the larger of its containers' sum and any one init container's
+    (Kubernetes docs, "Init containers: resource sharing within containers")."""
+
+    def of(container: dict[str, Any]) -> dict[str, float]:
         res = container.get("resources") or {}
         merged: dict[str, float] = {}
         for section in ("requests", "limits"):
             for key, value in (res.get(section) or {}).items():
-                if key in GPU_RESOURCES:
+                if resources.holds(key):
                     merged[key] = max(merged.get(key, 0.0), _quantity(value))
-        for key, value in merged.items():
+        return merged
+
+    spec = pod.get("spec") or {}
+    totals: dict[str, float] = {}
+    for container in spec.get("containers") or []:
+        for key, value in of(container).items():
             totals[key] = totals.get(key, 0.0) + value
+    for container in spec.get("initContainers") or []:
+        for key, value in of(container).items():
+            totals[key] = max(totals.get(key, 0.0), value)
     return totals
 
 
@@ -304,7 +313,7 @@ def list_gpu_pods(api: k8s.ApiClient, cluster: ClusterConfig) -> list[PodInfo]:
 # 10,000-node fleet 1 + 5, and this process holds one raw page at a time.
 
 SWEEP_PAGE_SIZE = 10_000
-DEFAULT_EXPORTER_SELECTOR = "app=nvidia-dcgm-exporter"
+ARGO_WORKFLOW_LABEL = "workflows.argoproj.io/workflow"  # set by Argo's controller on every workflow pod
 
 
 def _equality_selector(selector: str) -> list[tuple[str, str]]:
@@ -315,6 +324,19 @@ def _equality_selector(selector: str) -> list[tuple[str, str]]:
             raise ValueError(f"exporter selector: expected key=value[,key=value], got {selector!r}")
         terms.append((key.strip(), value.strip().lstrip("=")))
     return terms
+
+
+def _selectors(selectors: str | tuple[str, ...] | list[str]) -> list[list[tuple[str, str]]]:
+    return [_equality_selector(s) for s in ((selectors,) if isinstance(selectors, str) else selectors)]
+
+
+def _container_started(status: dict[str, Any]) -> str | None:
+    """When the pod's first container last started (a restart of dcgm-exporter resets its XID gauge)."""
+    for cs in status.get("containerStatuses") or []:
+        running = (cs.get("state") or {}).get("running") or {}
+        if running.get("startedAt"):
+            return running["startedAt"]
+    return status.get("startTime")
 
 
 def _gpu_node(obj: dict[str, Any]):
@@ -338,36 +360,43 @@ def _gpu_node(obj: dict[str, Any]):
                    annotations=meta.get("annotations") or {})
 
 
-def _sweep_pod(obj: dict[str, Any], exporter_terms: list[tuple[str, str]]):
+def _sweep_pod(obj: dict[str, Any], exporter_terms: list[list[tuple[str, str]]],
+               resources: GPUResources = DEFAULT_GPU_RESOURCES):
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     labels = meta.get("labels") or {}
-    if all(labels.get(k) == v for k, v in exporter_terms):
+    if any(all(labels.get(k) == v for k, v in terms) for terms in exporter_terms):
         return ExporterPod(namespace=meta.get("namespace", ""), name=meta.get("name", ""), node=spec.get("nodeName"),
-                           ip=status.get("podIP"), phase=status.get("phase"))
-    requests = gpu_requests(obj)
+                           ip=status.get("podIP"), phase=status.get("phase"), started=_container_started(status))
+    requests = gpu_requests(obj, resources)
     if not any(v > 0 for v in requests.values()):
         return None
     owners = meta.get("ownerReferences") or []
     owner = f"{owners[0].get('kind')}/{owners[0].get('name')}" if owners else None
+    whole = sum(v for k, v in requests.items() if k in resources.whole)
     return GPUPod(namespace=meta.get("namespace", ""), name=meta.get("name", ""), node=spec.get("nodeName"),
-                  owner=owner, whole_gpus=int(requests.get(WHOLE_GPU, 0)),
-                  shares={k: v for k, v in requests.items() if k != WHOLE_GPU},
+                  owner=owner, whole_gpus=int(whole),
+                  shares={k: v for k, v in requests.items() if k not in resources.whole},
                   started=status.get("startTime") or meta.get("creationTimestamp"),
-                  daemonset=bool(owners) and owners[0].get("kind") == "DaemonSet")
+                  daemonset=bool(owners) and owners[0].get("kind") == "DaemonSet",
+                  workflow=labels.get(ARGO_WORKFLOW_LABEL))
 
 
 def fetch_gpu_fleet(api: k8s.ApiClient, *, gpu_node_label: str = "nvidia.com/gpu.product",
-                    exporter_selector: str = DEFAULT_EXPORTER_SELECTOR, page_size: int = SWEEP_PAGE_SIZE,
+                    exporter_selectors: str | tuple[str, ...] = DEFAULT_EXPORTER_SELECTORS,
+                    resources: GPUResources = DEFAULT_GPU_RESOURCES, page_size: int = SWEEP_PAGE_SIZE,
                     timeout_s: float = 15.0):
-    """GPU nodes, pods holding GPUs and exporter pods of one cluster: two paginated listings, run together."""
-    terms = _equality_selector(exporter_selector)
+    """GPU nodes, pods holding GPUs and exporter pods of one cluster: two paginated listings, run together.
+
+    An exporter pod is one matching any of `exporter_selectors` (the GPU operator's and the standalone
+    chart's labels by default)."""
+    terms = _selectors(exporter_selectors)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="k8s-list") as pool:
         nodes_f = pool.submit(list_raw, api, "nodes", label_selector=gpu_node_label, page_size=page_size,
                               timeout_s=timeout_s, transform=_gpu_node)
         pods_f = pool.submit(list_raw, api, "pods", field_selector="status.phase!=Succeeded,status.phase!=Failed",
-                             page_size=page_size, timeout_s=timeout_s, transform=lambda o: _sweep_pod(o, terms))
+                             page_size=page_size, timeout_s=timeout_s, transform=lambda o: _sweep_pod(o, terms, resources))
         nodes, pods = nodes_f.result(), pods_f.result()
     exporters = [p for p in pods.items if isinstance(p, ExporterPod)]
     holders = [p for p in pods.items if not isinstance(p, ExporterPod)]
@@ -376,11 +405,11 @@ def fetch_gpu_fleet(api: k8s.ApiClient, *, gpu_node_label: str = "nvidia.com/gpu
 
 
 @task(name="list-gpu-fleet", cache_policy=NONE, **TRANSIENT_RETRIES)
-def list_gpu_fleet(api: k8s.ApiClient, cluster: ClusterConfig, page_size: int = SWEEP_PAGE_SIZE,
-                   exporter_selector: str = DEFAULT_EXPORTER_SELECTOR):
-    """The cluster's GPU nodes, GPU-holding pods and dcgm-exporter pods (`FleetSnapshot`)."""
-    return fetch_gpu_fleet(api, gpu_node_label=cluster.gpu_node_label, exporter_selector=exporter_selector,
-                           page_size=page_size, timeout_s=cluster.request_timeout_s)
+def list_gpu_fleet(api: k8s.ApiClient, settings: Any):
+    """The cluster's GPU nodes, GPU-holding pods and dcgm-exporter pods (`FleetSnapshot`); `settings` is
+    a `tasks.gpu_model.SweepSettings`."""
+    return fetch_gpu_fleet(api, gpu_node_label=settings.gpu_node_label, exporter_selectors=settings.exporter_selectors,
+                           resources=settings.resources, page_size=settings.page_size, timeout_s=settings.timeout_s)
 
 
 # --- cordon, taint, uncordon, drain ----------------------------------------------------------------
@@ -415,8 +444,10 @@ def cordon_and_taint(api: k8s.ApiClient, node: str, reason: str, annotation: str
 
 
 def uncordon_and_untaint(api: k8s.ApiClient, node: str, *, taint_key: str, annotation_key: str,
-                         timeout_s: float = 15.0) -> dict[str, Any]:
-    """Remove our taint and annotation and uncordon `node` (idempotent)."""
+                         timeout_s: float = 15.0, repair_note: str | None = None,
+                         repair_key: str = REPAIR_ANNOTATION) -> dict[str, Any]:
+    """Remove our taint and annotation and uncordon `node` (idempotent); record the repair (`repair_note`,
+    its time and the XIDs dcgm-exporter still shows) under `repair_key`."""
     core = k8s.CoreV1Api(api)
     obj = _read_node_raw(core, node, timeout_s)
     spec = obj.get("spec") or {}
@@ -426,7 +457,7 @@ def uncordon_and_untaint(api: k8s.ApiClient, node: str, *, taint_key: str, annot
             and annotation_key not in annotations:
         return {"node": node, "changed": False, "detail": "already schedulable and untainted"}
     patch = {"spec": {"unschedulable": None, "taints": taints or None},
-             "metadata": {"annotations": {annotation_key: None}}}
+             "metadata": {"annotations": {annotation_key: None, **({repair_key: repair_note} if repair_note else {})}}}
     core.patch_node(node, patch, _request_timeout=timeout_s)
     return {"node": node, "changed": True, "detail": f"uncordoned, removed {taint_key}"}
 
@@ -468,20 +499,23 @@ def evict_pods_on(api: k8s.ApiClient, node: str, timeout_s: float = 15.0) -> lis
 @task(name="cordon-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
 def cordon_gpu_nodes(api: k8s.ApiClient, cluster: ClusterConfig, actions: list[Any],
                      annotation: dict[str, Any]) -> list[dict]:
-    """Cordon and taint each planned node (`tasks.gpu_health.NodeAction`); idempotent, so safe to retry."""
+    """Cordon and taint each planned node (`tasks.gpu_plans.NodeAction`); idempotent, so safe to retry."""
     results = []
     for action in actions:
-        note = json.dumps({**annotation, "reason": action.reason, "findings": action.findings}, sort_keys=True)
+        note = json.dumps({**annotation, "reason": action.reason, "findings": action.findings,
+                           "xids": action.xids}, sort_keys=True)
         results.append(cordon_and_taint(api, action.node, action.reason, note, taint_key=UNHEALTHY_TAINT_KEY,
                                         annotation_key=FINDING_ANNOTATION, timeout_s=cluster.request_timeout_s))
     return results
 
 
 @task(name="uncordon-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
-def uncordon_gpu_nodes(api: k8s.ApiClient, cluster: ClusterConfig, nodes: list[str]) -> list[dict]:
-    """Remove the unhealthy taint and annotation and uncordon each node; idempotent."""
+def uncordon_gpu_nodes(api: k8s.ApiClient, cluster: ClusterConfig, nodes: list[str],
+                       repair_notes: dict[str, str] | None = None) -> list[dict]:
+    """Remove the unhealthy taint and annotation and uncordon each node, recording its repair; idempotent."""
     return [uncordon_and_untaint(api, n, taint_key=UNHEALTHY_TAINT_KEY, annotation_key=FINDING_ANNOTATION,
-                                 timeout_s=cluster.request_timeout_s) for n in nodes]
+                                 timeout_s=cluster.request_timeout_s, repair_note=(repair_notes or {}).get(n))
+            for n in nodes]
 
 
 @task(name="drain-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)

@@ -15,6 +15,7 @@ added with `label_replace`, so one round trip carries several metrics.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -97,27 +98,42 @@ def _error_text(response: httpx.Response) -> str:
 
 # --- the sweep's queries --------------------------------------------------------------------
 #
-# Prometheus' cost is per series it touches, so the sweep touches each metric it needs once and
-# returns full per-GPU vectors only for utilisation and temperature (the heatmap, idleness, and
-# the proof that every GPU reports); every other check is a filter evaluated in Prometheus that
-# returns only the GPUs that fail it (usually none). Filters keep NaN: `x != 0` is true for NaN,
-# and `clamp_min(x, T) != T` keeps values over T *and* NaN, so a NaN is never read as healthy.
+# Prometheus' cost is per series it touches and per series it returns. The sweep touches each
+# metric it needs once and returns, for the whole fleet, only per-exporter aggregates (GPUs
+# reporting, the sum and count of window utilisation, GPUs with a temperature) and the GPUs that
+# fail a filter evaluated in Prometheus: low or NaN utilisation, hot or NaN temperature, any XID,
+# remapped rows, remap failure or pending, hot memory. Filters keep NaN (`x != x` is true only
+# for NaN; `clamp_min(x, T) != T` keeps values over T *and* NaN), so a NaN is never read as healthy.
 # GPUs that need more (a UUID for an RMA, utilisation's max and sample count for idleness, which
-# GPU fell off the bus) are asked in one follow-up query restricted to their Hostnames.
+# GPU fell off the bus) are asked in one follow-up query restricted to their exporters.
+#
+# Series are keyed by (exporter, gpu): the exporter is its `Hostname` label, or, where relabelling
+# dropped it, the scrape target's `instance` (written `@<instance>`), which the join maps to the
+# exporter pod's IP. Attribution reads `pod`/`namespace` and, where the scrape did not honour the
+# exporter's labels (ServiceMonitor `honorLabels: false`, the standalone chart's default), Prometheus'
+# renamed `exported_pod`/`exported_namespace` (Prometheus docs, scrape_config `honor_labels`).
 
 MAX_DETAIL_HOSTS = 400
+EXPORTER_KEY = "Hostname, instance"
+HOLDER_LABELS = ("pod", "namespace", "exported_pod", "exported_namespace")
+# Per exporter (one series each): summed by the join, never per GPU.
+PER_HOST = ("util_sum", "util_n", "temp_n", "gpus_now", "xid_counter")
+# dcgm-exporter's counter (`DCGM_EXP_XID_ERRORS_COUNT{xid="N"}`: how many XIDs N in the exporter's
+# `--xid-count-window-size`, label `window_size_in_ms`; one series with value 0 and no `xid` label
+# when there were none: internal/pkg/collector/expcollector.go, xid_collector.go).
+XID_COUNTER_WINDOW_S = 300.0
 
 
-def _window_ok(window: str) -> str:
+def _window_ok(window: str, name: str = "window") -> str:
     """`window` itself once it reads as a duration (`parse_duration`'s syntax is also PromQL's)."""
     try:
         parse_duration(window)
     except ValueError as exc:
-        raise ValueError(f"window: {exc}") from None
+        raise ValueError(f"{name}: {exc}") from None
     return window
 
 
-_LABEL_VALUE_RE = re.compile(r'^[^"\\\n]*$')
+_LABEL_VALUE_RE = re.compile(r'^[^"\\\n{}]*$')
 
 
 def _tag(expr: str, name: str) -> str:
@@ -131,60 +147,105 @@ def _sel(selector: str, *more: str) -> str:
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-def sweep_queries(window: str, *, memory_temp_c: float = 95.0, stale_after_s: float = 120.0, metric_selector: str = "",
-                  exporter_job: str = ".*dcgm.*") -> dict[str, str]:
-    """The sweep's first four queries, whatever the fleet's size.
-
-    `metric_selector` narrows the DCGM series (e.g. `cluster="gpu-prod"` when one Prometheus
-    holds several clusters); `exporter_job` is a regular expression for the exporter's scrape job.
-    """
-    w = _window_ok(window)
-    if not _LABEL_VALUE_RE.match(exporter_job):
-        raise ValueError(f"exporter_job: expected a regular expression without quotes, got {exporter_job!r}")
-    s = _sel(metric_selector)
-    key = "Hostname, gpu"
-    up = f'up{{job=~"{exporter_job}"}}'
-    faults = [
-        _tag(f"max by ({key}) (max_over_time(DCGM_FI_DEV_XID_ERRORS{s}[{w}])) != 0", "xid_max"),
-        _tag(f"max by ({key}) (max_over_time(DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS{s}[{w}])) != 0", "rows_max"),
-        _tag(f"max by ({key}) (max_over_time(DCGM_FI_DEV_ROW_REMAP_FAILURE{s}[{w}])) != 0", "row_fail_max"),
-        _tag(f"clamp_min(max by ({key}) (max_over_time(DCGM_FI_DEV_MEMORY_TEMP{s}[{w}])), {memory_temp_c:g})"
-             f" != {memory_temp_c:g}", "memory_temp_max"),
-    ]
-    exporters = [
-        _tag(f"count by (Hostname) (DCGM_FI_DEV_GPU_UTIL{s})", "gpus_now"),
-        _tag(f"max by (instance, pod, job) ({up}) == 0", "up"),
-        _tag(f"max by (instance, pod, job) (time() - timestamp({up})) > {stale_after_s:g}", "up_age"),
-    ]
-    return {
-        "util": _tag(f"avg by ({key}, pod, namespace) (avg_over_time(DCGM_FI_DEV_GPU_UTIL{s}[{w}]))", "util_avg"),
-        "temp": _tag(f"max by ({key}) (max_over_time(DCGM_FI_DEV_GPU_TEMP{s}[{w}]))", "temp_max"),
-        "faults": " or ".join(faults),
-        "exporters": " or ".join(exporters),
-    }
-
-
 def _regex_escape(value: str) -> str:
     """Escape a literal for a PromQL (RE2) regex inside a double-quoted string."""
     return re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\\\1", value)
 
 
-def detail_query(window: str, hosts: list[str], *, metric_selector: str = "") -> str:
-    """The follow-up query for the GPUs of `hosts`: current attribution and UUID, utilisation's max and
-    sample count, graphics-engine activity, memory used and power over the window."""
+def jobs_regex(jobs: tuple[str, ...] | list[str] | str) -> str:
+    """The exporter's scrape jobs (exact names) as one anchored regex: `a|b`."""
+    jobs = (jobs,) if isinstance(jobs, str) else tuple(jobs)
+    for job in jobs:
+        if not job or not _LABEL_VALUE_RE.match(job):
+            raise ValueError(f"exporter_jobs: expected plain job names, got {job!r}")
+    return "|".join(_regex_escape(j) for j in jobs)
+
+
+def sweep_queries(window: str, *, temp_c: float = 85.0, memory_temp_c: float = 95.0, idle_util_pct: float = 5.0,
+                  stale_after_s: float = 120.0, metric_selector: str = "",
+                  exporter_jobs: tuple[str, ...] | list[str] | str = ("nvidia-dcgm-exporter", "dcgm-exporter"),
+                  xid_resolution: str = "1m") -> dict[str, str]:
+    """The sweep's first four queries, whatever the fleet's size (see the comment above)."""
     w = _window_ok(window)
-    hosts_re = "|".join(_regex_escape(h) for h in sorted(hosts))
-    s = _sel(metric_selector, f'Hostname=~"{hosts_re}"')
-    key = "Hostname, gpu"
-    return " or ".join([
-        _tag(f"max by ({key}, UUID, pod, namespace) (DCGM_FI_DEV_GPU_UTIL{s})", "util"),
-        _tag(f"max by ({key}) (max_over_time(DCGM_FI_DEV_GPU_UTIL{s}[{w}]))", "util_max"),
-        _tag(f"max by ({key}) (count_over_time(DCGM_FI_DEV_GPU_UTIL{s}[{w}]))", "util_samples"),
-        _tag(f"max by ({key}) (max_over_time(DCGM_FI_PROF_GR_ENGINE_ACTIVE{s}[{w}]))", "gr_max"),
-        _tag(f"max by ({key}) (DCGM_FI_DEV_FB_USED{s})", "fb_used"),
-        _tag(f"max by ({key}) (avg_over_time(DCGM_FI_DEV_POWER_USAGE{s}[{w}]))", "power_avg"),
-        _tag(f"max by ({key}) (DCGM_FI_DEV_XID_ERRORS{s})", "xid"),
-    ])
+    step = _window_ok(xid_resolution, "xid_resolution")
+    jobs = jobs_regex(exporter_jobs)
+    s = _sel(metric_selector)
+    k = EXPORTER_KEY
+    # one value per GPU even when two scrape jobs of one exporter duplicate its series
+    util = f"avg by ({k}, gpu) (avg_over_time(DCGM_FI_DEV_GPU_UTIL{s}[{w}]))"
+    held = f"avg_over_time(DCGM_FI_DEV_GPU_UTIL{s}[{w}])"
+    temp = f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_GPU_TEMP{s}[{w}]))"
+    up = f'up{{job=~"{jobs}"}}'
+    counter = _sel(metric_selector, 'xid!=""')
+    return {
+        "util": " or ".join([
+            _tag(f"sum by ({k}) ({util} >= 0)", "util_sum"),
+            _tag(f"count by ({k}) ({util} >= 0)", "util_n"),
+            # under the idle threshold, or NaN, in one evaluation of the window (clamp_max(v, T) != T)
+            _tag(f"max by ({k}, gpu, {', '.join(HOLDER_LABELS)}) (clamp_max({held}, {idle_util_pct:g}) != "
+                 f"{idle_util_pct:g})", "util_avg"),
+        ]),
+        "temp": " or ".join([
+            _tag(f"count by ({k}) ({temp})", "temp_n"),
+            _tag(f"clamp_min({temp}, {temp_c:g}) != {temp_c:g}", "temp_max"),
+        ]),
+        "faults": " or ".join([
+            # every distinct value the last-value gauge held in the window, with when it was last seen
+            _tag(f'max by ({k}, gpu, xid) (max_over_time(timestamp(count_values by ({k}, gpu) ("xid", '
+                 f"DCGM_FI_DEV_XID_ERRORS{s} != 0))[{w}:{step}]))", "xid_seen"),
+            _tag(f"max by ({k}, gpu, xid, window_size_in_ms) (max_over_time(timestamp("
+                 f"DCGM_EXP_XID_ERRORS_COUNT{counter} > 0)[{w}:{step}]))", "xid_count_seen"),
+            _tag(f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS{s}[{w}])) != 0",
+                 "rows_max"),
+            _tag(f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_ROW_REMAP_FAILURE{s}[{w}])) != 0", "row_fail_max"),
+            _tag(f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_ROW_REMAP_PENDING{s}[{w}])) != 0",
+                 "row_pending_max"),
+            _tag(f"clamp_min(max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_MEMORY_TEMP{s}[{w}])), {memory_temp_c:g})"
+                 f" != {memory_temp_c:g}", "memory_temp_max"),
+        ]),
+        "exporters": " or ".join([
+            _tag(f"count by ({k}) (group by ({k}, gpu) (DCGM_FI_DEV_GPU_UTIL{s}))", "gpus_now"),
+            _tag(f"count by ({k}) (DCGM_EXP_XID_ERRORS_COUNT{s})", "xid_counter"),
+            _tag(f"max by (instance, job, pod, namespace) ({up}) == 0", "up"),
+            _tag(f"max by (instance, job, pod, namespace) (time() - timestamp({up})) > {stale_after_s:g}", "up_age"),
+            # answers its scrapes but serves no GPU: DCGM is not ready or sees no GPU
+            _tag(f"(max by (instance, job, pod, namespace) ({up}) == 1) unless on (instance, job) "
+                 f"count by (instance, job) (DCGM_FI_DEV_GPU_UTIL{s})", "empty"),
+        ]),
+    }
+
+
+def _host_matchers(hosts: list[str]) -> list[str]:
+    """Matchers for exporters keyed by Hostname and by `@instance`, as one or two selectors."""
+    named = sorted(h for h in hosts if not h.startswith("@"))
+    by_instance = sorted(h[1:] for h in hosts if h.startswith("@"))
+    out = []
+    if named:
+        out.append(f'Hostname=~"{"|".join(_regex_escape(h) for h in named)}"')
+    if by_instance:
+        out.append(f'Hostname="",instance=~"{"|".join(_regex_escape(h) for h in by_instance)}"')
+    return out
+
+
+def detail_query(window: str, hosts: list[str], *, metric_selector: str = "") -> str:
+    """The follow-up query for the GPUs of `hosts`: current attribution and UUID, the window's average,
+    utilisation's max and sample count, graphics-engine activity, memory used and power."""
+    w = _window_ok(window)
+    k = f"{EXPORTER_KEY}, gpu"
+    parts = []
+    for matcher in _host_matchers(list(hosts)):
+        s = _sel(metric_selector, matcher)
+        parts += [
+            _tag(f"max by ({k}, UUID, {', '.join(HOLDER_LABELS)}) (DCGM_FI_DEV_GPU_UTIL{s})", "util"),
+            _tag(f"max by ({k}) (avg_over_time(DCGM_FI_DEV_GPU_UTIL{s}[{w}]))", "util_avg"),
+            _tag(f"max by ({k}) (max_over_time(DCGM_FI_DEV_GPU_UTIL{s}[{w}]))", "util_max"),
+            _tag(f"max by ({k}) (count_over_time(DCGM_FI_DEV_GPU_UTIL{s}[{w}]))", "util_samples"),
+            _tag(f"max by ({k}) (max_over_time(DCGM_FI_PROF_GR_ENGINE_ACTIVE{s}[{w}]))", "gr_max"),
+            _tag(f"max by ({k}) (DCGM_FI_DEV_FB_USED{s})", "fb_used"),
+            _tag(f"max by ({k}) (avg_over_time(DCGM_FI_DEV_POWER_USAGE{s}[{w}]))", "power_avg"),
+            _tag(f"max by ({k}, UUID) (max_over_time(DCGM_FI_DEV_GPU_TEMP{s}[{w}]))", "uuid"),
+        ]
+    return " or ".join(parts)
 
 
 # --- what the answers mean -------------------------------------------------------------------
@@ -198,43 +259,62 @@ def _value(sample: Any) -> float:
         return math.nan
 
 
+def host_key(metric: dict[str, str]) -> str | None:
+    """The exporter a series came from: its Hostname, else `@<instance>` (Hostname dropped by relabelling)."""
+    if metric.get("Hostname"):
+        return metric["Hostname"]
+    if metric.get("instance"):
+        return "@" + metric["instance"]
+    return None
+
+
+def address_host(address: str) -> str:
+    """`10.0.0.5:9400` -> `10.0.0.5`, `[fd00::1]:9400` -> `fd00::1`, `pod-name:9400` -> `pod-name`."""
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
 @dataclass
 class ExporterTarget:
-    """A scrape target of the exporter job that is down (`up`=0) or stale (`age_s` over the limit)."""
+    """A scrape target of the exporter jobs that is down (`up`=0), stale, or answers without GPUs."""
 
     instance: str
     pod: str | None
     job: str | None
     up: float | None = None
     age_s: float | None = None
+    empty: bool = False
+    namespace: str | None = None
 
     @property
     def host(self) -> str:
         """The instance without its port (`nvidia-dcgm-exporter-abcde:9400` -> `nvidia-dcgm-exporter-abcde`)."""
-        host = self.instance
-        if host.startswith("["):  # [ipv6]:port
-            return host[1:].split("]", 1)[0]
-        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        return address_host(self.instance)
 
 
 @dataclass
 class DCGMSnapshot:
-    """The fleet's dcgm-exporter metrics at one instant, keyed by (Hostname, gpu).
+    """The fleet's dcgm-exporter metrics at one instant (see `sweep_queries` for what is asked).
 
-    `values[key]` holds what was asked for that GPU: always `util_avg` and `temp_max` when the GPU
-    reported in the window; `xid_max`, `rows_max`, `row_fail_max`, `memory_temp_max` only when they
-    fail their filter; and, for GPUs of `detail_hosts`, `util` (present now), `util_max`,
-    `util_samples`, `gr_max`, `fb_used`, `power_avg`, `xid`.
+    `per_host[exporter]`: util_sum, util_n, temp_n, gpus_now, xid_counter. `values[(exporter, gpu)]`:
+    what failed a filter (util_avg, temp_max, rows_max, row_fail_max, row_pending_max,
+    memory_temp_max) and, for GPUs of `detail_hosts`, util (present now), util_avg, util_max,
+    util_samples, gr_max, fb_used, power_avg. `xids[(exporter, gpu)]` and `xid_counts[...]`: each XID
+    seen in the window (gauge, counter) -> when it was last seen.
     """
 
     window: str
     at: float
     values: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     labels: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
-    conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # several holders at once
-    gpus_now: dict[str, float] = field(default_factory=dict)  # Hostname -> GPUs reporting now
+    per_host: dict[str, dict[str, float]] = field(default_factory=dict)
+    xids: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
+    xid_counts: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
+    xid_counter_window_s: dict[str, float] = field(default_factory=dict)
     targets: list[ExporterTarget] = field(default_factory=list)
     detail_hosts: set[str] = field(default_factory=set)
+    detail_error: str | None = None  # the follow-up failed: what it would have added is unknown
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     round_trips: int = 0
@@ -243,12 +323,16 @@ class DCGMSnapshot:
     def available(self) -> bool:
         return self.error is None
 
+    @property
+    def gpus_now(self) -> dict[str, float]:
+        return {h: v["gpus_now"] for h, v in self.per_host.items() if "gpus_now" in v}
+
     @classmethod
     def unavailable(cls, window: str, error: str, round_trips: int = 0) -> DCGMSnapshot:
         return cls(window=window, at=time.time(), error=error, round_trips=round_trips)
 
 
-def _keep_worst(slot: dict[str, float], name: str, v: float) -> None:
+def keep_worst(slot: dict[str, float], name: str, v: float) -> None:
     old = slot.get(name)
     if old is None or (math.isnan(old) and not math.isnan(v)) or v > old:
         slot[name] = v
@@ -258,8 +342,7 @@ def merge_answers(snap: DCGMSnapshot, answers: dict[str, list[dict[str, Any]]]) 
     """Fold query answers (of `sweep_queries` or `detail_query`) into `snap` (pure; tolerant of any shape).
 
     Duplicated series for one GPU and metric keep the worst value (max; a real number beats NaN),
-    so a second scrape job can never hide a fault; two different holders of one GPU are recorded
-    in `conflicts`.
+    so a second scrape job can never hide a fault.
     """
     values = snap.values
     targets = {(t.instance, t.pod, t.job): t for t in snap.targets}
@@ -268,30 +351,50 @@ def merge_answers(snap: DCGMSnapshot, answers: dict[str, list[dict[str, Any]]]) 
             metric = series.get("metric") or {}
             name = metric.get("m")
             v = _value(series.get("value"))
-            if name == "gpus_now":
-                if metric.get("Hostname") is not None:
-                    snap.gpus_now[metric["Hostname"]] = snap.gpus_now.get(metric["Hostname"], 0) + v
-                continue
-            if name in ("up", "up_age"):
+            if name in ("up", "up_age", "empty"):
                 if not metric.get("instance"):
                     continue
                 tkey = (metric["instance"], metric.get("pod"), metric.get("job"))
                 target = targets.get(tkey)
                 if target is None:
-                    target = targets[tkey] = ExporterTarget(metric["instance"], metric.get("pod"), metric.get("job"))
+                    target = targets[tkey] = ExporterTarget(metric["instance"], metric.get("pod"), metric.get("job"),
+                                                            namespace=metric.get("namespace"))
                 if name == "up":
                     target.up = v
-                else:
+                elif name == "up_age":
                     target.age_s = v
+                else:
+                    target.empty = True
                 continue
-            host, gpu = metric.get("Hostname"), metric.get("gpu")
-            if not name or host is None or gpu is None:
+            host = host_key(metric)
+            if not name or host is None:
+                continue
+            if name in PER_HOST:
+                keep_worst(snap.per_host.setdefault(host, {}), name, v)
+                continue
+            gpu = metric.get("gpu")
+            if gpu is None:
                 continue
             key = (host, gpu)
+            if name in ("xid_seen", "xid_count_seen"):
+                try:
+                    code = int(metric.get("xid", ""))
+                except ValueError:
+                    continue
+                seen = (snap.xids if name == "xid_seen" else snap.xid_counts).setdefault(key, {})
+                if code and (code not in seen or v > seen[code]):
+                    seen[code] = v
+                if name == "xid_count_seen" and metric.get("window_size_in_ms", "").isdigit():
+                    snap.xid_counter_window_s[host] = int(metric["window_size_in_ms"]) / 1000.0
+                continue
+            if name == "uuid":
+                if metric.get("UUID"):
+                    snap.labels.setdefault(key, {}).setdefault("UUID", metric["UUID"])
+                continue
             slot = values.get(key)
             if slot is None:
                 slot = values[key] = {}
-            _keep_worst(slot, name, v)
+            keep_worst(slot, name, v)
             if name in ("util", "util_avg"):
                 _attribute(snap, key, metric)
     snap.targets = list(targets.values())
@@ -299,24 +402,19 @@ def merge_answers(snap: DCGMSnapshot, answers: dict[str, list[dict[str, Any]]]) 
 
 
 def _attribute(snap: DCGMSnapshot, key: tuple[str, str], metric: dict[str, str]) -> None:
-    attr = {k: metric[k] for k in ("pod", "namespace", "UUID") if metric.get(k)}
+    """Keep the labels that may name the GPU's holder (the join decides which pod that is)."""
+    attr = {k: metric[k] for k in (*HOLDER_LABELS, "UUID") if metric.get(k)}
     prev = snap.labels.get(key)
     if prev is None:
         snap.labels[key] = attr
         return
-    if attr.get("UUID") and not prev.get("UUID"):
-        prev["UUID"] = attr["UUID"]
-    if attr.get("pod") and prev.get("pod") != attr["pod"]:
-        if not prev.get("pod"):  # a series without a holder loses to one with a holder
-            prev.update(attr)
-        else:
-            holders = snap.conflicts.setdefault(key, [_holder(prev)])
-            if _holder(attr) not in holders:
-                holders.append(_holder(attr))
-
-
-def _holder(labels: dict[str, str]) -> str:
-    return f"{labels.get('namespace', '?')}/{labels.get('pod')}"
+    for k, v in attr.items():
+        if k == "UUID" or not prev.get(k):
+            prev.setdefault(k, v)
+        elif prev.get(k) != v:  # two holders under one key (two scrape jobs disagree): keep both
+            others = prev.setdefault(f"other_{k}", "")
+            if v not in others.split(","):
+                prev[f"other_{k}"] = ",".join(x for x in (others, v) if x)
 
 
 def _run_queries(client: httpx.Client, base_url: str, queries: dict[str, str], at: float,
@@ -332,12 +430,12 @@ def _run_queries(client: httpx.Client, base_url: str, queries: dict[str, str], a
     return answers, warnings
 
 
-def fetch_dcgm(base_url: str, window: str, *, memory_temp_c: float = 95.0, stale_after_s: float = 120.0,
-               metric_selector: str = "", exporter_job: str = ".*dcgm.*", timeout_s: float = 15.0,
-               client: httpx.Client | None = None) -> DCGMSnapshot:
-    """The sweep's first phase: four queries, concurrently, at one instant. Raises `PrometheusError`."""
-    queries = sweep_queries(window, memory_temp_c=memory_temp_c, stale_after_s=stale_after_s,
-                            metric_selector=metric_selector, exporter_job=exporter_job)
+def fetch_dcgm(base_url: str, window: str, *, timeout_s: float = 15.0, client: httpx.Client | None = None,
+               **query_args: Any) -> DCGMSnapshot:
+    """The sweep's first phase: four queries, concurrently, at one instant. Raises `PrometheusError`.
+
+    `query_args` are `sweep_queries`' keywords (thresholds, metric selector, exporter jobs)."""
+    queries = sweep_queries(window, **query_args)
     at = time.time()
     own = client is None
     client = client or httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=len(queries)))
@@ -354,7 +452,8 @@ def fetch_dcgm(base_url: str, window: str, *, memory_temp_c: float = 95.0, stale
 
 def fetch_dcgm_detail(base_url: str, snap: DCGMSnapshot, hosts: set[str], *, metric_selector: str = "",
                       timeout_s: float = 15.0, client: httpx.Client | None = None) -> DCGMSnapshot:
-    """The sweep's follow-up: details for the GPUs of `hosts` (at most MAX_DETAIL_HOSTS), merged into `snap`."""
+    """The sweep's follow-up: details for the GPUs of `hosts` (at most MAX_DETAIL_HOSTS), merged into a copy
+    of `snap`; raises `PrometheusError` (the caller keeps `snap` and notes what is missing)."""
     if not hosts or not snap.available:
         return snap
     chosen = sorted(hosts)[:MAX_DETAIL_HOSTS]
@@ -366,26 +465,44 @@ def fetch_dcgm_detail(base_url: str, snap: DCGMSnapshot, hosts: set[str], *, met
     finally:
         if own:
             client.close()
-    # `snap` changes only once the answer is in, so a retried task never merges or warns twice
+    out = copy.copy(snap)  # `snap` itself never changes, so a retried task never merges or warns twice
+    out.values = {k: dict(v) for k, v in snap.values.items()}
+    out.labels = {k: dict(v) for k, v in snap.labels.items()}
+    out.detail_hosts = set(snap.detail_hosts) | set(chosen)
+    out.warnings = list(snap.warnings) + warnings
     if len(hosts) > len(chosen):
-        snap.warnings.append(f"details (idleness, UUIDs) asked for {len(chosen)} of {len(hosts)} exporters; "
-                             "the rest are judged on the window average only")
-    merge_answers(snap, answers)
-    snap.detail_hosts.update(chosen)
-    snap.warnings += warnings
-    snap.round_trips += 1
-    return snap
+        out.warnings.append(f"details (idleness, UUIDs) asked for {len(chosen)} of {len(hosts)} exporters; "
+                            "the rest are judged on the window average only")
+    merge_answers(out, answers)
+    out.round_trips = snap.round_trips + 1
+    return out
+
+
+def with_detail_error(snap: DCGMSnapshot, error: str) -> DCGMSnapshot:
+    """`snap` as it was, noting that its follow-up query failed: the established findings stand."""
+    out = copy.copy(snap)
+    out.detail_error = error
+    out.round_trips = snap.round_trips + 1
+    return out
+
+
+def query_args(settings: Any) -> dict[str, Any]:
+    """`sweep_queries`' keywords from a `tasks.gpu_model.SweepSettings`."""
+    th = settings.thresholds
+    return {"temp_c": th.temp_c, "memory_temp_c": th.memory_temp_c, "idle_util_pct": th.idle_util_pct,
+            "stale_after_s": th.stale_after_s, "metric_selector": settings.metric_selector,
+            "exporter_jobs": settings.exporter_jobs, "xid_resolution": th.xid_resolution}
 
 
 @task(name="query-dcgm-metrics", cache_policy=NONE, **TRANSIENT_RETRIES)
-def query_dcgm_metrics(prometheus: Any, window: str, memory_temp_c: float = 95.0, stale_after_s: float = 120.0,
-                       metric_selector: str = "", exporter_job: str = ".*dcgm.*") -> DCGMSnapshot:
-    """The fleet's dcgm-exporter metrics over `window`: four PromQL queries, whatever the fleet's size.
+def query_dcgm_metrics(prometheus: Any, settings: Any) -> DCGMSnapshot:
+    """The fleet's dcgm-exporter metrics over the window: four PromQL queries, whatever the fleet's size.
 
-    `prometheus` is the platform's `PrometheusServer` block (its `url` and `timeout_s`).
+    `prometheus` is the platform's `PrometheusServer` block (its `url` and `timeout_s`); `settings` a
+    `tasks.gpu_model.SweepSettings`.
     """
-    return fetch_dcgm(prometheus.url, window, memory_temp_c=memory_temp_c, stale_after_s=stale_after_s,
-                      metric_selector=metric_selector, exporter_job=exporter_job, timeout_s=prometheus.timeout_s)
+    return fetch_dcgm(prometheus.url, settings.thresholds.window, timeout_s=prometheus.timeout_s,
+                      **query_args(settings))
 
 
 @task(name="query-dcgm-details", cache_policy=NONE, **TRANSIENT_RETRIES)

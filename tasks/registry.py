@@ -52,8 +52,10 @@ def _bearer_token(client: httpx.Client, challenge: str, auth) -> str | None:
     return body.get("token") or body.get("access_token")
 
 
-def manifest_exists(registry, repository: str, tag: str) -> bool:
-    """True when the registry has a manifest for repository:tag (HEAD /v2/<name>/manifests/<tag>)."""
+@task(name="check-image-manifest", cache_policy=NONE, **TRANSIENT_RETRIES)
+def check_manifest(registry, repository: str, tag: str) -> bool:
+    """True when the registry has a manifest for repository:tag (HEAD /v2/<name>/manifests/<tag>).
+    Outside a flow: `check_manifest.fn(...)`."""
     image_ref(registry.url, repository, tag)  # validates both
     auth = (registry.username, registry.password.get_secret_value()) \
         if registry.username and registry.password else None
@@ -72,5 +74,3 @@ def manifest_exists(registry, repository: str, tag: str) -> bool:
     raise httpx.HTTPStatusError(f"unexpected HTTP {r.status_code} from the registry", request=r.request,
                                 response=r)
 
-
-check_manifest = task(name="check-image-manifest", cache_policy=NONE, **TRANSIENT_RETRIES)(manifest_exists)

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncIterable, Iterable, Iterator
+from typing import Any, AsyncIterable, Awaitable, Callable, Iterable, Iterator
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -263,8 +263,10 @@ class LocalFileSink(Sink):
 class S3Sink(Sink):
     """Multipart upload (single PUT below one part), each part with Content-MD5; ETag checked at the end."""
 
-    def __init__(self, client: Any, bucket: str, key: str, part_size: int = PART_SIZE):
+    def __init__(self, client: Any, bucket: str, key: str, part_size: int = PART_SIZE, encrypt: bool = False):
         self.client, self.bucket, self.key, self.part_size = client, bucket, key, part_size
+        # server-side encryption with S3-managed keys (SSE-S3, `x-amz-server-side-encryption: AES256`)
+        self._sse = {"ServerSideEncryption": "AES256"} if encrypt else {}
         self.location = f"s3://{bucket}/{key}"
         self._buf = bytearray()
         self._upload_id: str | None = None
@@ -281,7 +283,8 @@ class S3Sink(Sink):
 
     def _queue_part(self, data: bytes) -> None:
         if self._upload_id is None:
-            self._upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
+            self._upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key,
+                                                                  **self._sse)["UploadId"]
             self._pool = ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
         while sum(not f.done() for f in self._parts) >= PARTS_IN_FLIGHT:
             next(f for f in self._parts if not f.done()).result()
@@ -301,7 +304,8 @@ class S3Sink(Sink):
                 data = bytes(self._buf)
                 md5 = hashlib.md5(data).digest()
                 self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data,
-                                       ContentMD5=base64.b64encode(md5).decode(), Metadata={"sha256": sha256})
+                                       ContentMD5=base64.b64encode(md5).decode(), Metadata={"sha256": sha256},
+                                       **self._sse)
                 expected_etag = md5.hex()
             else:
                 if self._buf:
@@ -320,6 +324,10 @@ class S3Sink(Sink):
             if self._pool:
                 self._pool.shutdown(wait=True)
         etag = head["ETag"].strip('"')
+        if self._sse and head.get("ServerSideEncryption") != "AES256":
+            self.client.delete_object(Bucket=self.bucket, Key=self.key)
+            raise VerificationError(f"{self.location} was stored without server-side encryption although it was "
+                                    "asked for; the object was removed")
         if etag != expected_etag or head["ContentLength"] != size:
             self.client.delete_object(Bucket=self.bucket, Key=self.key)
             raise ChecksumMismatch(
@@ -380,13 +388,17 @@ def copy_stream(name: str, chunks: Iterable[bytes], sink: Sink,
 
 
 async def copy_stream_async(name: str, chunks: AsyncIterable[bytes], sink: Sink,
-                            verifier: TarStreamVerifier | None = None) -> CopyResult:
-    """`copy_stream` for an async source (SFTP); sink writes run in a thread."""
+                            verifier: TarStreamVerifier | None = None,
+                            on_progress: Callable[[int], Awaitable[None]] | None = None) -> CopyResult:
+    """`copy_stream` for an async source (SFTP); sink writes run in a thread. `on_progress(bytes_so_far)`
+    is awaited after each chunk (it throttles itself)."""
     p = _Pass(name, sink, verifier)
     pending = None
     try:
         async for data in chunks:
             p.chunk(data)
+            if on_progress is not None:
+                await on_progress(p.size)
             if pending is not None:
                 await pending
             pending = asyncio.ensure_future(asyncio.to_thread(sink.write, data))
@@ -439,10 +451,18 @@ class Store:
     def describe(self, rel: str) -> str:
         return f"s3://{self.block.bucket}/{self._key(rel)}" if self.kind == "s3" else str(self._root / self._key(rel))
 
-    def sink(self, rel: str) -> Sink:
+    def sink(self, rel: str, encrypt: bool = False) -> Sink:
+        """A sink for `rel`; `encrypt` asks for server-side encryption where the store offers it (S3:
+        SSE-S3); a local store keeps every copy 0600 either way."""
         if self.kind == "s3":
-            return S3Sink(self._client, self.block.bucket, self._key(rel))
+            return S3Sink(self._client, self.block.bucket, self._key(rel), encrypt=encrypt)
         return LocalFileSink(self._root / self._key(rel))
+
+    def encryption(self, rel: str) -> str | None:
+        """The server-side encryption an object is stored with (S3), or None."""
+        if self.kind != "s3":
+            return None
+        return self._client.head_object(Bucket=self.block.bucket, Key=self._key(rel)).get("ServerSideEncryption")
 
     def chunks(self, rel: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         if self.kind == "s3":
@@ -520,15 +540,17 @@ def _list_manifests(store: Store, kind: str) -> list[dict]:
 
 
 @task(name="delete-offsite-backups", cache_policy=NONE, timeout_seconds=600, **TRANSIENT_RETRIES)
-async def delete_offsite_backups(store: Store, kind: str, backup_ids: list[str]) -> list[str]:
-    """Delete whole backups (every object under `<kind>/<id>/`), the manifest last."""
-    return await asyncio.to_thread(_delete_backups, store, kind, backup_ids)
+async def delete_offsite_backups(store: Store, kind: str, backup_ids: list[str],
+                                 apart: tuple[str, ...] = ()) -> list[str]:
+    """Delete whole backups (every object under `<kind>/<id>/`, and under `<p>/<kind>/<id>/` for each prefix
+    `p` in `apart`, where files kept apart from the data live), the manifest last."""
+    return await asyncio.to_thread(_delete_backups, store, kind, backup_ids, apart)
 
 
-def _delete_backups(store: Store, kind: str, backup_ids: list[str]) -> list[str]:
+def _delete_backups(store: Store, kind: str, backup_ids: list[str], apart: tuple[str, ...] = ()) -> list[str]:
     deleted = []
     for backup_id in backup_ids:
-        keys = store.list(f"{kind}/{backup_id}/")
+        keys = [k for p in apart for k in store.list(f"{p}/{kind}/{backup_id}/")] + store.list(f"{kind}/{backup_id}/")
         manifest = [k for k in keys if k.endswith("/manifest.json")]
         store.delete([k for k in keys if k not in manifest])
         store.delete(manifest)

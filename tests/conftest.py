@@ -121,32 +121,38 @@ def gitlab_backup_state(gitlab_sandbox, sandbox_platform):
 
 
 @pytest.fixture(scope="session")
-def training_platform(sandbox, prefect_server):
-    """A platform named `sandbox-ci` for the training flows: the sandbox's Argo stand-in, the GitLab CI
-    API stand-in as `gitlab.api_url`, and a real registry (the sandbox's, or one started here)."""
-    from blocks.config import parse_platform_config
-    from blocks.load import load_blocks
-    from sandbox._common import free_port, http_ok, wait_for
+def training_platform(sandbox, sandbox_platform):
+    """The sandbox platform as the training flows use it: the Argo stand-in, the production GitLab API
+    stand-in (its CI routes: files, commit statuses, notes) and the sandbox's registry (Debian's
+    docker-registry, `sandbox/registry.py`). Returns its validated config."""
+    from blocks.config import load_platform_config
 
-    if "argo" not in sandbox.config or "gitlab_ci_api" not in sandbox.urls:
+    need_binary("docker-registry", "docker-registry")
+    if "argo" not in sandbox.config or "registry" not in sandbox.config:
         pytest.fail("the sandbox has no training component (sandbox/platform.py COMPONENTS)")
-    registry = sandbox.config.get("registry")
-    if registry is None:
-        binary = need_binary("docker-registry", "docker-registry")
-        port = free_port()
-        conf = sandbox.path("training-registry", "config.yml")
-        conf.write_text(f"version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: "
-                        f"{sandbox.path('training-registry', 'data')}}}\n  delete: {{enabled: true}}\n"
-                        f"http: {{addr: '127.0.0.1:{port}'}}\n")
-        proc = sandbox.spawn("training-registry", [binary, "serve", str(conf)])
-        wait_for(http_ok(f"http://127.0.0.1:{port}/v2/"), "docker-registry", 30, proc,
-                 sandbox.log_of("training-registry"))
-        registry = {"url": f"http://127.0.0.1:{port}"}
-    cfg = parse_platform_config({
-        "name": "sandbox-ci", "clusters": [{"name": "sandbox-ci"}], "argo": sandbox.config["argo"],
-        "registry": registry,
-        "gitlab": {"api_url": sandbox.urls["gitlab_ci_api"], "token": {"env": "SANDBOX_GITLAB_CI_TOKEN"},
-                   "ssh": {"host": "127.0.0.1"}},
-    }, "training-platform")
-    load_blocks(cfg)
-    return cfg
+    return load_platform_config(sandbox.platform_yaml)
+
+
+# --- certificates (issue 12) ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cert_sandbox(sandbox, sandbox_platform):
+    """The sandbox's control-plane and etcd hosts (sshd, kubeadm/kubespray PKI), TLS listeners and TLS
+    secrets, with block documents loaded (one `cluster-ssh-host` per host)."""
+    need_binary("sshd", "openssh-server")
+    need_binary("openssl", "openssl")
+    if "certificates" not in sandbox.config or not sandbox.config["clusters"][0].get("control_plane"):
+        pytest.fail("the sandbox has no control-plane component (sandbox/platform.py COMPONENTS)")
+    return sandbox
+
+
+@pytest.fixture
+def fresh_control_plane(cert_sandbox):
+    """The control-plane hosts as the sandbox laid them out (a renewal test changes them), TLS secrets seeded
+    again (a `reset` of the sandbox removes them), API servers serving again."""
+    from sandbox.control_plane import reset_control_plane, wait_serving
+
+    reset_control_plane(cert_sandbox)
+    wait_serving(cert_sandbox)
+    return cert_sandbox

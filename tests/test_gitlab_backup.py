@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import pwd
 import stat
 import time
 from pathlib import Path
@@ -117,7 +118,11 @@ def test_backup_leaves_verified_archive_config_secrets_and_manifest_locally_and_
     archive = root / "var/opt/gitlab/backups" / f"{backup_id}_gitlab_backup.tar"
     manifest = json.loads((root / "var/opt/gitlab/backups" / f"{backup_id}_gitlab_backup.manifest.json").read_text())
     assert manifest["verified"] and manifest["offsite"] and manifest["gitlab_version"] == "17.0.1-ee"
-    assert manifest["skipped"] == ["registry"] and "db" in manifest["components"]
+    # the registry is disabled in gitlab.rb: GitLab left it out without listing it under :skipped:
+    assert manifest["skipped"] == [] and manifest["disabled"] == ["registry"]
+    assert "db" in manifest["components"] and "registry" not in manifest["components"]
+    st = archive.stat()  # written by gitlab-backup as the git user, with backup_archive_permissions 0600
+    assert (pwd.getpwuid(st.st_uid).pw_name, stat.S_IMODE(st.st_mode)) == ("git", 0o600)
     roles = {f["role"]: f for f in manifest["files"]}
     assert set(roles) == {"data", "config", "secrets"}
     assert roles["data"]["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
@@ -128,7 +133,11 @@ def test_backup_leaves_verified_archive_config_secrets_and_manifest_locally_and_
     objects = _objects(sb)
     prefix = f"gitlab/data/{backup_id}/"
     assert {k[len(prefix):] for k in objects if k.startswith(prefix)} == {
-        roles["data"]["name"], roles["config"]["name"], roles["secrets"]["name"], "manifest.json"}
+        roles["data"]["name"], roles["config"]["name"], "manifest.json"}
+    # the secrets copy lives apart from the data, server-side encrypted
+    secrets_key = f"gitlab/secrets/data/{backup_id}/{roles['secrets']['name']}"
+    assert {k for k in objects if "gitlab-secrets" in k and backup_id in k} == {secrets_key}
+    assert _s3(sb).head_object(Bucket="gitlab-backups", Key=secrets_key)["ServerSideEncryption"] == "AES256"
     body = _s3(sb).get_object(Bucket="gitlab-backups", Key=prefix + roles["data"]["name"])["Body"].read()
     assert hashlib.sha256(body).hexdigest() == roles["data"]["sha256"]
     assert result["rpo_seconds"] < 120 and result["size"] > 256 * 1024
@@ -140,7 +149,9 @@ def test_backup_leaves_verified_archive_config_secrets_and_manifest_locally_and_
 
 def test_backup_never_logs_secrets(gitlab_backup_state, gitlab_sandbox):
     logs = _flow_logs(gitlab_backup_state)
-    assert "gitlab-backup create" in logs and "Dumping" in logs  # the output was streamed
+    assert "gitlab-backup create" in logs  # the command line was logged
+    # CRON=1 silences GitLab's progress; what it reported was read from its backup log and logged
+    assert "Dumping" not in logs and "disabled: registry" in logs
     secret = gitlab_sandbox.secret("gitlab_secret_production", env=False)
     for value in (secret, secret[::-1], os.environ["SANDBOX_GITLAB_TOKEN"], os.environ["SANDBOX_S3_SECRET_ACCESS_KEY"]):
         assert value not in logs
@@ -157,7 +168,7 @@ def test_backup_holds_the_host_concurrency_limit(sandbox_platform, monkeypatch):
 
     name = f"gitlab-host-{sandbox_platform}"
     seen: dict = {}
-    real_preflight = backup_flow.gitlab_preflight
+    real_preflight = backup_flow.preflight_checks
 
     async def active_slots() -> tuple[int, int]:
         async with get_client() as client:
@@ -175,7 +186,7 @@ def test_backup_holds_the_host_concurrency_limit(sandbox_platform, monkeypatch):
         seen["waited_s"] = time.monotonic() - started
         return await real_preflight(*args, **kwargs)
 
-    monkeypatch.setattr(backup_flow, "gitlab_preflight", preflight_while_observed)
+    monkeypatch.setattr(backup_flow, "preflight_checks", preflight_while_observed)
     state = run_flow_sync(backup_flow.gitlab_config_backup, platform=sandbox_platform)
     assert state.is_completed(), state.message
     assert seen["during"] == (1, 1)
@@ -193,7 +204,7 @@ def test_config_backup_keeps_config_and_secrets_offsite(gitlab_sandbox, sandbox_
     stamp = result["backup_id"]
     assert {f["role"] for f in result["files"]} == {"config", "secrets"}
     keys = {k for k in _objects(gitlab_sandbox) if k.startswith(f"gitlab/config/{stamp}/")}
-    assert {k.rsplit("/", 1)[1] for k in keys} == {f"gitlab_config_{stamp}.tar", f"gitlab-secrets_{stamp}.json",
-                                                   "manifest.json"}
+    assert {k.rsplit("/", 1)[1] for k in keys} == {f"gitlab_config_{stamp}.tar", "manifest.json"}
+    assert f"gitlab/secrets/config/{stamp}/gitlab-secrets_{stamp}.json" in _objects(gitlab_sandbox)
     local = _root(gitlab_sandbox) / "etc/gitlab/config_backup" / f"gitlab_config_{stamp}.manifest.json"
     assert json.loads(local.read_text())["verified"]

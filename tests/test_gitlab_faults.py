@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
+import time
+from pathlib import Path
 
 import pytest
+from prefect import flow
 
 from tests.conftest import run_flow_sync
 from tests.test_gitlab_backup import _attempts, _files, _objects, _ran, _root, _s3, _task_runs
@@ -53,15 +57,88 @@ def _backup(platform):
     return run_flow_sync(gitlab_backup, platform=platform)
 
 
-def test_ssh_session_lost_mid_backup_is_retried(snapshot, sandbox_platform):
+def _host_processes(sb, command: str = "gitlab-backup") -> list[int]:
+    """PIDs of the production host's stand-in processes running `command` (read from /proc)."""
+    root = f"GITLAB_SANDBOX_ROOT={_root(sb)}".encode()
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+            env = (p / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if root in env and command.encode() in argv and any(a.endswith(b"omnibus.py") for a in argv):
+            out.append(int(p.name))
+    return out
+
+
+def _wait_gone(sb, timeout_s: float = 15) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := _host_processes(sb)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return left
+
+
+@flow(name="gitlab-create-once")
+async def _create_once(platform: str, timeout_s: float) -> dict:
+    """`gitlab-backup create` alone (no concurrency limit, no verification): the supervisor under test."""
+    from blocks.platform import Platform
+    from flows.gitlab_backup import host_layout
+    from tasks.gitlab_host import create_data_backup
+    from tasks.redact import Redactor
+
+    plat = await Platform.aopen(platform, "gitlab_host")
+    return await create_data_backup(plat.gitlab_host(), host_layout(plat.config), Redactor.of([]),
+                                    timeout_s=timeout_s)
+
+
+def test_ssh_session_lost_mid_backup_stops_it_and_starts_no_second(snapshot, sandbox_platform):
     ran = _ran(snapshot, CREATE)
-    _arm(snapshot, "gitlab-backup-create", "ssh-drop", times=1)
+    (_root(snapshot) / "faults" / "gitlab-backup-create.json").write_text(
+        json.dumps({"kind": "ssh-drop", "times": 1, "seconds": 60}))
     state = _backup(sandbox_platform)
-    assert state.is_completed(), state.message
+    assert state.is_failed() and "SSH session was lost" in state.message
+    assert "was stopped and the lock is free" in state.message
     assert not _armed(snapshot, "gitlab-backup-create")  # the stand-in took the fault: it dropped the session
-    assert _ran(snapshot, CREATE) - ran == 2  # the dropped run, then the retry
-    assert _attempts(state, "gitlab-backup-create") == [2]  # one task run, attempted twice
-    assert _attempts(state, "verify-and-copy-offsite") == [1, 1, 1]
+    assert _ran(snapshot, CREATE) - ran == 1  # it had started: never run a second time
+    assert _attempts(state, "gitlab-backup-create") == [1]
+    assert _wait_gone(snapshot) == []  # the orphaned gitlab-backup was stopped on the host
+
+
+def test_timed_out_backup_is_stopped_on_the_host_and_not_retried(snapshot, sandbox_platform):
+    ran = _ran(snapshot, CREATE)
+    (_root(snapshot) / "faults" / "gitlab-backup-create.json").write_text(
+        json.dumps({"kind": "hang", "times": 1, "seconds": 120}))
+    started = time.monotonic()
+    state = run_flow_sync(_create_once, platform=sandbox_platform, timeout_s=4)
+    assert state.is_failed() and "did not finish within 4s" in state.message
+    assert "was stopped and the lock is free" in state.message
+    assert time.monotonic() - started < 60  # not the fault's 120 s: the command was stopped, not waited for
+    assert _host_processes(snapshot) == []  # no gitlab-backup left on the host
+    assert _ran(snapshot, CREATE) - ran == 1 and _attempts(state, "gitlab-backup-create") == [1]
+    pgid_file = Path(snapshot.config["gitlab"]["control_dir"]) / "gitlab-backup-create.pgid"
+    assert pgid_file.read_text().strip().isdigit()  # the group it recorded, and stopped
+
+
+def test_a_running_backup_blocks_a_second_one_on_the_host(snapshot, sandbox_platform):
+    ran = _ran(snapshot, CREATE)
+    (_root(snapshot) / "faults" / "gitlab-backup-create.json").write_text(
+        json.dumps({"kind": "hang", "times": 1, "seconds": 8}))
+    box: dict = {}
+    first = threading.Thread(target=lambda: box.setdefault(
+        "state", run_flow_sync(_create_once, platform=sandbox_platform, timeout_s=120)), daemon=True)
+    first.start()
+    deadline = time.monotonic() + 30
+    while not _host_processes(snapshot) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _host_processes(snapshot), "the first backup never started"
+    second = run_flow_sync(_create_once, platform=sandbox_platform, timeout_s=60)
+    assert second.is_failed() and "was not started" in second.message and "held by an earlier run" in second.message
+    first.join(120)
+    assert box["state"].is_completed(), box["state"].message  # the first one finished undisturbed
+    assert _ran(snapshot, CREATE) - ran == 1  # the second never reached gitlab-backup
 
 
 def test_disk_full_fails_notifies_and_deletes_nothing(snapshot, sandbox_platform):
@@ -158,7 +235,7 @@ def test_missing_secrets_file_fails_preflight(snapshot, sandbox_platform):
     finally:
         aside.rename(secrets)
     assert state.is_failed() and "gitlab-secrets.json is missing" in state.message
-    assert _attempts(state, "gitlab-preflight") == [1]  # a failed check is not retried
+    assert _attempts(state, "gitlab-host-preflight") == [1]  # a failed check is not retried
     assert _ran(snapshot, CREATE) == ran  # and no backup was started
 
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tasks.gitlab import (
+from tasks.gitlab_rules import (
     BackupRecord,
     ProjectState,
     backup_id_from_archive,
@@ -39,19 +39,21 @@ def test_backup_ids_follow_gitlab_naming():
     assert (b.epoch, b.version, b.edition, b.archive) == (1717000000, "17.0.1", "ee",
                                                           "1717000000_2024_05_29_17.0.1-ee_gitlab_backup.tar")
     assert parse_backup_id("1717000000_2024_05_29_16.11.3").edition == "ce"
-    for bad in ["../1717000000_2024_05_29_17.0.1-ee", "1717000000_2024_05_29_17.0.1-ee/..", "x", "",
+    for bad in ["../1717000000_2024_05_29_17.0.1-ee", "1717000000_2024_05_29_17.0.1-ee/..", "", "-rf", "a b",
                 "1717000000_2024_05_29_17.0.1-ee;id", "1717000000_2024_05_29_17.0.1-ee\n", None, 5,
-                "1717000000_2024_05_29_17.0.1-ee_gitlab_backup.tar", "$(reboot)"]:
-        with pytest.raises(ValueError):
+                "1717000000_2024_05_29_17.0.1-ee_gitlab_backup.tar", "$(reboot)", "1717000000_2024_05_29_17.0.1-xx",
+                "a..b", "x" * 65]:
+        with pytest.raises(ValueError, match="expected <epoch>"):
             parse_backup_id(bad)
     assert backup_id_from_archive("1717000000_2024_05_29_17.0.1-ee_gitlab_backup.tar").value.endswith("-ee")
     assert backup_id_from_archive("gitlab_config_1717000000_2024_05_29.tar") is None
 
 
 def test_backup_options_are_validated_before_reaching_the_shell():
-    assert backup_option_args({"STRATEGY": "copy", "SKIP": "registry,pages", "CRON": "1"}) == [
-        "CRON=1", "SKIP=registry,pages", "STRATEGY=copy"]
-    for bad in ({"STRATEGY": "copy; rm -rf /"}, {"EVIL": "1"}, {"SKIP": "everything"}):
+    assert backup_option_args({"STRATEGY": "copy", "SKIP": "registry,pages", "CRON": "1", "BACKUP": "pre-upgrade"}) == [
+        "BACKUP=pre-upgrade", "CRON=1", "SKIP=registry,pages", "STRATEGY=copy"]
+    for bad in ({"STRATEGY": "copy; rm -rf /"}, {"EVIL": "1"}, {"SKIP": "everything"}, {"BACKUP": "../x"},
+                {"BACKUP": "1717000000_bad"}):
         with pytest.raises(ValueError):
             backup_option_args(bad)
 
@@ -145,10 +147,12 @@ def test_retention_deletes_nothing_after_a_failed_run_or_without_a_verified_back
 
 
 def test_version_edition_and_free_space_checks():
-    b = parse_backup_id("1717000000_2024_05_29_17.0.1-ee")
-    assert version_problem("17.0.1", "ee", b) is None
-    assert "17.0.1 EE" in version_problem("17.0.2", "ee", b)
-    assert version_problem("17.0.1", "ce", b)
+    assert version_problem("17.0.1", "ee", "17.0.1-ee") is None
+    assert "install 17.0.1-ee first" in version_problem("17.0.2", "ee", "17.0.1-ee")
+    assert version_problem("17.0.1", "ce", "17.0.1-ee")
+    assert version_problem("17.0.1", "ce", "17.0.1-ce") is None  # the documented "-ce" spelling
+    assert version_problem("16.7.0-rc1", "ee", "16.7.0-rc1-ee") is None
+    assert version_problem("16.7.0", "ee", "16.7.0-rc1-ee")
     assert parse_df("Filesystem 1-blocks Used Available Capacity Mounted on\n/dev/vda 100 40 60 40% /\n") == 60
 
 
@@ -240,7 +244,8 @@ def test_the_generic_store_does_not_know_gitlab_and_tasks_load_no_blocks():
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
 
     assert not {m for m in imports("tasks/storage.py") if "gitlab" in m or m.startswith("blocks")}
-    for path in ("tasks/gitlab.py", "tasks/ssh.py", "tasks/storage.py"):
+    for path in ("tasks/gitlab_host.py", "tasks/gitlab_api.py", "tasks/gitlab_rules.py", "tasks/ssh.py",
+                 "tasks/storage.py"):
         assert "blocks.platform" not in imports(path), path
 
 
@@ -259,17 +264,19 @@ def test_offsite_manifest_tasks_work_on_the_store_they_are_given(tmp_path):
     store = Store(BackupStore(kind="local", path=str(tmp_path), prefix="gitlab/"))
     (tmp_path / "gitlab/data/b1").mkdir(parents=True)
     (tmp_path / "gitlab/data/b1/archive.tar").write_bytes(b"x" * 10)
+    (tmp_path / "gitlab/secrets/data/b1").mkdir(parents=True)
+    (tmp_path / "gitlab/secrets/data/b1/gitlab-secrets.json").write_bytes(b"{}")
 
     async def scenario():
         for backup_id in ("b1", "b2"):
             await write_offsite_manifest.fn(store, "data", backup_id, {"id": backup_id})
         listed = sorted(m["id"] for m in await list_offsite_manifests.fn(store, "data"))
-        deleted = await delete_offsite_backups.fn(store, "data", ["b1"])
+        deleted = await delete_offsite_backups.fn(store, "data", ["b1"], apart=("secrets",))
         return listed, sorted(deleted), await read_offsite_manifest.fn(store, "data", "b1"), \
             await read_offsite_manifest.fn(store, "data", "b2")
 
     listed, deleted, gone, kept = asyncio.run(scenario())
     assert listed == ["b1", "b2"]
-    assert deleted == ["data/b1/archive.tar", "data/b1/manifest.json"]
+    assert deleted == ["data/b1/archive.tar", "data/b1/manifest.json", "secrets/data/b1/gitlab-secrets.json"]
     assert gone is None and kept == {"id": "b2"}
     assert sorted(p.name for p in (tmp_path / "gitlab/data").rglob("*") if p.is_file()) == ["manifest.json"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import pwd
+import shutil
+import stat
 import threading
 import time
 
@@ -66,7 +69,7 @@ def test_dry_run_reports_the_plan_and_changes_nothing(gitlab_backup_state, gitla
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "1717000000_2024_05_29_17.0.1-ee; rm -rf /",
-                                 "1717000000_2024_05_29_17.0.1-ee/../x", "", "latest"])
+                                 "1717000000_2024_05_29_17.0.1-ee/../x", "", "-rf", "a b"])
 @pytest.mark.usefixtures("gitlab_sandbox")
 def test_restore_rejects_anything_but_a_gitlab_backup_id(bad, sandbox_platform):
     from flows.gitlab_restore import gitlab_restore
@@ -135,21 +138,37 @@ def test_restore_with_approval_restores_data_and_runs_gitlab_check(gitlab_backup
     state_file = _root(sb) / "var/opt/gitlab/state/projects.json"
     state_file.write_text(json.dumps(changed))  # work done after the backup: the restore rolls it back
     before = _files(sb)
-    t, box = _run_in_thread(gitlab_restore, platform=sandbox_platform, backup_id=backup_id, dry_run=False,
-                            poll_interval_s=1, approval_timeout_s=120)
-    resume_flow_run(_paused_run_id("gitlab-restore"), run_input={"approve": True, "approver": "alice"})
-    t.join(180)
+    # the archive is gone from the host: the restore fetches the off-site copy (written as root over SFTP)
+    archive = _root(sb) / "var/opt/gitlab/backups" / f"{backup_id}_gitlab_backup.tar"
+    aside = archive.with_name(archive.name + ".aside")
+    shutil.move(archive, aside)
+    try:
+        t, box = _run_in_thread(gitlab_restore, platform=sandbox_platform, backup_id=backup_id, dry_run=False,
+                                poll_interval_s=1, approval_timeout_s=120)
+        resume_flow_run(_paused_run_id("gitlab-restore"), run_input={"approve": True, "approver": "alice"})
+        t.join(240)
+    finally:
+        aside.unlink(missing_ok=True)
     state = box["state"]
     assert state.is_completed(), state.message
     result = state.result()
     assert result["approver"] == "alice" and result["safety_backup"]
     assert _projects(sb) == backed_up
+    st = archive.stat()  # fetched from off-site, handed to git (the restore ran as git and could read it)
+    assert (pwd.getpwuid(st.st_uid).pw_name, stat.S_IMODE(st.st_mode)) == ("git", 0o600)
+    assert any(r["step"] == "fetch data" and "owned by git:git" in r["detail"] for r in result["steps"])
     cmds = _commands(sb)
-    assert ["gitlab-rake", "gitlab:check", "SANITIZE=true"] in cmds
-    assert ["gitlab-backup", "restore", f"BACKUP={backup_id}", "force=yes"] in cmds
-    i_stop, i_restore = cmds.index(["gitlab-ctl", "stop", "puma"]), cmds.index(
-        ["gitlab-backup", "restore", f"BACKUP={backup_id}", "force=yes"])
-    assert i_stop < i_restore
+    restore = ["gitlab-backup", "restore", f"BACKUP={backup_id}", "force=yes"]
+    i_restore = cmds.index(restore)
+    before_data = cmds[:i_restore]
+    # the documented order: config + reconfigure, stop puma and sidekiq, status, restore; then reconfigure,
+    # restart, gitlab:check and gitlab:doctor:secrets
+    last = {tuple(c): n for n, c in enumerate(before_data)}
+    assert last[("gitlab-ctl", "reconfigure")] < last[("gitlab-ctl", "stop", "puma")] < last[
+        ("gitlab-ctl", "stop", "sidekiq")] < last[("gitlab-ctl", "status")] < i_restore
+    after_data = [tuple(c) for c in cmds[i_restore + 1:]]
+    assert after_data[:4] == [("gitlab-ctl", "reconfigure"), ("gitlab-ctl", "restart"),
+                              ("gitlab-rake", "gitlab:check", "SANITIZE=true"), ("gitlab-rake", "gitlab:doctor:secrets")]
     after = _files(sb)
     assert before.items() <= after.items()  # no backup file lost or changed; the safety backup was added
     assert _attempts(state, "gitlab-backup-create") == [1]  # the safety backup
@@ -171,8 +190,29 @@ def test_drill_restores_newest_backup_on_scratch_and_reports_rto_rpo(gitlab_sand
     assert result["ok"] and result["rto_seconds"] > 0 and result["rpo_seconds"] >= 0
     assert result["comparison"]["matching"] == result["comparison"]["sampled"] > 0
     assert _projects(sb, "scratch") == _projects(sb)
-    assert ["gitlab-rake", "gitlab:check", "SANITIZE=true"] in _commands(sb, "scratch")
+    scratch_cmds = _commands(sb, "scratch")
+    assert ["gitlab-rake", "gitlab:check", "SANITIZE=true"] in scratch_cmds
+    assert ["gitlab-rake", "gitlab:doctor:secrets"] in scratch_cmds
     assert _tree(sb) == prod_before  # production untouched: every file's content, its command log included
-    secrets = _root(sb, "scratch") / "etc/gitlab/gitlab-secrets.json"
-    # production's secrets came with it
+    root = _root(sb, "scratch")
+    secrets = root / "etc/gitlab/gitlab-secrets.json"
+    # production's secrets came with it (needed to decrypt), 0600
     assert sb.secret("gitlab_secret_production", env=False) in secrets.read_text()
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+    # the archive was fetched from off-site and handed to git, whose restore could read it
+    archive = root / "var/opt/gitlab/backups" / f"{result['backup_id']}_gitlab_backup.tar"
+    assert pwd.getpwuid(archive.stat().st_uid).pw_name == "git"
+    # scratch kept its own identity: its URL, none of production's outward settings
+    rb = (root / "etc/gitlab/gitlab.rb").read_text()
+    assert "external_url 'https://gitlab-drill.sandbox.internal'" in rb
+    assert "gitlab.sandbox.internal'" not in rb.replace("gitlab-drill.sandbox.internal", "")
+    for production_only in ("smtp.sandbox.internal", "incoming+", "prod-gitlab-artifacts", "prod-gitlab-uploads",
+                            "gitlab@sandbox.internal"):
+        assert production_only not in rb
+    from tasks.gitlab_rules import gitlab_rb_setting
+
+    assert gitlab_rb_setting(rb, "gitlab_rails", "smtp_enable") == "false"
+    assert gitlab_rb_setting(rb, "gitlab_rails", "incoming_email_enabled") == "false"
+    assert gitlab_rb_setting(rb, "sidekiq", "enable") == "false"  # no mirrors, no scheduled jobs
+    services = json.loads((root / "var/opt/gitlab/state/services.json").read_text())
+    assert services["sidekiq"] == "down" and services["puma"] == "run"

@@ -10,10 +10,11 @@ import math
 import httpx
 import pytest
 
-from tasks.gpu_health import (
+from tasks.gpu_classify import classify, needs_detail
+from tasks.gpu_model import (
     DEFAULT_CRITICAL_XIDS,
     FINDING_ANNOTATION,
-    UNHEALTHY_TAINT_KEY,
+    REPAIR_ANNOTATION,
     ExporterPod,
     FleetSnapshot,
     GPUNode,
@@ -22,12 +23,9 @@ from tasks.gpu_health import (
     Kind,
     Severity,
     SweepThresholds,
-    classify,
-    heatmap,
-    needs_detail,
-    plan_cordon,
-    plan_uncordon,
 )
+from tasks.gpu_pictures import heatmap
+from tasks.gpu_plans import UNHEALTHY_TAINT_KEY, plan_cordon, plan_uncordon
 from tasks.prometheus import (
     DCGMSnapshot,
     PrometheusQueryError,
@@ -71,8 +69,44 @@ def answers(n=2, gpus=8, util=70.0, temp=60.0, pods=True, skip=(), extra=()):
     return {"util": util_s, "temp": temp_s, "faults": list(extra), "exporters": now_s}
 
 
+def _as_prometheus_answers(ans, th=None):
+    """What Prometheus answers to `sweep_queries` for a fleet whose per-GPU window values are `ans`:
+    per-exporter aggregates, and per GPU only what fails a filter (low or NaN utilisation, hot or NaN
+    temperature); `xid_max` becomes the gauge's distinct value with when it was last seen."""
+    th = th or TH
+    out = {"util": [], "temp": [], "faults": [], "exporters": list(ans["exporters"])}
+    agg = {}
+    seen = set()
+    for s in ans["util"]:
+        m, v = s["metric"], float(s["value"][1])
+        host = m["Hostname"]
+        a = agg.setdefault(host, {"util_sum": 0.0, "util_n": 0, "temp_n": 0})
+        if v == v:
+            a["util_sum"] += v
+            a["util_n"] += 1
+        if not v == v or v < th.idle_util_pct:
+            out["util"].append(s)
+    for s in ans["temp"]:
+        m, v = s["metric"], float(s["value"][1])
+        if (m["Hostname"], m["gpu"]) not in seen:  # one per GPU, as `max by (Hostname, instance, gpu)` gives
+            seen.add((m["Hostname"], m["gpu"]))
+            agg.setdefault(m["Hostname"], {"util_sum": 0.0, "util_n": 0, "temp_n": 0})["temp_n"] += 1
+        if not v == v or v > th.temp_c:
+            out["temp"].append(s)
+    for host, a in agg.items():
+        out["util"] += [series("util_sum", a["util_sum"], Hostname=host), series("util_n", a["util_n"], Hostname=host)]
+        out["temp"].append(series("temp_n", a["temp_n"], Hostname=host))
+    for s in ans["faults"]:
+        m = dict(s["metric"])
+        if m.pop("m") == "xid_max":
+            out["faults"].append(series("xid_seen", NOW, xid=s["value"][1], **m))
+        else:
+            out["faults"].append(s)
+    return out
+
+
 def snapshot(ans, detail=None, detail_hosts=()):
-    snap = merge_answers(DCGMSnapshot(window="20s", at=NOW), ans)
+    snap = merge_answers(DCGMSnapshot(window="20s", at=NOW), _as_prometheus_answers(ans))
     if detail:
         merge_answers(snap, {"detail": detail})
         snap.detail_hosts.update(detail_hosts)
@@ -87,20 +121,26 @@ def kinds(result):
 
 
 def test_sweep_queries_are_a_fixed_small_set_with_the_window():
-    q = sweep_queries("20s", memory_temp_c=95, stale_after_s=120, exporter_job="dcgm-exporter")
+    q = sweep_queries("20s", memory_temp_c=95, stale_after_s=120, exporter_jobs=["dcgm-exporter", "gpu.metrics"])
     assert set(q) == {"util", "temp", "faults", "exporters"}
     assert "avg_over_time(DCGM_FI_DEV_GPU_UTIL[20s])" in q["util"]
-    assert "max_over_time(DCGM_FI_DEV_GPU_TEMP[20s])" in q["temp"]
-    for metric in ("DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
-                   "DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_DEV_MEMORY_TEMP"):
+    # per exporter for the fleet; per GPU only what fails a filter (low or NaN utilisation, hot or NaN)
+    assert "sum by (Hostname, instance) (avg by (Hostname, instance, gpu) (avg_over_time(DCGM_FI_DEV_GPU_UTIL[20s])) >= 0)" in q["util"]
+    # under 5% or NaN, one evaluation of the window: clamp_max keeps values under 5 and NaN, drops the rest
+    assert "(clamp_max(avg_over_time(DCGM_FI_DEV_GPU_UTIL[20s]), 5) != 5)" in q["util"]
+    assert "exported_pod, exported_namespace" in q["util"]
+    assert "clamp_min(max by (Hostname, instance, gpu) (max_over_time(DCGM_FI_DEV_GPU_TEMP[20s])), 85) != 85" in q["temp"]
+    for metric in ("DCGM_FI_DEV_XID_ERRORS", "DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+                   "DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_DEV_ROW_REMAP_PENDING", "DCGM_FI_DEV_MEMORY_TEMP"):
         assert metric in q["faults"]
-    assert 'up{job=~"dcgm-exporter"}' in q["exporters"] and "> 120" in q["exporters"]
+    assert 'count_values by (Hostname, instance, gpu) ("xid", DCGM_FI_DEV_XID_ERRORS != 0))[20s:1m]' in q["faults"]
+    assert 'up{job=~"dcgm-exporter|gpu\\\\.metrics"}' in q["exporters"] and "> 120" in q["exporters"]
     scoped = sweep_queries("15m", metric_selector='cluster="a"')
     assert 'DCGM_FI_DEV_GPU_UTIL{cluster="a"}[15m]' in scoped["util"]
     with pytest.raises(ValueError, match="window"):
         sweep_queries("15 minutes")
     with pytest.raises(ValueError, match="exporter_job"):
-        sweep_queries("15m", exporter_job='x"} or vector(1) or {a="')
+        sweep_queries("15m", exporter_jobs=['x"} or vector(1) or {a="'])
     d = detail_query("20s", ["nvidia-dcgm-exporter-ab.c"])
     assert 'Hostname=~"nvidia-dcgm-exporter-ab\\\\.c"' in d and "count_over_time" in d and "UUID" in d
 
@@ -138,8 +178,10 @@ def test_query_vector_errors_are_typed_transient_or_not():
 def test_duplicated_series_keep_the_worst_value_and_nan_loses_to_a_number():
     ans = answers(n=1)
     ans["temp"].append(series("temp_max", 91, Hostname="dcgm-0", gpu="3"))  # a second scrape job
-    ans["temp"].append(series("temp_max", "NaN", Hostname="dcgm-0", gpu="4"))
     snap = snapshot(ans)
+    merge_answers(snap, {"x": [series("temp_max", "NaN", Hostname="dcgm-0", gpu="3"),
+                               series("temp_max", 60, Hostname="dcgm-0", gpu="4"),
+                               series("temp_max", "NaN", Hostname="dcgm-0", gpu="4")]})
     assert snap.values[("dcgm-0", "3")]["temp_max"] == 91
     assert snap.values[("dcgm-0", "4")]["temp_max"] == 60
     result = classify(fleet(1), snap, TH)
@@ -204,7 +246,7 @@ def test_configured_critical_xids_decide_what_is_critical():
 def test_row_remap_and_memory_temperature_and_nan_from_filters():
     extra = [series("rows_max", 2, Hostname="dcgm-0", gpu="1"), series("row_fail_max", 1, Hostname="dcgm-0", gpu="1"),
              series("memory_temp_max", 101, Hostname="dcgm-1", gpu="0"),
-             series("xid_max", "NaN", Hostname="dcgm-1", gpu="7")]
+             series("memory_temp_max", "NaN", Hostname="dcgm-1", gpu="7")]
     result = classify(fleet(), snapshot(answers(extra=extra)), TH)
     assert kinds(result) == [("memory-hot", "g1", "0"), ("metric-nan", "g1", "7"), ("row-remap", "g0", "1")]
     row = [f for f in result.findings if f.kind is Kind.ROW_REMAP][0]
@@ -219,8 +261,9 @@ def test_metric_absent_on_some_gpus_and_all_nan_utilisation():
     ans["util"] = [s for s in ans["util"] if not (s["metric"]["Hostname"] == "dcgm-1" and s["metric"]["gpu"] == "6"
                                                    and s["value"][1] != "NaN")]
     result = classify(fleet(), snapshot(ans), TH)
-    assert kinds(result) == [("metric-missing", "g0", "3"), ("metric-nan", "g1", "6")]
-    assert "DCGM_FI_DEV_GPU_TEMP" in result.findings[0].summary
+    # counted per exporter: the node says how many GPUs lack the metric
+    assert kinds(result) == [("metric-missing", "g0", None), ("metric-nan", "g1", "6")]
+    assert "DCGM_FI_DEV_GPU_TEMP" in result.findings[0].summary and "for 1 GPU" in result.findings[0].summary
     assert result.status == "warning"
 
 
@@ -331,10 +374,10 @@ def test_hostname_as_node_name_and_unmapped_hostnames():
 
 def test_conflicting_holders_are_reported_in_the_owner_column():
     ans = answers(n=1, extra=[series("xid_max", 79, Hostname="dcgm-0", gpu="0")])
-    ans["util"].append(series("util_avg", 70, Hostname="dcgm-0", gpu="0", pod="other", namespace="ml"))
-    snap = snapshot(ans)
-    assert snap.conflicts[("dcgm-0", "0")] == ["ml/other", "ml/train-0"] or \
-        sorted(snap.conflicts[("dcgm-0", "0")]) == ["ml/other", "ml/train-0"]
+    snap = snapshot(ans, detail=[series("util", 70, Hostname="dcgm-0", gpu="0", pod="train-0", namespace="ml"),
+                                 series("util", 70, Hostname="dcgm-0", gpu="0", pod="other", namespace="ml")],
+                    detail_hosts={"dcgm-0"})
+    assert snap.labels[("dcgm-0", "0")]["other_pod"] in ("other", "train-0")
     f = [x for x in classify(fleet(1), snap, TH).findings if x.kind is Kind.CRITICAL_XID][0]
     assert "conflicting holders" in f.owner
 
@@ -413,10 +456,146 @@ def test_heatmap_marks_faults_and_bins_big_fleets():
 
 
 def test_heatmap_png_stays_small_for_a_big_fleet():
-    from tasks.gpu_health import render_heatmap_png
+    from tasks.gpu_pictures import render_heatmap_png
     from tasks.reports import png_data_uri
 
     _, res_big = _critical_fleet(2000, bad=[5, 600])
     fig = render_heatmap_png(heatmap(res_big), "2000 nodes")
     uri = png_data_uri(fig)
     assert uri.startswith("data:image/png;base64,") and len(uri) < 200_000
+
+
+# --- issue 10: exporter setups, XIDs as a last-value gauge, holders, degraded details -------------
+
+
+def test_holders_include_mig_time_sliced_hami_and_init_containers():
+    from tasks.gpu_model import GPUResources
+    from tasks.kubernetes import _sweep_pod, gpu_requests
+
+    def pod(limits, init=None, name="p"):
+        spec = {"nodeName": "g0", "containers": [{"name": "c", "resources": {"limits": limits}}]}
+        if init:
+            spec["initContainers"] = [{"name": "i", "resources": {"limits": init}}]
+        return {"metadata": {"name": name, "namespace": "ml", "labels": {"workflows.argoproj.io/workflow": "wf"}},
+                "spec": spec, "status": {}}
+
+    assert gpu_requests(pod({"nvidia.com/mig-1g.10gb": "2"})) == {"nvidia.com/mig-1g.10gb": 2}
+    assert gpu_requests(pod({"nvidia.com/gpu": "1"}, init={"nvidia.com/gpu": "4"})) == {"nvidia.com/gpu": 4}
+    for limits, init in (({"nvidia.com/mig-3g.40gb": "1"}, None), ({"nvidia.com/gpu.shared": "1"}, None),
+                         ({"nvidia.com/gpumem": "2000"}, None), ({"cpu": "1"}, {"nvidia.com/gpu": "1"})):
+        held = _sweep_pod(pod(limits, init), [[("app", "nvidia-dcgm-exporter")]])
+        assert held is not None and held.gpus_held == 1 and held.workflow == "wf", (limits, init)
+    # resource names are configurable: a platform that names its slices otherwise
+    custom = GPUResources(whole=("example.com/gpu",), shared=(), prefixes=())
+    assert _sweep_pod(pod({"nvidia.com/gpu.shared": "1"}), [], custom) is None
+    assert _sweep_pod(pod({"example.com/gpu": "2"}), [], custom).whole_gpus == 2
+
+
+def test_hostnames_map_as_pod_node_short_fqdn_or_through_the_target_ip():
+    from tasks.gpu_classify import HostMap
+
+    f = FleetSnapshot([GPUNode("gpu-1.dc.example", True, False, 8, 8), GPUNode("gpu-2", True, False, 8, 8)], [],
+                      [ExporterPod("gpu-operator", "dcgm-abc", "gpu-1.dc.example", "10.1.0.7")])
+    m = HostMap(f)
+    assert m.host("dcgm-abc") == m.host("gpu-1") == m.host("gpu-1.dc.example") == "gpu-1.dc.example"
+    assert m.host("gpu-2.other.example") == "gpu-2" and m.host("@10.1.0.7:9400") == "gpu-1.dc.example"
+    assert m.host("@10.9.9.9:9400") is None and m.host("elsewhere") is None
+
+
+def test_exported_labels_name_the_holder_and_the_exporter_pod_never_does():
+    from tasks.gpu_classify import holder_of
+
+    exporters = {"dcgm-0"}
+    assert holder_of({"pod": "dcgm-0", "namespace": "gpu-operator", "exported_pod": "train-0",
+                      "exported_namespace": "ml"}, exporters) == ("ml", "train-0")
+    assert holder_of({"pod": "dcgm-0", "namespace": "gpu-operator"}, exporters) is None
+    assert holder_of({"pod": "train-0", "namespace": "ml"}, exporters) == ("ml", "train-0")
+
+
+def _xid_snap(code_seen: dict[int, float], counter: dict[int, float] | None = None):
+    ans = answers(n=1)
+    snap = snapshot(ans)
+    snap.xids[("dcgm-0", "2")] = dict(code_seen)
+    if counter is not None:
+        snap.per_host["dcgm-0"]["xid_counter"] = 8
+        snap.xid_counts[("dcgm-0", "2")] = dict(counter)
+    return snap
+
+
+def test_every_distinct_xid_counts_and_a_repair_discounts_what_the_gauge_kept():
+    import json as _json
+    from datetime import datetime, timezone
+
+    snap = _xid_snap({48: NOW - 10, 119: NOW - 2})  # 48 overwritten by 119 within the window
+    result = classify(fleet(1), snap, TH)
+    assert [(f.kind, f.gpu) for f in result.findings if f.severity is Severity.CRITICAL] == [(Kind.CRITICAL_XID, "2")]
+    assert result.xid_source == "DCGM_FI_DEV_XID_ERRORS" and result.xid_last == {"g0": {"2": 119}}
+    repaired = fleet(1)
+    at = datetime.fromtimestamp(NOW - 60, tz=timezone.utc).isoformat()
+    repaired.nodes[0].annotations[REPAIR_ANNOTATION] = _json.dumps({"at": at, "xids": {"2": 79}})
+    kept = classify(repaired, _xid_snap({79: NOW - 1}), TH)  # the gauge still shows the repaired XID
+    assert not [f for f in kept.findings if f.kind is Kind.CRITICAL_XID]
+    assert "before the last repair" in [f for f in kept.findings if f.kind is Kind.XID][0].summary
+    new = classify(repaired, _xid_snap({79: NOW - 100, 48: NOW - 1}), TH)  # a new XID after the repair
+    assert [f.summary for f in new.findings if f.kind is Kind.CRITICAL_XID] == ["XID 48 (double-bit ECC error)"]
+    repaired.exporters[0].started = datetime.fromtimestamp(NOW - 30, tz=timezone.utc).isoformat()
+    again = classify(repaired, _xid_snap({79: NOW - 1}), TH)  # same XID, but after the exporter restarted
+    assert [f.gpu for f in again.findings if f.kind is Kind.CRITICAL_XID] == ["2"]
+    # the counter is preferred where the exporter exports it, and the report says so
+    counted = classify(fleet(1), _xid_snap({79: NOW - 1}, counter={}), TH)
+    assert counted.xid_source == "none" and not [f for f in counted.findings if f.kind is Kind.CRITICAL_XID]
+    counted = classify(fleet(1), _xid_snap({}, counter={74: NOW - 1}), TH)
+    assert counted.xid_source == "DCGM_EXP_XID_ERRORS_COUNT"
+    assert [f.summary for f in counted.findings if f.kind is Kind.CRITICAL_XID] == ["XID 74 (NVLink error)"]
+
+
+def test_row_remap_failure_is_critical_pending_a_warning_rows_alone_info():
+    extra = [series("rows_max", 4, Hostname="dcgm-0", gpu="1"),
+             series("rows_max", 2, Hostname="dcgm-0", gpu="2"), series("row_pending_max", 1, Hostname="dcgm-0", gpu="2"),
+             series("rows_max", 3, Hostname="dcgm-0", gpu="3"), series("row_fail_max", 1, Hostname="dcgm-0", gpu="3")]
+    result = classify(fleet(1), snapshot(answers(n=1, extra=extra)), TH)
+    got = sorted((f.gpu, f.kind.value, f.severity.value, f.cordon_reason) for f in result.findings)
+    assert got == [("1", "remapped-rows", "info", None), ("2", "row-remap-pending", "warning", None),
+                   ("3", "row-remap", "critical", "row-remap-failure")]
+    assert [f.evidence["DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS"] for f in result.findings if f.gpu == "1"] == [4]
+
+
+def test_most_gpus_unknown_is_unknown_and_unmapped_series_are_counted():
+    ans = answers(n=3)
+    snap = snapshot(ans)
+    f = fleet(3)
+    f.exporters = []  # the exporter pods are not found (another chart's labels): Hostnames map to nothing
+    result = classify(f, snap, TH)
+    unmapped = [x for x in result.findings if x.kind is Kind.UNMAPPED_EXPORTER]
+    assert len(unmapped) == 1 and unmapped[0].evidence["exporters"] == 3 and unmapped[0].evidence["gpus"] == 24
+    assert result.status == "unknown" and result.gpus_unknown == 24
+
+
+def test_a_failed_detail_query_keeps_the_findings_and_says_what_is_missing():
+    from tasks.prometheus import with_detail_error
+
+    ans = answers(extra=[series("xid_max", 79, Hostname="dcgm-0", gpu="2")])
+    ans["exporters"][1] = series("gpus_now", 7, Hostname="dcgm-1")
+    snap = with_detail_error(snapshot(ans), "PrometheusUnavailable: timed out")
+    result = classify(fleet(), snap, TH)
+    assert {f.kind for f in result.findings} == {Kind.CRITICAL_XID, Kind.GPU_MISSING, Kind.DETAILS_MISSING}
+    assert result.status == "critical" and result.metrics_error is None
+    missing = [f for f in result.findings if f.kind is Kind.GPU_MISSING][0]
+    assert "follow-up query failed" in missing.evidence["missing_gpus"]
+
+
+def test_critical_findings_name_the_workflow_and_train_on_push_commits_are_found():
+    from flows.gpu_monitoring_sweep import training_commits
+
+    holders = [GPUPod("argo-job", "wf-a-pod", "g0", "Workflow/wf-a", 8, {}, OLD, workflow="wf-a"),
+               GPUPod("ml", "train-1", "g1", "Job/x", 8, {}, OLD)]
+    result = classify(fleet(holders=holders), snapshot(answers(extra=[series("xid_max", 79, Hostname="dcgm-0",
+                                                                               gpu="2")])), TH)
+    crit = [f for f in result.findings if f.kind is Kind.CRITICAL_XID][0]
+    assert crit.workflow == "argo-job/wf-a"
+    sha = "a" * 40
+    wfs = {"argo-job/wf-a": {"metadata": {"annotations": {"ai-platform-ops/repository": "ml/rl",
+                                                          "ai-platform-ops/commit": sha}}}}
+    assert training_commits(result, wfs) == [{"project": "ml/rl", "commit": sha, "workflow": "argo-job/wf-a",
+                                              "findings": [f"critical-xid on g0 gpu 2: {crit.summary}"]}]
+    assert training_commits(result, {"argo-job/wf-a": {"metadata": {"annotations": {}}}}) == []

@@ -17,17 +17,18 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from flows.gpu_monitoring_sweep import gpu_monitoring_sweep, gpu_node_uncordon, sweep
-from tasks.gpu_health import FINDING_ANNOTATION, UNHEALTHY_TAINT_KEY, Kind, SweepThresholds
+from tasks.gpu_model import FINDING_ANNOTATION, REPAIR_ANNOTATION, Kind, SweepThresholds
+from tasks.gpu_plans import UNHEALTHY_TAINT_KEY
 from tasks._retry import TRANSIENT_RETRIES
 from tasks.kubernetes import api_client_from_kubeconfig, evict_pods_on, list_raw
 
 WINDOW = "20s"
-TH = SweepThresholds(window=WINDOW)
+TH = SweepThresholds(window=WINDOW, xid_resolution="2s")
 # (fault, node, gpu) -> the finding it must produce
 FAULTS = [
     ("xid", "gpu-node-0003", 2, 79, (Kind.CRITICAL_XID, "gpu-node-0003", "2")),
     ("gpu-missing", "gpu-node-0005", 4, None, (Kind.GPU_MISSING, "gpu-node-0005", "4")),
-    ("remapped-rows", "gpu-node-0008", 0, None, (Kind.ROW_REMAP, "gpu-node-0008", "0")),
+    ("row-remap-failure", "gpu-node-0008", 0, None, (Kind.ROW_REMAP, "gpu-node-0008", "0")),
     ("hot-gpu", "gpu-node-0006", 1, 93, (Kind.GPU_HOT, "gpu-node-0006", "1")),
     ("idle-gpu", "gpu-node-0001", 3, 0, (Kind.IDLE_HELD, "gpu-node-0001", "3")),
     ("exporter-down", "gpu-node-0007", None, None, (Kind.EXPORTER_DOWN, "gpu-node-0007", None)),
@@ -179,6 +180,8 @@ def test_dry_run_reports_the_capped_plan_and_changes_nothing(faulted, sandbox_pl
     # a handful of tasks, and a constant number of API calls: one page of nodes and one of pods
     assert _api_requests(sb) - requests == 2
     tasks = {"list-gpu-fleet", "query-dcgm-metrics", "query-dcgm-details", "publish-gpu-sweep-report"}
+    if "argo" in sb.config and "gitlab" in sb.config:  # critical findings on training pods: a note task
+        tasks.add("note-gpu-faults-on-training-commits")
     assert set(_task_runs(state.state_details.flow_run_id, tasks)) == tasks
     out = state.result()
     assert out["dry_run"] and out["cordoned"] == []
@@ -218,9 +221,11 @@ def test_approved_run_cordons_exactly_the_plan_within_the_cap(faulted, sandbox_p
     again = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, max_share=0.15)
     assert set(again["cordon_already"]) == touched and set(again["cordon_plan"]) == CRITICAL_NODES - touched
 
-    # uncordon: refused while the fault is still there, done when forced and approved
+    # uncordon: the XID the gauge still shows from before the cordon does not block it (the repair is
+    # done); the GPU still missing does, until forced
     refused = gpu_node_uncordon(platform=sandbox_platform, nodes=sorted(touched), window=WINDOW)
-    assert refused["plan"] == [] and set(refused["refused"]) == touched
+    assert refused["plan"] == ["gpu-node-0003"] and set(refused["refused"]) == touched - {"gpu-node-0003"}
+    assert "gpu-missing" in refused["refused"]["gpu-node-0005"]
     state, _ = _run_and_approve(gpu_node_uncordon, {"approve": True, "approver": "bob"}, platform=sandbox_platform,
                                 nodes=sorted(touched), window=WINDOW, dry_run=False, force=True)
     assert state.is_completed(), state
@@ -229,6 +234,12 @@ def test_approved_run_cordons_exactly_the_plan_within_the_cap(faulted, sandbox_p
     for name in touched:
         assert not nodes[name]["spec"].get("unschedulable") and not _ours(nodes[name])
         assert FINDING_ANNOTATION not in nodes[name]["metadata"].get("annotations", {})
+        repair = json.loads(nodes[name]["metadata"]["annotations"][REPAIR_ANNOTATION])
+        assert repair["by"] == "bob" and repair["at"]
+    assert json.loads(nodes["gpu-node-0003"]["metadata"]["annotations"][REPAIR_ANNOTATION])["xids"] == {"2": 79}
+    # the next sweep no longer counts the XID the gauge keeps: the repaired node is not planned again
+    after = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, max_share=0.15)
+    assert "gpu-node-0003" not in after["cordon_plan"] + after["cordon_over_cap"]
 
 
 def test_rejected_plan_changes_nothing(faulted, sandbox_platform):

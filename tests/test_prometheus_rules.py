@@ -6,10 +6,11 @@ import csv
 import json
 import re
 import subprocess
+import sys
 
 import yaml
 
-from tasks.gpu_health import DEFAULT_CRITICAL_XIDS, Kind
+from tasks.gpu_model import DEFAULT_CRITICAL_XIDS, Kind
 from tests.conftest import CONTRACTS, REPO, need_binary
 
 PROM_DIR = REPO / "configs" / "prometheus"
@@ -51,16 +52,68 @@ def _squash(expr: str) -> str:
     return " ".join(expr.split())
 
 
+def _rules(text: str) -> list[dict]:
+    return [r for g in yaml.safe_load(text)["groups"] for r in g["rules"]]
+
+
+def test_checked_in_rules_are_the_render_of_the_example_config():
+    """`configs/prometheus/gpu.rules.yml` is generated: `python -m tasks.gpu_rules render` of the example."""
+    rendered = subprocess.run([sys.executable, "-m", "tasks.gpu_rules", "render",
+                               str(REPO / "configs" / "platform.example.yaml")],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.stdout == (PROM_DIR / "gpu.rules.yml").read_text(), (
+        "configs/prometheus/gpu.rules.yml is stale: python -m tasks.gpu_rules render "
+        "configs/platform.example.yaml > configs/prometheus/gpu.rules.yml")
+    bad = subprocess.run([sys.executable, "-m", "tasks.gpu_rules", "render", "/nonexistent.yaml"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert bad.returncode == 1 and "cannot render the GPU rules" in bad.stderr
+
+
 def test_rules_raise_the_sweeps_findings_with_the_same_critical_xids():
-    rules = [r for g in yaml.safe_load((PROM_DIR / "gpu.rules.yml").read_text())["groups"] for r in g["rules"]]
-    findings = {r["labels"]["finding"] for r in rules}
-    assert findings == {k.value for k in (Kind.CRITICAL_XID, Kind.ROW_REMAP, Kind.GPU_MISSING, Kind.GPU_HOT,
-                                          Kind.MEMORY_HOT, Kind.IDLE_HELD, Kind.EXPORTER_DOWN, Kind.EXPORTER_STALE,
-                                          Kind.NODE_NOT_READY, Kind.CORDONED_HELD)}
-    xid_rule = next(r for r in rules if r["alert"] == "GPUCriticalXID")
-    assert _squash(xid_rule["expr"]) == f"max by (Hostname, gpu, UUID, pod, namespace) ( {_xid_alternatives()} )"
-    for r in rules:
+    rules = _rules((PROM_DIR / "gpu.rules.yml").read_text())
+    alerts = [r for r in rules if "alert" in r]
+    findings = {r["labels"]["finding"] for r in alerts}
+    assert findings == {k.value for k in (Kind.CRITICAL_XID, Kind.ROW_REMAP, Kind.ROW_REMAP_PENDING, Kind.GPU_MISSING,
+                                          Kind.GPU_HOT, Kind.MEMORY_HOT, Kind.IDLE_HELD, Kind.EXPORTER_DOWN,
+                                          Kind.EXPORTER_STALE, Kind.NO_EXPORTER, Kind.NODE_NOT_READY,
+                                          Kind.CORDONED_HELD)}
+    xid_rule = next(r for r in alerts if r["alert"] == "GPUCriticalXID")
+    assert _xid_alternatives('{job=~"nvidia-dcgm-exporter|dcgm-exporter"}') in _squash(xid_rule["expr"])
+    assert 'xid=~"' + "|".join(str(x) for x in sorted(DEFAULT_CRITICAL_XIDS)) + '"' in xid_rule["expr"]
+    for r in alerts:
         assert r["labels"]["severity"] in ("critical", "warning") and r["annotations"]["action"]
+        # every alert names the node: it carries `node` (kube-state-metrics' or the exporter's)
+        assert "$labels.node" in r["annotations"]["summary"], r["alert"]
+    assert all(".*dcgm.*" not in r["expr"] for r in rules)
+
+
+def test_rules_render_from_another_platform_config(tmp_path):
+    """Jobs, selector, thresholds, window, XIDs and holder resources all come from `thresholds.gpu`."""
+    from blocks.config import GPUThresholds
+    from tasks.gpu_rules import RuleSettings, render
+
+    gpu = GPUThresholds(exporter_jobs=["gpu-metrics"], metric_selector='cluster="gpu-prod"', window="30m",
+                        xid_resolution="30s", stale_after="5m", temp_c=80, memory_temp_c=90, idle_util_pct=2,
+                        critical_xids=[79, 48], whole_gpu_resources=["example.com/gpu"],
+                        shared_gpu_resources=[], gpu_resource_prefixes=["example.com/slice-"])
+    text = render(RuleSettings.from_config(gpu))
+    rules = {r.get("alert") or r.get("record"): r for r in _rules(text)}
+    assert "nvidia-dcgm-exporter" not in text and 'job=~"gpu-metrics"' in text
+    assert 'DCGM_FI_DEV_XID_ERRORS{cluster="gpu-prod",job=~"gpu-metrics"} == 48 or' in _squash(
+        rules["GPUCriticalXID"]["expr"])
+    assert 'xid=~"48|79"' in rules["GPUCriticalXID"]["expr"] and "[30m:30s]" in rules["GPUCriticalXID"]["expr"]
+    assert rules["GPUTemperatureHigh"]["expr"].rstrip().endswith("> 80")
+    assert rules["GPUMemoryTemperatureHigh"]["expr"].rstrip().endswith("> 90")
+    assert rules["GPUIdleButHeld"]["expr"].rstrip().endswith("< 2") and rules["GPUIdleButHeld"]["for"] == "30m"
+    assert ") > 300)" in rules["DCGMExporterStale"]["expr"] and rules["DCGMExporterDown"]["for"] == "5m"
+    assert 'resource=~"example_com_gpu"' in rules["GPUMissing"]["expr"]
+    assert 'resource=~"example_com_gpu|example_com_slice_.+"' in rules["GPUNodeNotReadyWithGPUsHeld"]["expr"]
+    path = tmp_path / "other.rules.yml"
+    path.write_text(text)
+    promtool = need_binary("promtool", "prometheus")
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 # PromQL words that are not metric names.

@@ -199,7 +199,7 @@ def test_api_down_and_prometheus_down_then_heal(sandbox, core, clean_sandbox):
 # --- the sandbox's own structure: helpers in one leaf module, stand-in secrets kept privately --------------
 
 SANDBOX_DIR = Path(__file__).resolve().parent.parent / "sandbox"
-COMPONENTS = ["argo", "gitlab_host", "gitlab_api", "gitlab_ci_api", "dcgm", "prometheus", "s3", "webhook", "kube",
+COMPONENTS = ["argo", "gitlab_host", "gitlab_api", "registry", "dcgm", "prometheus", "s3", "webhook", "kube",
               "cluster", "server"]
 
 
@@ -229,7 +229,7 @@ def test_stand_in_secrets_are_kept_only_in_private_files(sandbox):
     folder = sandbox.state_dir / "secrets"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     files = {p.name: p for p in folder.iterdir()}
-    assert {"SANDBOX_GITLAB_TOKEN", "SANDBOX_GITLAB_SCRATCH_TOKEN", "SANDBOX_ARGO_TOKEN", "SANDBOX_GITLAB_CI_TOKEN",
+    assert {"SANDBOX_GITLAB_TOKEN", "SANDBOX_GITLAB_SCRATCH_TOKEN", "SANDBOX_ARGO_TOKEN",
             "SANDBOX_S3_ACCESS_KEY_ID", "SANDBOX_S3_SECRET_ACCESS_KEY", "SANDBOX_WEBHOOK_URL", "SANDBOX_KUBE_TOKEN",
             "gitlab_client_ed25519"} <= files.keys()
     assert {name: oct(stat.S_IMODE(p.stat().st_mode)) for name, p in files.items()} == {

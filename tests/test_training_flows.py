@@ -1,5 +1,5 @@
-"""Training on Argo against the sandbox: the Argo stand-in, the GitLab CI API stand-in, a real registry
-and the session's Prefect server.
+"""Training on Argo against the sandbox: the Argo stand-in, the GitLab API stand-in (its CI routes), the
+sandbox's registry (Debian's docker-registry) and the session's Prefect server.
 
 A push event (a `train_on_push` run) must leave the commit statuses pending -> running -> success
 (or failed / canceled) on the stand-in GitLab and exactly one workflow on the stand-in Argo, even
@@ -27,6 +27,7 @@ import yaml
 pytestmark = [pytest.mark.sandbox, pytest.mark.prefect]
 
 FAST = {"poll_initial_s": 0.2, "poll_max_s": 0.5}
+PLATFORM = "sandbox"  # the sandbox's platform.yaml (tests/conftest.py `training_platform`)
 LEAK = "glpat-SANDBOXLEAKEDTOKEN123"
 
 
@@ -84,7 +85,20 @@ class GitLab:
     def add_project(self, path: str, sha: str, spec: dict | str | None) -> None:
         files = {} if spec is None else {sha: {".aiplatform/train.yaml": spec if isinstance(spec, str)
                                                else yaml.safe_dump(spec)}}
-        httpx.post(f"{self.url}/control/projects", json={"path": path, "files": files}, timeout=10).raise_for_status()
+        httpx.post(f"{self.url}/control/projects", json={"path": path, "files": files, "commits": [sha]},
+                   timeout=10).raise_for_status()
+
+    def fault(self, kind: str, count: int) -> None:
+        httpx.post(f"{self.url}/control/fault", json={"kind": kind, "count": count}, timeout=10).raise_for_status()
+
+    def heal(self) -> None:
+        httpx.post(f"{self.url}/control/heal", timeout=10).raise_for_status()
+
+    def post_status(self, path: str, sha: str, **data) -> httpx.Response:
+        from urllib.parse import quote
+
+        return httpx.post(f"{self.url}/api/v4/projects/{quote(path, safe='')}/statuses/{sha}", json=data,
+                          headers={"PRIVATE-TOKEN": os.environ["SANDBOX_GITLAB_TOKEN"]}, timeout=10)
 
     def state(self) -> dict:
         return httpx.get(f"{self.url}/control/state", timeout=10).json()
@@ -98,7 +112,7 @@ class GitLab:
 
 @pytest.fixture
 def argo(training_platform):
-    """The Argo stand-in the `sandbox-ci` platform points at, healed before and after the test."""
+    """The Argo stand-in the sandbox platform points at, healed before and after the test."""
     a = Argo(str(training_platform.argo.url).rstrip("/"))
     a.heal()
     yield a
@@ -107,8 +121,27 @@ def argo(training_platform):
 
 @pytest.fixture
 def gitlab(training_platform):
-    """The GitLab CI API stand-in the `sandbox-ci` platform points at."""
-    return GitLab(str(training_platform.gitlab.api_url).rstrip("/"))
+    """The production GitLab's API stand-in (its CI routes), healed before and after the test."""
+    g = GitLab(str(training_platform.gitlab.api_url).rstrip("/"))
+    g.heal()
+    yield g
+    g.heal()
+
+
+def _argo_get(argo, path: str) -> httpx.Response:
+    return httpx.get(f"{argo.url}{path}", timeout=10,
+                     headers={"Authorization": f"Bearer {os.environ['SANDBOX_ARGO_TOKEN']}"})
+
+
+def _argo_log_lines(argo, ns: str, name: str) -> list[str]:
+    """What Argo's /log endpoint streams now (live pods only)."""
+    from tasks.argo_status import parse_log_stream
+
+    return [line for _, line in parse_log_stream(_argo_get(argo, f"/api/v1/workflows/{ns}/{name}/log").text)]
+
+
+def _failed_node(wf: dict) -> dict:
+    return next(n for n in wf["status"]["nodes"].values() if n["type"] == "Pod" and n["phase"] == "Failed")
 
 
 def _push(gitlab, spec, project="ml/rl-robot"):
@@ -117,15 +150,15 @@ def _push(gitlab, spec, project="ml/rl-robot"):
     return project, sha
 
 
-def _train(project, sha, platform="sandbox-ci", **kw):
+def _train(project, sha, platform=PLATFORM, **kw):
     from flows.training import train_on_push
 
-    return train_on_push(project=project, commit_sha=sha, ref="main", platform=platform,
-                         return_state=True, **(FAST | kw))
+    return train_on_push(project=project, commit_sha=sha, platform=platform, return_state=True,
+                         **({"ref": "main"} | FAST | kw))
 
 
 def _secret_values() -> list[str]:
-    return [os.environ["SANDBOX_ARGO_TOKEN"], os.environ["SANDBOX_GITLAB_CI_TOKEN"]]
+    return [os.environ["SANDBOX_ARGO_TOKEN"], os.environ["SANDBOX_GITLAB_TOKEN"]]
 
 
 async def _run_outputs(flow_run_id) -> str:
@@ -204,10 +237,19 @@ def test_push_trains_once_even_when_the_first_submit_response_is_lost(argo, gitl
 
 
 def test_failed_training_reports_argo_message_and_logs_without_secrets(argo, gitlab):
+    """podGC OnPodCompletion deletes the failed pod before the flow asks: its log comes from the archive."""
     project, sha = _push(gitlab, _spec("fail"))
+    t0 = time.time()
     state = _train(project, sha, merge_request_iid="7")
     assert state.is_failed()
     assert "failed: child" in state.message  # Argo's message
+    wf = argo.workflows(sha)[0]
+    ns, name = wf["metadata"]["namespace"], wf["metadata"]["name"]
+    assert wf["spec"]["podGC"] == {"strategy": "OnPodCompletion"} and wf["spec"]["archiveLogs"] is True
+    assert argo.state()["pods"][f"{ns}/{name}"] == []  # every pod is gone
+    assert _argo_log_lines(argo, ns, name) == []  # so the live log endpoint has nothing
+    assert [r["path"].split("/")[-1] for r in argo.state()["requests"]
+            if r["at"] >= t0 and r["path"].startswith(f"/artifact-files/{ns}/workflows/{name}/")] == ["main-logs"]
 
     assert [s["status"] for s in gitlab.statuses(project, sha)] == ["pending", "running", "failed"]
     assert len(argo.workflows(sha)) == 1
@@ -313,11 +355,11 @@ def test_a_workflow_stopped_in_argo_ends_the_run_cancelled(argo, gitlab, sandbox
 
 def test_timeout_terminates_the_workflow(argo):
     from flows.training import argo_training_run
-    from tasks.argo import parse_training_spec
+    from tasks.training_spec import parse_training_spec
 
     sha = _sha()
     spec = parse_training_spec(_spec("stuck", code={"url": "http://127.0.0.1/ml/x.git", "ref": "main"}))
-    state = argo_training_run(spec, platform="sandbox-ci", repository="ml/x", commit=sha, timeout_s=1.0,
+    state = argo_training_run(spec, platform=PLATFORM, repository="ml/x", commit=sha, timeout_s=1.0,
                               return_state=True, **FAST)
     assert state.is_failed() and "timed out after" in state.message
     wf = argo.workflows(sha)[0]
@@ -355,72 +397,46 @@ def test_argo_down_during_follow_is_retried(argo, gitlab):
     # the fault fired twice, both on the first read: that poll took 3 attempts, any later one took 1
     assert argo.state()["faults"] == {}
     ns, name = workflows[0]["metadata"]["namespace"], workflows[0]["metadata"]["name"]
-    polls = _task_runs(_flow_run_of(sha, "argo-training-run").id, "get-argo-workflow")
+    polls = _task_runs(_flow_run_of(sha, "argo-training-run").id, "read-argo-workflow")
     assert [r.run_count for r in polls] == [3] + [1] * (len(polls) - 1)
     assert len(argo.requests_since(t0, "GET", f"/api/v1/workflows/{ns}/{name}")) == len(polls) + 2
 
 
 def _push_image(registry_url: str, repository: str, tag: str) -> None:
-    """What BuildKit's push does, in miniature: a layer, a config, a manifest."""
-    import hashlib
+    from sandbox.registry import push_image
 
-    def blob(data: bytes) -> str:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        r = httpx.post(f"{registry_url}/v2/{repository}/blobs/uploads/", timeout=10)
-        location = r.headers["Location"]
-        location = location if location.startswith("http") else registry_url + location
-        sep = "&" if "?" in location else "?"
-        httpx.put(f"{location}{sep}digest={digest}", content=data, timeout=10,
-                  headers={"Content-Type": "application/octet-stream"}).raise_for_status()
-        return digest
-
-    layer = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00"
-    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
-                         "config": {}}).encode()
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blob(config),
-                           "size": len(config)},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": blob(layer),
-                            "size": len(layer)}]}
-    httpx.put(f"{registry_url}/v2/{repository}/manifests/{tag}", content=json.dumps(manifest), timeout=10,
-              headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status()
+    push_image(registry_url, repository, tag)
 
 
 def test_build_training_image_builds_once_then_finds_it(argo, training_platform):
+    """The BuildKit step pushes to the real registry (the Argo stand-in plays the step's push)."""
     from flows.training import build_training_image
-    from tasks.registry import manifest_exists
+    from tasks.registry import check_manifest
 
     registry_url = training_platform.registry.url
     revision = _sha()
     repository = f"ai-base-{revision[:6]}"
-
-    def buildkit_push():  # BuildKit in the workflow would push; the stand-in runs no containers
-        wf = argo.wait_for_workflow(revision)
-        _push_image(registry_url, repository, revision[:12])
-        return wf
-
-    thread, pushed = _in_thread(buildkit_push)
     state = build_training_image(context_url="http://127.0.0.1/platform/ai-platform-ops.git", revision=revision,
-                                 repository=repository, platform="sandbox-ci", return_state=True, **FAST)
-    thread.join(30)
+                                 repository=repository, platform=PLATFORM, return_state=True, **FAST)
     assert state.is_completed(), state.message
     host = registry_url.removeprefix("http://")
     assert state.result() == {"image": f"{host}/{repository}:{revision[:12]}", "built": True}
-    wf = pushed[0]
+    wf = argo.workflows(revision)[0]
     main = wf["spec"]["templates"][0]
     assert main["script"]["image"] == "moby/buildkit:rootless"
     assert "buildctl-daemonless.sh" in main["script"]["source"]
+    assert "registry.insecure=true" in main["script"]["source"]  # the sandbox registry is plain http
 
     again = build_training_image(context_url="http://127.0.0.1/platform/ai-platform-ops.git", revision=revision,
-                                 repository=repository, platform="sandbox-ci", return_state=True, **FAST)
+                                 repository=repository, platform=PLATFORM, return_state=True, **FAST)
     assert again.result()["built"] is False
     assert len(argo.workflows(revision)) == 1
 
     from blocks.platform import Platform
 
-    registry = Platform("sandbox-ci").registry()
-    assert manifest_exists(registry, repository, revision[:12]) is True
-    assert manifest_exists(registry, repository, "missing-tag") is False
+    registry = Platform(PLATFORM).registry()
+    assert check_manifest.fn(registry, repository, revision[:12]) is True
+    assert check_manifest.fn(registry, repository, "missing-tag") is False
 
 
 def test_push_with_an_existing_image_trains_with_it(argo, gitlab, training_platform):
@@ -446,13 +462,13 @@ LOGGED_SECRET = "legged_gym/scripts/train.py"
 
 @pytest.fixture
 def leaky_platform(training_platform, monkeypatch) -> str:
-    """`sandbox-ci` under another name, whose registry password is printed by the stand-in's failing pod."""
+    """The sandbox platform under another name, whose registry password is printed by the stand-in's failing pod."""
     from blocks.config import parse_platform_config
     from blocks.load import load_blocks
 
     monkeypatch.setenv("SANDBOX_CI_LEAK_PASSWORD", LOGGED_SECRET)
     data = training_platform.model_dump(mode="json", exclude_none=True)
-    data["name"] = "sandbox-ci-leak"
+    data["name"] = "sandbox-leak"
     data["registry"] |= {"username": "ci", "password": {"env": "SANDBOX_CI_LEAK_PASSWORD"}}
     load_blocks(parse_platform_config(data, "leaky-platform"))
     return data["name"]
@@ -463,11 +479,10 @@ def test_a_platform_secret_in_a_pod_log_reaches_no_result_artifact_log_or_note(a
     state = _train(project, sha, platform=leaky_platform, merge_request_iid="3")
     assert state.is_failed()
 
-    # the secret is really in the failed pod's log, as Argo serves it
+    # the secret is really in the failed pod's log, as Argo serves it (archived: the pod is gone)
     wf = argo.workflows(sha)[0]
     ns, name = wf["metadata"]["namespace"], wf["metadata"]["name"]
-    raw = httpx.get(f"{argo.url}/api/v1/workflows/{ns}/{name}/log", timeout=10,
-                    headers={"Authorization": f"Bearer {os.environ['SANDBOX_ARGO_TOKEN']}"}).text
+    raw = _argo_get(argo, f"/artifact-files/{ns}/workflows/{name}/{_failed_node(wf)['id']}/outputs/main-logs").text
     assert LOGGED_SECRET in raw
 
     # ... and nowhere in what the runs report: results, logs, the summary artifact, the note
@@ -530,7 +545,8 @@ def canned():
 @pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")
 def test_argo_tasks_return_and_raise_no_secret(canned):
     from blocks.connections import ArgoServer
-    from tasks.argo import ArgoAPIError, get_pod_logs, get_workflow
+    from tasks.argo import ArgoAPIError, read_step_log, read_workflow
+    from tasks.argo_status import FailedStep
     from tasks.redact import Redactor
 
     secret = f"platform-secret-{secrets.token_hex(8)}"
@@ -541,12 +557,12 @@ def test_argo_tasks_return_and_raise_no_secret(canned):
              "RuntimeError: CUDA out of memory"]
     canned.answer = 200, "".join(json.dumps({"result": {"content": line, "podName": "wf-1-run-1"}}) + "\n"
                                  for line in lines).encode()
-    text = get_pod_logs(argo, "ml", "wf-1", "wf-1-run-1", redactor=redactor)
+    text = read_step_log(argo, "ml", "wf-1", FailedStep("run", "", "wf-1-run-1"), redactor=redactor)
     assert text == "using the password ***\nAUTH_URL is http://***:***@gitlab/x.git\nRuntimeError: CUDA out of memory"
 
     canned.answer = 403, {"code": 7, "message": f"the service account with {secret} may not get workflows"}
     before = len(canned.received)
-    state = get_workflow(argo, "ml", "wf-1", redactor=redactor, return_state=True)
+    state = read_workflow(argo, "ml", "wf-1", redactor=redactor, return_state=True)
     assert state.is_failed()
     with pytest.raises(ArgoAPIError, match=r"status code 403 .*the service account with \*\*\* may not") as err:
         state.result()
