@@ -17,6 +17,7 @@ BENCHMARKS = {
     "gpu-sweep": "benchmarks.gpu_sweep",
     "backup-stream": "benchmarks.backup_stream",
     "cert-scan": "benchmarks.cert_scan",
+    "image-audit": "benchmarks.image_audit",
 }
 
 

@@ -321,6 +321,8 @@ class RegistryConfig(_Model):
     url: HttpUrl
     username: str | None = None
     password: SecretField | None = None
+    gc_command: list[str] | None = Field(
+        None, description="argv of the registry's garbage-collect (run by image-prune when set; else reported)")
 
 
 class BackupStoreConfig(_Model):
@@ -481,6 +483,23 @@ class ImageThresholds(_Model):
     unused_for: Duration = "14d"
     keep_tags: int = Field(10, ge=1, le=10000)
     prune_max_share: float = Field(0.5, gt=0, le=1)
+    # Image cleanup audit (issue 13). Node-side defaults are the guide's kubespray-override.yml:
+    # imageGCHighThresholdPercent 65 / Low 45, evictionHard imagefs.available 10%, evictionSoft 15%.
+    gc_high_pct: float = Field(65, gt=0, le=100, description="kubelet imageGCHighThresholdPercent")
+    gc_low_pct: float = Field(45, ge=0, le=100, description="kubelet imageGCLowThresholdPercent")
+    eviction_hard_pct: float = Field(10, ge=0, le=100, description="kubelet evictionHard imagefs.available (%)")
+    eviction_soft_pct: float = Field(15, ge=0, le=100, description="kubelet evictionSoft imagefs.available (%)")
+    near_margin_pct: float = Field(5, ge=0, le=50, description="how close (percentage points) counts as near")
+    keep_tag_patterns: list[str] = Field(default_factory=list, description="tags always kept (globs, e.g. v*)")
+    allowed_registries: list[str] = Field(default_factory=list,
+                                          description="registry hosts images may come from (globs); empty: any")
+    exclude: list[str] = Field(default_factory=list,
+                               description="images never pruned (globs, like Eraser's exclude list)")
+    large_image_gb: float = Field(5, gt=0, description="a duplicated image is reported from this size")
+    duplicate_min_nodes: int = Field(10, ge=2, description="...when it sits on at least this many nodes")
+    prune_job_image: str = Field("registry.k8s.io/cri-tools/crictl:v1.29.0",
+                                 description="an image with sh and crictl, run by the node prune Jobs")
+    prune_namespace: str = "kube-system"
 
 
 class BackupThresholds(_Model):
@@ -581,8 +600,7 @@ def _describe(err: dict[str, Any]) -> str:
         msg = f"expected text matching {ctx.get('pattern')}"
     else:
         msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+        msg = msg.removeprefix("Value error, ")
         return msg  # custom errors already carry the value
     if etype not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], (dict, list)):
         msg += f", got {err['input']!r}"

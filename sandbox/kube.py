@@ -139,6 +139,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
                                        "categories": [], "subresources": ["status"]},
     "apps/v1/daemonsets": {"namespaced": True, "kind": "DaemonSet", "singular": "daemonset", "verbs": _VERBS,
                            "shortnames": ["ds"], "categories": ["all"], "subresources": ["status"]},
+    "batch/v1/jobs": {"namespaced": True, "kind": "Job", "singular": "job", "verbs": _VERBS,
+                      "shortnames": [], "categories": ["all"], "subresources": ["status"]},
 }
 
 
@@ -170,6 +172,9 @@ class SandboxKubernetes(KubernetesEmulator):
         self._writes = 0
         self._snapshots: OrderedDict[tuple, tuple[int, list[bytes]]] = OrderedDict()
         self._snapshot_ids = itertools.count(1)
+        # Simulated node agents (sandbox/kubelet.py): `async hook(request, method)` answering a request
+        # (a Response) or letting it through (None): the node proxy, pod logs, Jobs the kubelet runs.
+        self.hooks: list[Any] = []
 
     async def _serve_version(self, request: rendering.Request) -> Any:
         # kmock announces the core group as "/v1" and gives subresources the parent's short
@@ -232,6 +237,10 @@ class SandboxKubernetes(KubernetesEmulator):
             method = str(request.method).upper().split(".")[-1]
             if method not in ("GET", "HEAD"):
                 self._writes += 1  # a new state: list snapshots taken before it are not reused
+            for hook in self.hooks:
+                answer = await hook(request, method)
+                if answer is not None:
+                    return answer
             if request.subresource == "eviction" and method == "POST":
                 return await self._evict(request)
             if request.subresource == "status" and method in ("PATCH", "PUT"):

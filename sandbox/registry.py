@@ -19,7 +19,14 @@ import shutil
 
 import httpx
 
-from sandbox._common import SandboxError, SandboxLike, free_port, http_ok, require_binary, wait_for
+from sandbox._common import (
+    SandboxError,
+    SandboxLike,
+    free_port,
+    http_ok,
+    require_binary,
+    wait_for,
+)
 
 _LAYER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00"  # an empty tar.gz
 
@@ -76,4 +83,6 @@ def start_registry(sb: SandboxLike) -> None:
     proc = sb.spawn("registry", [binary, "serve", str(conf)])
     sb.urls["registry"] = f"http://127.0.0.1:{port}"
     wait_for(http_ok(f"{sb.urls['registry']}/v2/"), "docker-registry", 30, proc, sb.log_of("registry"))
-    sb.config["registry"] = {"url": sb.urls["registry"]}
+    # garbage-collect runs as the same binary on the same storage (distribution docs/garbage-collection.md);
+    # image-prune runs it after deleting manifests (issue 13)
+    sb.config["registry"] = {"url": sb.urls["registry"], "gc_command": [binary, "garbage-collect", str(conf)]}

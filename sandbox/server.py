@@ -26,6 +26,7 @@ from kmock._internal.apps import Server
 from sandbox.cluster import EXPORTER_CHARTS, seed_cluster
 from sandbox.dcgm import DCGMSimulator
 from sandbox.kube import SandboxKubernetes
+from sandbox.kubelet import KubeletSimulator
 
 GPU_FAULTS = {"xid", "gpu-missing", "hot-gpu", "idle-gpu", "remapped-rows", "row-remap-pending", "row-remap-failure",
               "exporter-down", "exporter-restart"}
@@ -40,11 +41,13 @@ class SandboxCore:
         self.chart = chart
         self.domain = domain
         self.kube = SandboxKubernetes()
+        self.kubelet = KubeletSimulator(self.kube)  # node images, summary API, prune Jobs (issue 13)
         self.faults: list[dict[str, Any]] = []
         self._reseed()
 
     def _reseed(self) -> None:
         self.cluster = seed_cluster(self.gpu_nodes, seed=self.seed, chart=self.chart, domain=self.domain)
+        self.kubelet.seed(self.cluster.nodes, self.cluster.pods)
         for (res, ns, name) in list(self.kube.objects.keys()):
             del self.kube.objects[res, ns, name]
         for node in self.cluster.nodes:

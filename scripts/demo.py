@@ -57,6 +57,8 @@ DEMO_RUNS: list[tuple[str, dict]] = [
     ("certificate-check/certificate-check", {"fail_on": "never"}),
     # dry run: the renewal plan per control-plane node, nothing changed
     ("renew-control-plane-certificates/renew-control-plane-certificates", {}),
+    ("image-cleanup-audit/image-cleanup-audit", {}),  # unused images per node, disk vs GC/eviction, registry
+    ("image-prune/image-prune", {}),  # dry run: the exact prune plan, nothing removed
 ]
 
 
