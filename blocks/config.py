@@ -223,6 +223,98 @@ class ClusterHost(SSHTarget):
         return self.name or self.host
 
 
+# --- provisioning: the kubespray cluster definition (issue 14) -------------------------------------
+
+# kubespray's own group names (inventory/sample/inventory.ini, docs/ansible/inventory.md): the control plane,
+# etcd members, worker nodes, `k8s_cluster` (their parent) and calico route reflectors.
+KUBESPRAY_GROUPS = ("kube_control_plane", "etcd", "kube_node", "k8s_cluster", "calico_rr")
+_INVENTORY_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,252}$"
+_TAINT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./\-]{0,252}=[A-Za-z0-9_.\-]{0,63}:(NoSchedule|PreferNoSchedule|NoExecute)$")
+
+
+class KubesprayHost(_Model):
+    """One inventory host with kubespray's host variables; `groups` are the groups it is written under."""
+
+    name: str = Field(..., pattern=_INVENTORY_NAME, description="inventory_hostname, the node's name")
+    ansible_host: Host
+    ip: Host | None = Field(None, description="the address kubespray binds services to")
+    access_ip: Host | None = Field(None, description="the address other nodes reach this one at")
+    etcd_member_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,62}$")
+    groups: list[str] = Field(default_factory=list)
+    vars: dict[str, Any] = Field(default_factory=dict, description="any other host variable")
+
+
+class KubesprayGroup(_Model):
+    """A group beyond the hosts' memberships: its child groups, its taints (`node_taints`) and variables."""
+
+    children: list[str] = Field(default_factory=list)
+    taints: list[str] = Field(default_factory=list, description="node_taints, as key=value:Effect")
+    vars: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("taints")
+    @classmethod
+    def _taints(cls, values: list[str]) -> list[str]:
+        for v in values:
+            if not _TAINT_RE.match(v):
+                raise PydanticCustomError("taint", "expected a taint key=value:Effect (NoSchedule, PreferNoSchedule "
+                                                   "or NoExecute), got {value}", {"value": repr(v)})
+        return values
+
+
+class KubesprayPreflight(_Model):
+    """What every host must have before kubespray runs (kubespray's `roles/kubernetes/preinstall`:
+    minimal_master_memory_mb 1500, minimal_node_memory_mb 1024, supported_os_distributions)."""
+
+    os: list[str] = Field(default_factory=lambda: ["Debian 11", "Debian 12", "Ubuntu 20", "Ubuntu 22", "Ubuntu 24"],
+                          description="'<distribution> <major version>' accepted")
+    min_cpus: int = Field(2, ge=1)
+    min_memory_mb_control_plane: int = Field(1500, ge=1)
+    min_memory_mb_node: int = Field(1024, ge=1)
+    min_disk_free_gb: float = Field(20, ge=0, description="free space on / ")
+    max_clock_skew_s: float = Field(5, gt=0, description="host clock vs the worker's")
+    ports_control_plane: list[Port] = Field(default_factory=lambda: [6443, 2379, 2380, 10250, 10257, 10259])
+    ports_node: list[Port] = Field(default_factory=lambda: [10250])
+
+
+class KubesprayConfig(_Model):
+    """The cluster as kubespray installs it: the checkout, its hosts and groups, the overrides."""
+
+    checkout: Path = Field(..., description="the kubespray checkout (cluster.yml, scale.yml, ...)")
+    version: str = Field(..., pattern=r"^v\d+\.\d+\.\d+$", description="the checkout's release tag, e.g. v2.26.0")
+    kube_version: str | None = Field(None, pattern=r"^v\d+\.\d+\.\d+$",
+                                     description="expected kubelet version after a run (default: the overrides')")
+    overrides: list[Path] = Field(default_factory=list, description="extra-vars files (-e @file), in order")
+    ssh_user: str = Field("root", pattern=r"^[a-z_][a-z0-9_\-]{0,31}$")
+    private_key_path: Path | None = None
+    known_hosts: Path | None = Field(None, description="known_hosts for every host; None: no checking (sandbox only)")
+    hosts: list[KubesprayHost] = Field(..., min_length=1)
+    groups: dict[str, KubesprayGroup] = Field(default_factory=dict)
+    upgrade_serial: str = Field("20%", pattern=r"^(\d+|\d{1,3}%)$", description="kubespray's `serial` for nodes")
+    preflight: KubesprayPreflight = KubesprayPreflight()
+    playbook_timeout: Duration = "6h"
+    approval_timeout: Duration = "1h"
+    lock_timeout: Duration = "1h"
+    unreachable_retries: int = Field(1, ge=0, le=5, description="re-runs limited to the hosts that were unreachable")
+
+    @model_validator(mode="after")
+    def _groups_known(self) -> KubesprayConfig:
+        names = [h.name for h in self.hosts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise PydanticCustomError("unique", "host names must be unique, repeated: {dupes}", {"dupes": str(dupes)})
+        known = set(KUBESPRAY_GROUPS) | set(self.groups)
+        bad = sorted({g for h in self.hosts for g in h.groups if g not in known}
+                     | {c for g in self.groups.values() for c in g.children if c not in known})
+        if bad:
+            raise PydanticCustomError("groups", "unknown groups {bad}: declare them under kubespray.groups",
+                                      {"bad": str(bad)})
+        for required in ("kube_control_plane", "etcd"):
+            if not any(required in h.groups for h in self.hosts):
+                raise PydanticCustomError("groups", "no host is in {group}: kubespray needs at least one",
+                                          {"group": required})
+        return self
+
+
 class ClusterConfig(_Model):
     name: Name
     kubeconfig: Path | None = Field(None, description="kubeconfig path; omit for in-cluster credentials")
@@ -234,6 +326,7 @@ class ClusterConfig(_Model):
     request_timeout_s: float = Field(15.0, gt=0, le=600)
     kubespray_inventory: Path | None = None
     kubespray_overrides: Path | None = None
+    kubespray: KubesprayConfig | None = None
 
 
 class GitLabConfig(_Model):

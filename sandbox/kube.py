@@ -229,6 +229,8 @@ class SandboxKubernetes(KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         self.requests_served += 1
+        if request.url.path in ("/readyz", "/livez"):  # issue 14: the API server's health endpoints
+            return _health(request.url.path[1:], self.fail_with is None, "verbose" in request.params)
         if len(self._requests) > REQUEST_LOG_KEEP * 2:
             del self._requests[:-REQUEST_LOG_KEEP]
         if request.resource is not None and request.resource.plural:
@@ -375,6 +377,17 @@ class SandboxKubernetes(KubernetesEmulator):
         return aiohttp.web.json_response(
             {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success", "code": 201}, status=201
         )
+
+
+def _health(kind: str, healthy: bool, verbose: bool) -> aiohttp.web.Response:
+    """`/readyz` and `/livez` as kube-apiserver answers them (k8s.io/apiserver pkg/server/healthz: one
+    `[+]name ok` / `[-]name failed: reason withheld` line per check with `?verbose`, then the verdict;
+    HTTP 500 when a check fails)."""
+    checks = ["ping", "log", "etcd", "informer-sync", "poststarthook/start-apiextensions-controllers"]
+    lines = [f"[+]{c} ok" if healthy or c != "etcd" else f"[-]{c} failed: reason withheld" for c in checks]
+    verdict = f"{kind} check passed" if healthy else f"{kind} check failed"
+    body = ("\n".join(lines) + "\n" if verbose else "") + verdict + "\n"
+    return aiohttp.web.Response(text=body if verbose or not healthy else "ok", status=200 if healthy else 500)
 
 
 def _wants_table(request: rendering.Request) -> bool:

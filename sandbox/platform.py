@@ -288,3 +288,13 @@ def _start_control_plane(sb: Sandbox) -> None:
 
 
 COMPONENTS.append(_start_control_plane)
+
+
+def _start_provisioning(sb: Sandbox) -> None:
+    """Issue 14: worker hosts for kubespray (real sshd) and the stand-in kubespray checkout in the config."""
+    from sandbox.provisioning import start_provisioning
+
+    start_provisioning(sb)
+
+
+COMPONENTS.append(_start_provisioning)
