@@ -112,10 +112,12 @@ def run(size: int | None = None, repeat: int = 5) -> None:
             api = api_client_from_kubeconfig(str(sb.kubeconfig))
             prom = sb.urls["prometheus"]
             last = {}
+            runs: list[float] = []  # every sweep's own total, warm-up included: the spread on a shared machine
 
             def project():
                 result = sweep(api, prom, SweepSettings(thresholds=th, cluster="sandbox"), timeout_s=TIMEOUT_S)
                 last["result"] = result
+                runs.append(round(result.timings["total_s"], 2))
                 return result
 
             seconds, result = timed(project, repeat=repeat)
@@ -154,6 +156,7 @@ def run(size: int | None = None, repeat: int = 5) -> None:
                  round_trips=result.round_trips, baseline="per-node", baseline_round_trips=size * (2 + len(
                      BASELINE_QUERIES)) + 1, extrapolated_from=sample, gpus=size * 8,
                  findings=len(result.findings), phases={k: round(v, 3) for k, v in result.timings.items()},
+                 runs_s=runs,
                  sandbox_setup_s=round(setup_s, 1), scrape_interval_s=sb.scrape_interval_s)
             emit("gpu-sweep", size, seconds=seconds, baseline_seconds=afternoon_seconds, baseline="afternoon",
                  round_trips=result.round_trips, baseline_round_trips=2 + len(AFTERNOON_QUERIES), gpus=size * 8,

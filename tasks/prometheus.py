@@ -104,6 +104,9 @@ def _error_text(response: httpx.Response) -> str:
 # fail a filter evaluated in Prometheus: low or NaN utilisation, hot or NaN temperature, any XID,
 # remapped rows, remap failure or pending, hot memory. Filters keep NaN (`x != x` is true only
 # for NaN; `clamp_min(x, T) != T` keeps values over T *and* NaN), so a NaN is never read as healthy.
+# Filters run on each series before the `max by (exporter, gpu)` that merges duplicates (two scrape
+# jobs), so that aggregation touches the few series that fail, not all 80,000 of a 10,000-node fleet
+# (a NaN in one duplicate is then kept, not hidden by the other's number: stricter, never healthier).
 # GPUs that need more (a UUID for an RMA, utilisation's max and sample count for idleness, which
 # GPU fell off the bus) are asked in one follow-up query restricted to their exporters.
 #
@@ -187,7 +190,9 @@ def sweep_queries(window: str, *, temp_c: float = 85.0, memory_temp_c: float = 9
         ]),
         "temp": " or ".join([
             _tag(f"count by ({k}) ({temp})", "temp_n"),
-            _tag(f"clamp_min({temp}, {temp_c:g}) != {temp_c:g}", "temp_max"),
+            # filtered per series first, then merged: the aggregation touches only the few that fail
+            _tag(f"max by ({k}, gpu) (clamp_min(max_over_time(DCGM_FI_DEV_GPU_TEMP{s}[{w}]), {temp_c:g}) != "
+                 f"{temp_c:g})", "temp_max"),
         ]),
         "faults": " or ".join([
             # every distinct value the last-value gauge held in the window, with when it was last seen
@@ -195,22 +200,26 @@ def sweep_queries(window: str, *, temp_c: float = 85.0, memory_temp_c: float = 9
                  f"DCGM_FI_DEV_XID_ERRORS{s} != 0))[{w}:{step}]))", "xid_seen"),
             _tag(f"max by ({k}, gpu, xid, window_size_in_ms) (max_over_time(timestamp("
                  f"DCGM_EXP_XID_ERRORS_COUNT{counter} > 0)[{w}:{step}]))", "xid_count_seen"),
-            _tag(f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS{s}[{w}])) != 0",
+            _tag(f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS{s}[{w}]) != 0)",
                  "rows_max"),
-            _tag(f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_ROW_REMAP_FAILURE{s}[{w}])) != 0", "row_fail_max"),
-            _tag(f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_ROW_REMAP_PENDING{s}[{w}])) != 0",
+            _tag(f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_ROW_REMAP_FAILURE{s}[{w}]) != 0)", "row_fail_max"),
+            _tag(f"max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_ROW_REMAP_PENDING{s}[{w}]) != 0)",
                  "row_pending_max"),
-            _tag(f"clamp_min(max by ({k}, gpu) (max_over_time(DCGM_FI_DEV_MEMORY_TEMP{s}[{w}])), {memory_temp_c:g})"
-                 f" != {memory_temp_c:g}", "memory_temp_max"),
+            _tag(f"max by ({k}, gpu) (clamp_min(max_over_time(DCGM_FI_DEV_MEMORY_TEMP{s}[{w}]), {memory_temp_c:g})"
+                 f" != {memory_temp_c:g})", "memory_temp_max"),
         ]),
         "exporters": " or ".join([
-            _tag(f"count by ({k}) (group by ({k}, gpu) (DCGM_FI_DEV_GPU_UTIL{s}))", "gpus_now"),
+            # per scrape job (the join keeps the larger count when two jobs scrape one exporter): one
+            # aggregation over the fleet's series, and the (instance, job) pairs that tell `empty` below
+            _tag(f"count by ({k}, job) (DCGM_FI_DEV_GPU_UTIL{s})", "gpus_now"),
             _tag(f"count by ({k}) (DCGM_EXP_XID_ERRORS_COUNT{s})", "xid_counter"),
             _tag(f"max by (instance, job, pod, namespace) ({up}) == 0", "up"),
             _tag(f"max by (instance, job, pod, namespace) (time() - timestamp({up})) > {stale_after_s:g}", "up_age"),
-            # answers its scrapes but serves no GPU: DCGM is not ready or sees no GPU
-            _tag(f"(max by (instance, job, pod, namespace) ({up}) == 1) unless on (instance, job) "
-                 f"count by (instance, job) (DCGM_FI_DEV_GPU_UTIL{s})", "empty"),
+            # the targets that answer; one that answers but serves no GPU (DCGM not ready, or sees no GPU)
+            # is `empty`: no `gpus_now` series of its (instance, job) (`merge_answers`; a second pass over
+            # every GPU series in PromQL, `unless on (instance, job) count by (instance, job) (...)`, costs
+            # Prometheus as much as `gpus_now` itself)
+            _tag(f"max by (instance, job, pod, namespace) ({up}) == 1", "up_ok"),
         ]),
     }
 
@@ -346,11 +355,20 @@ def merge_answers(snap: DCGMSnapshot, answers: dict[str, list[dict[str, Any]]]) 
     """
     values = snap.values
     targets = {(t.instance, t.pod, t.job): t for t in snap.targets}
+    answering: list[tuple[str, str | None, str | None, str | None]] = []  # `up_ok`: targets that answer
+    serving: set[tuple[str | None, str | None]] = set()  # (instance, job) of the `gpus_now` series
     for series_list in answers.values():
         for series in series_list or []:
             metric = series.get("metric") or {}
             name = metric.get("m")
+            if name == "up_ok":
+                if metric.get("instance"):
+                    answering.append((metric["instance"], metric.get("pod"), metric.get("job"),
+                                      metric.get("namespace")))
+                continue
             v = _value(series.get("value"))
+            if name == "gpus_now":
+                serving.add((metric.get("instance"), metric.get("job")))
             if name in ("up", "up_age", "empty"):
                 if not metric.get("instance"):
                     continue
@@ -397,6 +415,12 @@ def merge_answers(snap: DCGMSnapshot, answers: dict[str, list[dict[str, Any]]]) 
             keep_worst(slot, name, v)
             if name in ("util", "util_avg"):
                 _attribute(snap, key, metric)
+    for instance, pod, job, namespace in answering:
+        if (instance, job) not in serving:
+            target = targets.get((instance, pod, job))
+            if target is None:
+                target = targets[(instance, pod, job)] = ExporterTarget(instance, pod, job, namespace=namespace)
+            target.empty = True
     snap.targets = list(targets.values())
     return snap
 

@@ -129,7 +129,13 @@ def test_sweep_queries_are_a_fixed_small_set_with_the_window():
     # under 5% or NaN, one evaluation of the window: clamp_max keeps values under 5 and NaN, drops the rest
     assert "(clamp_max(avg_over_time(DCGM_FI_DEV_GPU_UTIL[20s]), 5) != 5)" in q["util"]
     assert "exported_pod, exported_namespace" in q["util"]
-    assert "clamp_min(max by (Hostname, instance, gpu) (max_over_time(DCGM_FI_DEV_GPU_TEMP[20s])), 85) != 85" in q["temp"]
+    # filtered per series, then merged: the aggregation touches only what fails
+    assert ("max by (Hostname, instance, gpu) (clamp_min(max_over_time(DCGM_FI_DEV_GPU_TEMP[20s]), 85) != 85)"
+            in q["temp"])
+    assert "max by (Hostname, instance, gpu) (max_over_time(DCGM_FI_DEV_ROW_REMAP_FAILURE[20s]) != 0)" in q["faults"]
+    # `empty` is told in Python from the answering targets and gpus_now's (instance, job): no second pass
+    assert "count by (Hostname, instance, job) (DCGM_FI_DEV_GPU_UTIL)" in q["exporters"]
+    assert "unless" not in q["exporters"] and '"up_ok"' in q["exporters"]
     for metric in ("DCGM_FI_DEV_XID_ERRORS", "DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
                    "DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_DEV_ROW_REMAP_PENDING", "DCGM_FI_DEV_MEMORY_TEMP"):
         assert metric in q["faults"]
@@ -599,3 +605,18 @@ def test_critical_findings_name_the_workflow_and_train_on_push_commits_are_found
     assert training_commits(result, wfs) == [{"project": "ml/rl", "commit": sha, "workflow": "argo-job/wf-a",
                                               "findings": [f"critical-xid on g0 gpu 2: {crit.summary}"]}]
     assert training_commits(result, {"argo-job/wf-a": {"metadata": {"annotations": {}}}}) == []
+
+
+def test_a_target_that_answers_without_gpu_series_is_empty():
+    """`empty` is told from the answering targets (`up_ok`) and the (instance, job) of `gpus_now`."""
+    snap = merge_answers(DCGMSnapshot(window="15m", at=NOW), {"exporters": [
+        series("gpus_now", 8, Hostname="dcgm-0", instance="dcgm-0:9400", job="dcgm-exporter"),
+        series("gpus_now", 8, Hostname="dcgm-0", instance="10.0.0.0:9400", job="scrape-by-ip"),
+        series("up_ok", 1, instance="dcgm-0:9400", job="dcgm-exporter", pod="dcgm-0"),
+        series("up_ok", 1, instance="10.0.0.0:9400", job="scrape-by-ip", pod="dcgm-0"),
+        series("up_ok", 1, instance="dcgm-1:9400", job="dcgm-exporter", pod="dcgm-1"),  # serves no GPU
+        series("up_ok", 1, instance="dcgm-0:9400", job="other-job"),  # this job sees no GPU of dcgm-0
+    ]})
+    assert sorted((t.instance, t.job, t.empty) for t in snap.targets) == [
+        ("dcgm-0:9400", "other-job", True), ("dcgm-1:9400", "dcgm-exporter", True)]
+    assert snap.per_host["dcgm-0"]["gpus_now"] == 8
