@@ -248,6 +248,14 @@ class SandboxKubernetes(KubernetesEmulator):
             if request.subresource == "status" and method in ("PATCH", "PUT"):
                 return await self._update_status(request, replace=(method == "PUT"))
             if request.action == enums.action.CREATE and isinstance(request.data, dict):
+                # The API server puts the URL's namespace on a created object, and refuses an object that
+                # names another one (apiserver `rest.BeforeCreate` / `EnsureObjectNamespaceMatchesRequestNamespace`).
+                if request.namespace:
+                    meta = request.data.setdefault("metadata", {})
+                    if meta.get("namespace") not in (None, "", request.namespace):
+                        return _status(400, "BadRequest", "the namespace of the provided object does not match "
+                                                          "the namespace sent on the request")
+                    meta["namespace"] = request.namespace
                 self.stamp_new(request.data)
             elif request.action == enums.action.UPDATE and isinstance(request.data, dict):
                 if isinstance(request.data, list):

@@ -204,12 +204,29 @@ def run_playbook(project_dir: Path, playbook: str, inventory: Path, *, ssh: SSHA
         except Exception:  # noqa: BLE001 - the events' text is the fallback
             full = "".join(stdout_parts)
     finally:
+        _stop_leftovers(Path(inventory).resolve())
         shutil.rmtree(home, ignore_errors=True)
     sink.flush(tally, done=True)
     recap = parse_recap(full) or (tally.stats or {})
     return PlaybookRun(playbook=playbook, status=status, rc=rc, recap=recap, tally=tally, limit=limit,
                        stopped_at_prompt=tally.prompt, progress_updates=sink.calls,
                        stdout_tail=redactor.text(full[-_TAIL_CHARS:]))
+
+
+def _stop_leftovers(inventory: Path) -> None:
+    """Kill what this run's `ansible-playbook` left behind. When a run is cancelled at a `pause` prompt,
+    ansible-runner stops the controller, but a forked worker waiting on the prompt can live on in its own
+    session; it is found by this run's unique inventory path on its command line."""
+    import psutil
+
+    needle = str(inventory)
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any("ansible-playbook" in part for part in cmd) and needle in cmd:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
 
 
 def run_with_unreachable_retries(run: Callable[[list[str] | None], PlaybookRun], retries: int,

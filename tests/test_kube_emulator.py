@@ -87,3 +87,4 @@ async def test_paged_lists_read_one_snapshot_and_see_every_write():
         assert (await names(labelSelector="gpu=yes"))[0] == ["n0", "n4"]
         del kube.objects["v1/nodes", None, "n4"]
         assert (await names(labelSelector="gpu=yes"))[0] == ["n0"]
+

@@ -262,3 +262,21 @@ def test_webhook_url_is_a_secret_the_receiver_checks(sandbox):
     assert httpx.post(url, json={"subject": "s", "body": "b"}, timeout=5).status_code == 200
     received = log.read_text()[len(before):].splitlines()
     assert [json.loads(line)["path"] for line in received] == ["/hook"]
+
+
+def test_created_objects_carry_the_url_namespace_and_a_mismatch_is_refused(clean_sandbox):
+    """As the API server does: the URL's namespace is set on a created object; another one is a 400."""
+    from kubernetes import client as k8s
+    from kubernetes.client.rest import ApiException
+
+    with api_client_from_kubeconfig(str(clean_sandbox.kubeconfig)) as api:
+        core = k8s.CoreV1Api(api)
+        core.create_namespaced_secret("ns-a", k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="s1"),
+                                                           string_data={"k": "v"}))
+        assert core.read_namespaced_secret("s1", "ns-a").metadata.namespace == "ns-a"
+        listed = [s.metadata.namespace for s in core.list_secret_for_all_namespaces().items if s.metadata.name == "s1"]
+        assert listed == ["ns-a"]
+        with pytest.raises(ApiException) as err:
+            core.create_namespaced_secret("ns-a", k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="s2", namespace="ns-b")))
+        assert err.value.status == 400
+
