@@ -202,9 +202,17 @@ def _run(platform):
     from flows.platform_health import platform_health_check
     from tests.conftest import run_flow_sync
 
+    import time
+
+    start = time.monotonic()
     state = run_flow_sync(platform_health_check, platform=platform, check_timeout_s=10)
+    seconds = time.monotonic() - start
     assert state.is_completed(), state.message
-    return state.result()
+    result = state.result()
+    print(f"health check: {seconds:.2f} s, grade {result['grade']} ({result['score']}), "
+          + ", ".join(f"{c['name']}={c['status']}({c['seconds']:.2f}s)" for c in result["details"]))
+    assert seconds < 30  # every check concurrent, each under its 10 s timeout
+    return result
 
 
 def _fake_lifecycle_runs(platform: str, backup_hours_ago: float = 0) -> None:
@@ -302,3 +310,22 @@ def test_unreachable_api_is_unknown_not_ok(health_platform, clean_sandbox):
 def _first_node(sb) -> str:
     return httpx.get(f"{sb.urls['kube']}/api/v1/nodes", params={"limit": 1}, timeout=5).json()["items"][0][
         "metadata"]["name"]
+
+
+def test_a_probe_that_hangs_or_breaks_is_never_ok():
+    import asyncio
+
+    from flows.platform_health import run_check
+    from tasks.redact import Redactor
+
+    async def hang():
+        await asyncio.sleep(5)
+
+    def boom():
+        raise RuntimeError("token s3cr3t refused")
+
+    red = Redactor.of(["s3cr3t"])
+    hung = asyncio.run(run_check.fn("registry,gpu-sweep", hang, 0.1, red))
+    assert [(c.name, c.status) for c in hung] == [("registry", "critical"), ("gpu-sweep", "unknown")]
+    broke = asyncio.run(run_check.fn("nodes", boom, 1, red))
+    assert broke[0].status == "unknown" and "s3cr3t" not in broke[0].summary + "".join(broke[0].evidence)
