@@ -199,10 +199,10 @@ def test_gitlab_standin_runners_and_health(gitlab_sandbox):
 
 
 def _run(platform):
+    import time
+
     from flows.platform_health import platform_health_check
     from tests.conftest import run_flow_sync
-
-    import time
 
     start = time.monotonic()
     state = run_flow_sync(platform_health_check, platform=platform, check_timeout_s=10)
