@@ -329,14 +329,21 @@ def analyse_runners(runners: list[dict[str, Any]]) -> Check:
 
 
 def analyse_targets(active: list[dict[str, Any]], critical_share: float = 0.5) -> Check:
-    """Prometheus' active targets (`/api/v1/targets`): any down is a warning, half or more a critical."""
+    """Prometheus' active targets (`/api/v1/targets`): any down is a warning, half or more a critical (targets
+    not scraped yet count as neither)."""
     if not active:
         return Check("prometheus-targets", "unknown", "Prometheus has no active targets")
-    down = [t for t in active if t.get("health") != "up"]
+    # Prometheus says "unknown" for a target it has not scraped yet (just started or just discovered):
+    # not down, but not evidence of up either
+    down = [t for t in active if t.get("health") == "down"]
+    if not down and all(t.get("health") == "unknown" for t in active):
+        return Check("prometheus-targets", "unknown", f"none of {len(active)} targets scraped yet")
     ev = [f"{(t.get('labels') or {}).get('job', '?')} {t.get('scrapeUrl', '')}: {t.get('health')} "
           f"{t.get('lastError') or ''}".strip() for t in down]
     if not down:
-        return Check("prometheus-targets", "ok", f"{len(active)} targets up")
+        up = sum(t.get("health") == "up" for t in active)
+        return Check("prometheus-targets", "ok", f"{up} targets up" + (f", {len(active) - up} not scraped yet"
+                                                                       if up < len(active) else ""))
     status: Status = "critical" if len(down) >= critical_share * len(active) else "warning"
     return Check("prometheus-targets", status, f"{len(down)} of {len(active)} targets down", ev)
 

@@ -131,6 +131,9 @@ def test_pvcs_targets_runners_gitlab():
     assert health.analyse_targets([up, up, down]).status == "warning"
     assert health.analyse_targets([up, down]).status == "critical"
     assert health.analyse_targets([]).status == "unknown"
+    fresh = {"health": "unknown", "labels": {"job": "dcgm"}}
+    assert health.analyse_targets([fresh, fresh]).status == "unknown"
+    assert health.analyse_targets([up, fresh]).status == "ok"
     online = {"id": 1, "description": "r1", "status": "online", "paused": False}
     assert health.analyse_runners([online]).status == "ok"
     assert health.analyse_runners([online, {"id": 2, "status": "offline"}]).status == "warning"
@@ -329,3 +332,24 @@ def test_a_probe_that_hangs_or_breaks_is_never_ok():
     assert [(c.name, c.status) for c in hung] == [("registry", "critical"), ("gpu-sweep", "unknown")]
     broke = asyncio.run(run_check.fn("nodes", boom, 1, red))
     assert broke[0].status == "unknown" and "s3cr3t" not in broke[0].summary + "".join(broke[0].evidence)
+
+
+@pytest.mark.sandbox
+@pytest.mark.prefect
+def test_runners_offline_and_gitlab_dependency_down(health_platform, clean_sandbox):
+    """Every runner offline: gitlab-runners critical; Redis stopped: GitLab not ready, named in the evidence."""
+    state = Path(clean_sandbox.extra["gitlab_root_production"]) / "var" / "opt" / "gitlab" / "state"
+    runners, services = state / "runners.json", state / "services.json"
+    saved = services.read_text()
+    runners.write_text(json.dumps([{"id": 7, "description": "k8s-gpu-runner", "paused": False, "online": False,
+                                    "status": "offline", "runner_type": "instance_type", "is_shared": True}]))
+    services.write_text(json.dumps({**json.loads(saved), "redis": "down"}))
+    try:
+        res = _run(health_platform)
+    finally:
+        runners.unlink()
+        services.write_text(saved)
+    checks = {c["name"]: c for c in res["details"]}
+    assert {"gitlab", "gitlab-runners"} <= set(res["critical"]), res["details"]
+    assert "redis_check: failed redis is not running" in checks["gitlab"]["evidence"]
+    assert checks["gitlab-runners"]["evidence"] == ["k8s-gpu-runner: offline"]
