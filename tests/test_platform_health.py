@@ -264,6 +264,7 @@ def test_health_check_against_the_sandbox(health_platform, clean_sandbox):
         "kube-api", "etcd", "nodes", "system-workloads", "pvcs", "gitlab", "gitlab-runners", "prometheus",
         "prometheus-targets", "registry", "gitlab-backup-age", "certificates", "gpu-sweep"}
     assert "fewest days left: 90" in checks["certificates"]["summary"]
+    assert _latest_report(health_platform).startswith(f"# Platform health: {health_platform}")
     before = len(_webhook_lines(sb))
 
     # a node NotReady
@@ -353,3 +354,19 @@ def test_runners_offline_and_gitlab_dependency_down(health_platform, clean_sandb
     assert {"gitlab", "gitlab-runners"} <= set(res["critical"]), res["details"]
     assert "redis_check: failed redis is not running" in checks["gitlab"]["evidence"]
     assert checks["gitlab-runners"]["evidence"] == ["k8s-gpu-runner: offline"]
+
+
+def _latest_report(platform: str) -> str:
+    """The health check's report artifact, read back through the Prefect API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            art = await client.read_latest_artifacts()
+            return [a for a in art if a.key == f"platform-health-{platform}"]
+
+    found = asyncio.run(read())
+    assert found, "no platform-health artifact"
+    return found[0].data
