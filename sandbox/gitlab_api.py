@@ -9,7 +9,8 @@ Backup routes, answered from the GitLab host's files under HOST_ROOT. It reads
 every request, so a `gitlab-backup restore` on the host (which rewrites projects.json) changes what
 the API returns. Endpoints, as GitLab documents them: `GET /-/readiness`, `GET /api/v4/version`,
 `GET /api/v4/projects` (offset pagination with X-Total, X-Total-Pages, X-Page, X-Per-Page,
-X-Next-Page and Link headers), `GET /api/v4/projects/:id`, `GET /api/v4/projects/:id/repository/commits`.
+X-Next-Page and Link headers), `GET /api/v4/projects/:id`, `GET /api/v4/projects/:id/repository/commits`; and for the health
+check (issue 15) `GET /-/readiness?all=1`, `GET /-/liveness` and `GET /api/v4/runners/all`.
 
 CI routes, over repositories kept in memory (`CIRoutes`; GitLab REST API docs *Projects*,
 *Repository files*, *Commits*, *Notes*; `:id` is a number or the URL-encoded project path):
@@ -48,7 +49,7 @@ import json
 import re
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ JSON = "application/json"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 class CIRoutes:
@@ -293,7 +294,14 @@ def make_handler(root: Path, token: str, ci: CIRoutes | None = None):
                 svc = services()
                 ok = all(svc.get(s) == "run" for s in ("puma", "postgresql", "redis", "gitaly"))
                 checks = {"status": "ok" if ok else "failed"}
-                return self._send(200 if ok else 503, {"status": checks["status"], "master_check": [checks]})
+                body = {"status": checks["status"], "master_check": [checks]}
+                if query.get("all") == "1":  # issue 15: one result per dependency (health_check docs, `all=1`)
+                    body.update(_readiness_all(svc))
+                return self._send(200 if ok else 503, body)
+            if path == "/-/liveness" and method == "GET":
+                # GitLab docs administration/monitoring/health_check: 200 {"status":"ok"} while Puma serves
+                live = services().get("puma") == "run"
+                return self._send(200 if live else 503, {"status": "ok" if live else "failed"})
             if not path.startswith("/api/v4/"):
                 return self._send(404, {"message": "404 Not Found"})
             given = self.headers.get("PRIVATE-TOKEN") or query.get("private_token")
@@ -317,6 +325,9 @@ def make_handler(root: Path, token: str, ci: CIRoutes | None = None):
             """The backup lifecycle's routes over the host's files; False when `rest` is not one of them."""
             if rest == "/version":
                 self._send(200, version())
+                return True
+            if rest == "/runners/all":
+                self._send(200, *_runners_page(state, query))
                 return True
             if rest == "/projects":
                 items = sorted(projects(), key=lambda p: p["id"])
@@ -362,6 +373,46 @@ def make_handler(root: Path, token: str, ci: CIRoutes | None = None):
             self._route("POST")
 
     return Handler
+
+
+def _readiness_all(svc: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """`/-/readiness?all=1`'s per-dependency results (GitLab docs, administration/monitoring/health_check.md,
+    "Readiness": db_check, redis_check, gitaly_check...; a failed one carries a message)."""
+    out = {}
+    for check, service in (("db_check", "postgresql"), ("redis_check", "redis"), ("gitaly_check", "gitaly")):
+        up = svc.get(service) == "run"
+        result: dict[str, Any] = {"status": "ok" if up else "failed"}
+        if check == "gitaly_check":
+            result["labels"] = {"shard": "default"}
+        if not up:
+            result["message"] = f"{service} is not running"
+        out[check] = [result]
+    return out
+
+
+# Issue 15: `GET /runners/all` (GitLab docs api/runners.md, "List all runners": administrators only, offset
+# pagination, 20 a page by default; each runner with id, description, ip_address, active (deprecated),
+# paused, is_shared, runner_type, name, online and status: online, offline, stale or never_contacted). The
+# runners are read from the host's `var/opt/gitlab/state/runners.json` when it exists (tests write it),
+# else one online instance runner, as the guide registers for the training CI.
+_DEFAULT_RUNNERS = [{"id": 1, "description": "k8s-gpu-runner", "ip_address": "127.0.0.1", "active": True,
+                     "paused": False, "is_shared": True, "runner_type": "instance_type", "name": "gitlab-runner",
+                     "online": True, "status": "online"}]
+
+
+def _runners_page(state: Path, query: dict[str, str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    file = state / "runners.json"
+    runners = json.loads(file.read_text()) if file.exists() else _DEFAULT_RUNNERS
+    if query.get("status"):
+        runners = [r for r in runners if r.get("status") == query["status"]]
+    if query.get("paused") in ("true", "false"):
+        runners = [r for r in runners if bool(r.get("paused")) == (query["paused"] == "true")]
+    per_page = max(1, min(100, int(query.get("per_page", 20))))
+    page = max(1, int(query.get("page", 1)))
+    total_pages = max(1, -(-len(runners) // per_page))
+    headers = {"X-Total": str(len(runners)), "X-Total-Pages": str(total_pages), "X-Page": str(page),
+               "X-Per-Page": str(per_page), "X-Next-Page": str(page + 1) if page < total_pages else ""}
+    return runners[(page - 1) * per_page: page * per_page], headers
 
 
 def _project(p: dict) -> dict:

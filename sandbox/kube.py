@@ -139,6 +139,10 @@ RESOURCES: dict[str, dict[str, Any]] = {
                                        "categories": [], "subresources": ["status"]},
     "apps/v1/daemonsets": {"namespaced": True, "kind": "DaemonSet", "singular": "daemonset", "verbs": _VERBS,
                            "shortnames": ["ds"], "categories": ["all"], "subresources": ["status"]},
+    # issue 15: the health check lists PersistentVolumeClaims (pending ones) cluster-wide
+    "v1/persistentvolumeclaims": {"namespaced": True, "kind": "PersistentVolumeClaim",
+                                  "singular": "persistentvolumeclaim", "verbs": _VERBS, "shortnames": ["pvc"],
+                                  "categories": [], "subresources": ["status"]},
     "batch/v1/jobs": {"namespaced": True, "kind": "Job", "singular": "job", "verbs": _VERBS,
                       "shortnames": [], "categories": ["all"], "subresources": ["status"]},
 }
@@ -175,6 +179,11 @@ class SandboxKubernetes(KubernetesEmulator):
         # Simulated node agents (sandbox/kubelet.py): `async hook(request, method)` answering a request
         # (a Response) or letting it through (None): the node proxy, pod logs, Jobs the kubelet runs.
         self.hooks: list[Any] = []
+
+    async def _serve_server_version(self, request: rendering.Request) -> Any:
+        # issue 15: kmock answers v1.26.4+k3s1; a kubespray cluster's API server is the nodes' version
+        # (kubeadm keeps kube-apiserver and kubelet on one release; `/version` is apimachinery's version.Info)
+        return server_version()
 
     async def _serve_version(self, request: rendering.Request) -> Any:
         # kmock announces the core group as "/v1" and gives subresources the parent's short
@@ -231,6 +240,8 @@ class SandboxKubernetes(KubernetesEmulator):
         self.requests_served += 1
         if request.url.path in ("/readyz", "/livez"):  # issue 14: the API server's health endpoints
             return _health(request.url.path[1:], self.fail_with is None, "verbose" in request.params)
+        if request.url.path == SSAR_PATH and str(request.method).upper().endswith("POST"):
+            return _self_subject_access_review(request.data)
         if len(self._requests) > REQUEST_LOG_KEEP * 2:
             del self._requests[:-REQUEST_LOG_KEEP]
         if request.resource is not None and request.resource.plural:
@@ -385,6 +396,32 @@ class SandboxKubernetes(KubernetesEmulator):
         return aiohttp.web.json_response(
             {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success", "code": 201}, status=201
         )
+
+
+SSAR_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+
+
+def server_version() -> dict[str, str]:
+    """`GET /version` as kube-apiserver answers it (k8s.io/apimachinery pkg/version `Info`), for the release
+    the seeded nodes' kubelets run (`sandbox.cluster.KUBELET_VERSION`)."""
+    from sandbox.cluster import KUBELET_VERSION
+
+    major, minor, _patch = KUBELET_VERSION.lstrip("v").split(".")
+    return {"major": major, "minor": minor, "gitVersion": KUBELET_VERSION,
+            "gitCommit": "fd8a1e4fb8a4c6a8dc95c1a6b3b4bc5a0d5e1f0c", "gitTreeState": "clean",
+            "buildDate": "2024-05-14T10:42:02Z", "goVersion": "go1.21.10", "compiler": "gc",
+            "platform": "linux/amd64"}
+
+
+def _self_subject_access_review(data: Any) -> aiohttp.web.Response:
+    """`kubectl auth can-i` (POST selfsubjectaccessreviews, authorization.k8s.io/v1): the sandbox's one user is
+    cluster-admin, so every review is allowed, echoed back with its status as the API server does
+    (kubernetes pkg/registry/authorization/selfsubjectaccessreview/rest.go: 201 with `status.allowed`)."""
+    body = data if isinstance(data, dict) else {}
+    return aiohttp.web.json_response(
+        {"kind": "SelfSubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+         "metadata": {"creationTimestamp": None}, "spec": body.get("spec") or {},
+         "status": {"allowed": True, "reason": "the sandbox user is bound to cluster-admin"}}, status=201)
 
 
 def _health(kind: str, healthy: bool, verbose: bool) -> aiohttp.web.Response:
