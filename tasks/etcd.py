@@ -105,3 +105,14 @@ async def file_size(conn: Any, path: str, redactor: Redactor) -> int:
 def host_path(root: str, path: str) -> str:
     """`path` under a host's `root` ('/' on a real host)."""
     return posixpath.join(root, path.lstrip("/")) if root not in ("", "/") else path
+
+
+async def copy_snapshot_offsite(conn: Any, path: str, store: Any, store_key: str) -> dict:
+    """Stream a snapshot from the host into the off-site `Store` over SFTP (never a whole file in memory),
+    hashing it on the way (`tasks.storage.copy_stream_async`; the sink is aborted on any failure)."""
+    from tasks.ssh import sftp_chunks
+    from tasks.storage import copy_stream_async
+
+    async with conn.start_sftp_client() as sftp:
+        copied = await copy_stream_async(store_key, sftp_chunks(sftp, path), store.sink(store_key))
+    return {"size": copied.size, "sha256": copied.sha256, "location": copied.location}

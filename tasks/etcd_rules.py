@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Literal
 
 Severity = Literal["ok", "info", "warning", "critical", "unknown"]
@@ -229,3 +230,28 @@ def check_snapshot(status_text: str, *, revision_before: int, revision_after: in
     if file_size < size:
         problems.append(f"file is {file_size} bytes, smaller than the db it claims ({size})")
     return SnapshotCheck(not problems, h, rev, keys, size, tuple(problems))
+
+
+def snapshot_id(cluster: str, when: datetime) -> str:
+    """`<cluster>-<UTC stamp>`: sortable, one per cluster and run."""
+    return f"{cluster}-{when:%Y%m%dT%H%M%SZ}"
+
+
+def snapshot_manifest(*, backup_id: str, cluster: str, member: str, endpoint: str, check: SnapshotCheck,
+                      copied: dict, store_key: str, started_at: datetime, finished_at: datetime) -> dict:
+    """The manifest written next to an off-site snapshot, last: its presence marks the copy complete."""
+    return {"id": backup_id, "cluster": cluster, "member": member, "endpoint": endpoint, "revision": check.revision,
+            "hash": check.hash, "total_keys": check.total_keys, "total_size": check.total_size,
+            "size": copied["size"], "sha256": copied["sha256"], "store_key": store_key, "verified": check.ok,
+            "offsite": True, "started_at": started_at.isoformat(), "finished_at": finished_at.isoformat()}
+
+
+def plan_snapshot_retention(manifests: list[dict], *, now: datetime, keep_days: int, keep_count: int,
+                            run_succeeded: bool) -> list:
+    """GitLab's retention rule (`tasks.gitlab_rules.plan_retention`), reused: the newest verified snapshot
+    is never deleted, nothing is deleted after a failed run."""
+    from tasks.gitlab_rules import BackupRecord, plan_retention
+
+    records = [BackupRecord(m["id"], datetime.fromisoformat(m["finished_at"]), bool(m.get("verified") and m.get("offsite")),
+                            int(m.get("size", 0))) for m in manifests]
+    return plan_retention(records, now=now, keep_days=keep_days, keep_count=keep_count, run_succeeded=run_succeeded)

@@ -196,3 +196,65 @@ def test_real_nospace_alarm_on_the_events_cluster(etcd_sb):
     s = _status(etcd_sb, "events")
     f = health_findings(s, info["quota_bytes"]["events"])
     assert any(x.check == "alarm NOSPACE" and x.severity == "critical" for x in f), f
+
+
+def test_snapshot_streams_offsite_with_checksum_manifest_and_retention(etcd_sb, tmp_path):
+    """Save from a follower, verify, stream off-site (sha256 of the stored copy matches), manifest last;
+    retention keeps the newest verified snapshot; a store that fails aborts the copy (no partial object)."""
+    import hashlib
+    from datetime import UTC, datetime, timedelta
+
+    from blocks.connections import BackupStore
+    from tasks.etcd import copy_snapshot_offsite, save_snapshot, verify_snapshot
+    from tasks.etcd_rules import plan_snapshot_retention, snapshot_id, snapshot_manifest
+
+    store = BackupStore(kind="local", path=str(tmp_path / "offsite"), prefix="etcd/").get_store()
+    s = _status(etcd_sb)
+    m = snapshot_candidates(s)[0]
+    path = f"{etcd_sb.extra['etcd']['roots']['etcd1']}/var/backups/offsite.db"
+    started = datetime.now(UTC)
+    bid = snapshot_id("main", started)
+    key = f"main/{bid}/snapshot.db"
+
+    async def go(conn, c, r):
+        await save_snapshot(conn, c, m.endpoint, path, r)
+        check = await verify_snapshot(conn, c, path, r, revision_before=s.revision, revision_after=s.revision + 5)
+        copied = await copy_snapshot_offsite(conn, path, store, key)
+        return check, copied
+    check, copied = _run(etcd_sb, go)
+    assert check.ok
+    stored = b"".join(store.chunks(key))
+    assert hashlib.sha256(stored).hexdigest() == copied["sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    manifest = snapshot_manifest(backup_id=bid, cluster="main", member=m.name, endpoint=m.endpoint, check=check,
+                                 copied=copied, store_key=key, started_at=started,
+                                 finished_at=datetime.now(UTC))
+    store.write_json(f"main/{bid}/manifest.json", manifest)
+    assert store.read_json(f"main/{bid}/manifest.json")["revision"] == check.revision
+
+    old = [dict(manifest, id=f"old-{i}", finished_at=(started - timedelta(days=10 + i)).isoformat()) for i in range(3)]
+    plan = {d.id: d.action for d in plan_snapshot_retention([manifest, *old], now=datetime.now(UTC),
+                                                            keep_days=7, keep_count=2, run_succeeded=True)}
+    assert plan[bid] == "keep" and all(plan[f"old-{i}"] == "delete" for i in range(3))
+    only_old = {d.id: d.action for d in plan_snapshot_retention(old, now=datetime.now(UTC), keep_days=7,
+                                                                keep_count=2, run_succeeded=True)}
+    assert only_old["old-0"] == "keep"  # the newest verified is never deleted, however old
+
+    class FailingSink:
+        location = "broken://"
+
+        def write(self, chunk):
+            raise OSError("store unreachable")
+
+        def commit(self, size, sha256):
+            raise AssertionError("never committed")
+
+        def abort(self):
+            FailingSink.aborted = True
+
+    class FailingStore:
+        def sink(self, rel):
+            return FailingSink()
+
+    with pytest.raises(OSError, match="store unreachable"):
+        _run(etcd_sb, lambda conn, c, r: copy_snapshot_offsite(conn, path, FailingStore(), "x/snapshot.db"))
+    assert FailingSink.aborted
