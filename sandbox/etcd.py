@@ -188,13 +188,6 @@ def put_keys(info: dict, member: str, count: int, *, prefix: str = "/registry/sa
     return rev
 
 
-def get_key(info: dict, member: str, key: str) -> bytes | None:
-    with _client(info, 10) as c:
-        body = c.post(url(info, member) + "/v3/kv/range", json={"key": _b64(key)}).json()
-    kvs = body.get("kvs") or []
-    return base64.b64decode(kvs[0]["value"]) if kvs else None
-
-
 def stop_member(sb: SandboxLike, member: str) -> None:
     """A member down: its process stopped (the port refuses connections)."""
     sb.stop_process(f"etcd-{member}")

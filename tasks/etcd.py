@@ -9,7 +9,6 @@ What the answers mean is in `tasks.etcd_rules`.
 
 from __future__ import annotations
 
-import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -100,11 +99,6 @@ async def file_size(conn: Any, path: str, redactor: Redactor) -> int:
     except RemoteCommandError:
         return 0
     return int(r.text.strip() or 0)
-
-
-def host_path(root: str, path: str) -> str:
-    """`path` under a host's `root` ('/' on a real host)."""
-    return posixpath.join(root, path.lstrip("/")) if root not in ("", "/") else path
 
 
 async def copy_snapshot_offsite(conn: Any, path: str, store: Any, store_key: str) -> dict:
