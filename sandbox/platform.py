@@ -298,3 +298,14 @@ def _start_provisioning(sb: Sandbox) -> None:
 
 
 COMPONENTS.append(_start_provisioning)
+
+
+def _start_etcd(sb: Sandbox) -> None:
+    """Issue 16: the real etcd 3.4 (3-member main cluster, 1-member events cluster) with kubespray's TLS layout,
+    sshd on the etcd host `etcd1` and a scratch host for restore drills."""
+    from sandbox.etcd import start_etcd
+
+    start_etcd(sb)
+
+
+COMPONENTS.append(_start_etcd)

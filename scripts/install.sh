@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: the real Prometheus (+ promtool), sshd for the GitLab host stand-in,
-# the real container registry, and kubectl's peers are stand-ins in sandbox/.
-APT_PACKAGES=(prometheus openssh-server docker-registry)
+# the real container registry, the real etcd 3.4 (+ etcdctl) for the etcd lifecycle, and kubectl's peers are stand-ins in sandbox/.
+APT_PACKAGES=(prometheus openssh-server docker-registry etcd-server etcd-client)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -18,7 +18,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian starts these as system services where systemd runs; the sandbox starts its own.
-  for svc in prometheus docker-registry ssh; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
+  for svc in prometheus docker-registry ssh etcd; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 PY=${PYTHON:-python3}

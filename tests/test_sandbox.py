@@ -200,7 +200,7 @@ def test_api_down_and_prometheus_down_then_heal(sandbox, core, clean_sandbox):
 
 SANDBOX_DIR = Path(__file__).resolve().parent.parent / "sandbox"
 COMPONENTS = ["argo", "gitlab_host", "gitlab_api", "registry", "dcgm", "prometheus", "s3", "webhook", "kube",
-              "cluster", "server"]
+              "cluster", "server", "etcd"]
 
 
 def _sandbox_imports(module: str) -> list[tuple[str, str]]:

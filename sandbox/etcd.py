@@ -1,0 +1,204 @@
+"""The real etcd 3.4 (Debian `etcd-server`, `etcdctl` from `etcd-client`) as kubespray runs it on hosts.
+
+`start_etcd(sb)` lays out, under `<state>/etcd/`:
+
+- a kubespray etcd PKI (`roles/etcd/files/make-ssl-etcd.sh`: an RSA-2048 `ca.pem`, and per host
+  `member-<host>.pem`, `admin-<host>.pem`, `node-<host>.pem` with `*-key.pem`) in each host's
+  `/etc/ssl/etcd/ssl` (kubespray-defaults `etcd_cert_dir`), written by `control_plane.write_etcd_host`;
+- the main cluster: `etcd1`..`etcd3` (kubespray's member names, `etcd_member_name`), each a real `etcd`
+  with client and peer TLS and client-certificate auth, as `roles/etcd/templates/etcd.env.j2` sets it
+  (`ETCD_CLIENT_CERT_AUTH=true`, `ETCD_PEER_CLIENT_CERT_AUTH=true`, `ETCD_CERT_FILE=member-<host>.pem`,
+  `ETCD_TRUSTED_CA_FILE=ca.pem`, `ETCD_AUTO_COMPACTION_RETENTION=8`, `ETCD_QUOTA_BACKEND_BYTES`);
+- the events cluster (`etcd_events_cluster_setup: true`, `etcd-events.env.j2`): one member `etcd1-events`
+  with its own data dir (`/var/lib/etcd-events`) and the same certificates;
+- a real `sshd` on the etcd host `etcd1` so `etcdctl` runs on the host, as kubespray's backup tasks do
+  (`roles/etcd/tasks/backup.yml`: `etcdctl snapshot save` with `ETCDCTL_CERT=admin-<host>.pem`);
+- a scratch host `etcd-scratch` (sshd, the same CA) for restore drills.
+
+`--quota-backend-bytes` is small (`QUOTA_BYTES`) so that a real `NOSPACE` alarm is reachable in a test
+(etcd v3.4 docs *Maintenance*, "Space quota"). The hosts are folders, not chroots: every path in the
+config is prefixed by the host's `root`. Data is written through etcd's v3 JSON gateway (`put_keys`),
+so snapshots hold real keys. Faults: `stop_member`/`start_member` (a member down), `pause_member`/
+`resume_member` (SIGSTOP: a hung member that accepts connections and never answers).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sandbox import pki
+from sandbox._common import (
+    SandboxLike,
+    free_port,
+    require_binary,
+    secrets_dir,
+    start_key_only_sshd,
+    wait_for,
+    write_secret_file,
+)
+from sandbox.control_plane import write_etcd_host
+
+MAIN = ("etcd1", "etcd2", "etcd3")
+EVENTS = ("etcd1-events",)
+SSH_HOSTS = ("etcd1", "etcd-scratch")
+CLIENT_KEY = "etcd_client_ed25519"
+QUOTA_BYTES = 24 * 1024 * 1024  # main cluster; events get EVENTS_QUOTA_BYTES
+EVENTS_QUOTA_BYTES = 16 * 1024 * 1024
+TOKEN = "k8s_etcd"  # kubespray etcd.env.j2: ETCD_INITIAL_CLUSTER_TOKEN=k8s_etcd (events: k8s_events)
+
+
+def base(sb: SandboxLike) -> Path:
+    return sb.state_dir / "etcd"
+
+
+def host_root(sb: SandboxLike, host: str) -> Path:
+    return base(sb) / host / "root"
+
+
+def cert_dir(root: Path) -> Path:
+    return root / "etc" / "ssl" / "etcd" / "ssl"
+
+
+def _client_key(sb: SandboxLike) -> tuple[Path, str]:
+    import asyncssh
+
+    key_path = secrets_dir(sb.state_dir) / CLIENT_KEY
+    public = base(sb) / f"{CLIENT_KEY}.pub"
+    if not key_path.exists() or not public.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="ai-platform-ops-sandbox-etcd")
+        write_secret_file(key_path, key.export_private_key())
+        key.write_public_key(str(public))
+    sb.secrets[CLIENT_KEY] = str(key_path)
+    return key_path, public.read_text().strip()
+
+
+def member_argv(etcd: str, name: str, root: Path, data_dir: Path, client: int, peer: int, cluster: str,
+                token: str, quota: int) -> list[str]:
+    """etcd's flags as kubespray's `etcd.env.j2` sets them (environment there, flags here)."""
+    ssl = cert_dir(root)
+    host = name.removesuffix("-events")
+    return [etcd, "--name", name, "--data-dir", str(data_dir),
+            "--listen-client-urls", f"https://127.0.0.1:{client}", "--advertise-client-urls", f"https://127.0.0.1:{client}",
+            "--listen-peer-urls", f"https://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"https://127.0.0.1:{peer}",
+            "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token", token,
+            "--cert-file", str(ssl / f"member-{host}.pem"), "--key-file", str(ssl / f"member-{host}-key.pem"),
+            "--trusted-ca-file", str(ssl / "ca.pem"), "--client-cert-auth",
+            "--peer-cert-file", str(ssl / f"member-{host}.pem"), "--peer-key-file", str(ssl / f"member-{host}-key.pem"),
+            "--peer-trusted-ca-file", str(ssl / "ca.pem"), "--peer-client-cert-auth",
+            "--auto-compaction-retention", "8", "--quota-backend-bytes", str(quota), "--snapshot-count", "10000",
+            "--logger", "zap", "--log-level", "warn"]
+
+
+def start_etcd(sb: SandboxLike) -> None:
+    etcd = require_binary("etcd", "etcd-server")
+    require_binary("etcdctl", "etcd-client")
+    b = base(sb)
+    shutil.rmtree(b, ignore_errors=True)
+    b.mkdir(parents=True)
+    key_path, public_key = _client_key(sb)
+    ca = pki.issue("etcd-ca", is_ca=True, key=pki.new_key("RSA-2048"))  # make-ssl-etcd.sh: genrsa 2048
+    hosts = (*MAIN, "etcd-scratch")
+    for h in hosts:
+        root = host_root(sb, h)
+        for other in MAIN:  # kubespray copies every member's certificates to every etcd host
+            write_etcd_host(root, other, ca)
+        if h not in MAIN:
+            write_etcd_host(root, h, ca)
+        (root / "var" / "backups").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+    ports = {n: (free_port(), free_port()) for n in (*MAIN, *EVENTS)}
+    members: dict[str, dict[str, Any]] = {}
+    for group, names, token, quota, sub in (("main", MAIN, TOKEN, QUOTA_BYTES, "etcd"),
+                                            ("events", EVENTS, "k8s_events", EVENTS_QUOTA_BYTES, "etcd-events")):
+        cluster = ",".join(f"{n}=https://127.0.0.1:{ports[n][1]}" for n in names)
+        for n in names:
+            root = host_root(sb, n.removesuffix("-events"))
+            argv = member_argv(etcd, n, root, root / "var" / "lib" / sub, ports[n][0], ports[n][1], cluster, token,
+                               quota)
+            sb.spawn(f"etcd-{n}", argv)
+            members[n] = {"cluster": group, "host": n.removesuffix("-events"), "client_port": ports[n][0],
+                          "peer_port": ports[n][1], "argv": argv}
+    ssh: dict[str, dict[str, Any]] = {}
+    for h in SSH_HOSTS:
+        root = host_root(sb, h)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "ETCD_SANDBOX_ROOT": str(root)}
+        port, known_hosts = start_key_only_sshd(sb, f"etcd-{h}", b / h / "sshd", public_key, env)
+        ssh[h] = {"name": h, "host": "127.0.0.1", "port": port, "user": "root", "private_key_path": str(key_path),
+                  "known_hosts": str(known_hosts), "connect_timeout_s": 5, "root": str(root)}
+    info = {"members": members, "ssh": ssh, "roots": {h: str(host_root(sb, h)) for h in hosts},
+            "quota_bytes": {"main": QUOTA_BYTES, "events": EVENTS_QUOTA_BYTES}}
+    for n in members:
+        wait_for(lambda n=n: _healthy(info, n), f"etcd member {n}", 60, None, sb.log_of(f"etcd-{n}"))
+    sb.extra["etcd"] = info
+
+
+def client_cert(info: dict, host: str = "etcd1") -> tuple[str, str, str]:
+    """(ca, cert, key) of `admin-<host>` on the host's disk."""
+    d = cert_dir(Path(info["roots"][host]))
+    return str(d / "ca.pem"), str(d / f"admin-{host}.pem"), str(d / f"admin-{host}-key.pem")
+
+
+def _client(info: dict, timeout: float = 5.0) -> httpx.Client:
+    ca, cert, key = client_cert(info)
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    return httpx.Client(verify=ctx, timeout=timeout)
+
+
+def url(info: dict, member: str) -> str:
+    return f"https://127.0.0.1:{info['members'][member]['client_port']}"
+
+
+def _healthy(info: dict, member: str) -> bool:
+    """etcd's `/health` (etcd v3.4 docs *Monitoring*: {"health":"true"} once it has a leader)."""
+    try:
+        with _client(info, 2) as c:
+            r = c.get(url(info, member) + "/health")
+            return r.status_code == 200 and r.json().get("health") == "true"
+    except (httpx.HTTPError, ValueError, OSError):
+        return False
+
+
+def _b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def put_keys(info: dict, member: str, count: int, *, prefix: str = "/registry/sandbox/", value_size: int = 256,
+             start: int = 0) -> int:
+    """Write `count` keys through etcd's v3 JSON gateway (`POST /v3/kv/put`, etcd v3.4 docs *gRPC
+    gateway*). Returns the revision after the last write; raises on an etcd error (NOSPACE included)."""
+    rev = 0
+    with _client(info, 30) as c:
+        for i in range(start, start + count):
+            value = (f"{i}:".encode() + os.urandom(value_size // 2).hex().encode())[:value_size]
+            r = c.post(url(info, member) + "/v3/kv/put", json={"key": _b64(f"{prefix}{i:08d}"), "value": _b64(value)})
+            body = r.json()
+            if r.status_code != 200 or "error" in body:
+                raise RuntimeError(f"etcd put refused: {body.get('error') or body}")
+            rev = int(body["header"]["revision"])
+    return rev
+
+
+def stop_member(sb: SandboxLike, member: str) -> None:
+    """A member down: its process stopped (the port refuses connections)."""
+    sb.stop_process(f"etcd-{member}")
+
+
+def start_member(sb: SandboxLike, member: str) -> None:
+    info = sb.extra["etcd"]
+    sb.spawn(f"etcd-{member}", info["members"][member]["argv"])
+    wait_for(lambda: _healthy(info, member), f"etcd member {member}", 60, None, sb.log_of(f"etcd-{member}"))
+
+
+def pause_member(sb: SandboxLike, member: str, resume: bool = False) -> None:
+    """A hung member (SIGSTOP): the kernel still accepts its connections, nothing answers."""
+    os.kill(sb.processes[f"etcd-{member}"]["pid"], signal.SIGCONT if resume else signal.SIGSTOP)

@@ -1,0 +1,257 @@
+"""What etcd's answers mean: pure functions over `etcdctl ... -w json` output (etcd v3.4).
+
+- `parse_member_list`, `parse_endpoint_status`, `parse_endpoint_health`, `parse_alarms`: etcdctl's JSON
+  (`etcdctl/ctlv3/command/printer_json.go`; member and leader ids are uint64, printed as JSON numbers).
+- `health_findings`: members and leader, endpoint health, alarms (etcd v3.4 docs *Maintenance*, "Space
+  quota": a member over `--quota-backend-bytes` raises `NOSPACE` and the cluster accepts only reads and
+  deletes until space is freed and the alarm disarmed; `CORRUPT` from the corruption check), database size
+  against the quota, size in use against size (what defragmentation gives back: *Maintenance*,
+  "Defragmentation"), leader changes and revision progress since the last run. Each finding has a
+  severity and an action.
+- `snapshot_candidates`: healthy followers first, the leader last (a snapshot streams the whole db from
+  the member: keep that load off the leader; etcd v3.4 *Disaster recovery*, "Snapshotting the keyspace").
+- `check_snapshot`: `etcdctl snapshot status` (hash, revision, totalKey, totalSize) against the live
+  revisions seen before and after the save.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Literal
+
+Severity = Literal["ok", "info", "warning", "critical", "unknown"]
+ALARMS = ("NOSPACE", "CORRUPT")
+
+
+@dataclass(frozen=True)
+class EtcdThresholds:
+    """Defaults: kubespray's guide sets an 8 GiB quota; etcd's docs advise defragmenting when much of the
+    file is free pages. 80% of the quota is critical (the issue), 60% a warning."""
+
+    quota_warning: float = 0.6
+    quota_critical: float = 0.8
+    fragmented_share: float = 0.5  # in-use below half of the file: defragment
+    fragmented_min_bytes: int = 64 * 1024 * 1024  # never nag about small files
+
+
+@dataclass
+class MemberStatus:
+    endpoint: str
+    name: str = ""
+    member_id: int = 0
+    reachable: bool = False
+    healthy: bool = False
+    is_leader: bool = False
+    leader_id: int = 0
+    revision: int = 0
+    raft_term: int = 0
+    db_size: int = 0
+    db_size_in_use: int = 0
+    version: str = ""
+    error: str = ""
+
+
+@dataclass
+class ClusterStatus:
+    cluster: str
+    members: list[MemberStatus] = field(default_factory=list)
+    alarms: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def leader(self) -> MemberStatus | None:
+        return next((m for m in self.members if m.is_leader and m.reachable), None)
+
+    @property
+    def revision(self) -> int:
+        return max((m.revision for m in self.members if m.reachable), default=0)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Finding:
+    cluster: str
+    check: str
+    severity: Severity
+    message: str
+    action: str = ""
+
+
+def _json(text: str) -> object:
+    text = text.strip()
+    return json.loads(text) if text else None
+
+
+def parse_member_list(text: str) -> dict[int, str]:
+    """member id -> name (an unstarted member has an empty name)."""
+    data = _json(text) or {}
+    return {int(m["ID"]): m.get("name", "") for m in data.get("members", [])}
+
+
+def parse_endpoint_status(text: str) -> dict[str, dict]:
+    data = _json(text) or []
+    return {e["Endpoint"]: e["Status"] for e in data}
+
+
+def parse_endpoint_health(text: str) -> dict[str, dict]:
+    data = _json(text) or []
+    return {e["endpoint"]: e for e in data}
+
+
+def parse_alarms(text: str) -> list[dict]:
+    """`etcdctl alarm list -w json`: {"alarms": [{"memberID": N, "alarm": 1|2}]} (etcdserverpb AlarmType:
+    1 NOSPACE, 2 CORRUPT); an empty list prints `{}` or a header only."""
+    data = _json(text) or {}
+    names = {0: "NONE", 1: "NOSPACE", 2: "CORRUPT", "NOSPACE": "NOSPACE", "CORRUPT": "CORRUPT"}
+    return [{"member_id": int(a.get("memberID", 0)), "alarm": names.get(a.get("alarm", 0), str(a.get("alarm")))}
+            for a in data.get("alarms", []) or []]
+
+
+def cluster_status(cluster: str, endpoints: list[str], members_text: str, status_text: str, health_text: str,
+                   alarms_text: str, errors: list[str] = ()) -> ClusterStatus:
+    names = parse_member_list(members_text) if members_text.strip() else {}
+    status, health = parse_endpoint_status(status_text), parse_endpoint_health(health_text)
+    out = ClusterStatus(cluster, errors=list(errors))
+    for ep in endpoints:
+        st, he = status.get(ep), health.get(ep, {})
+        m = MemberStatus(endpoint=ep, healthy=bool(he.get("health")), error=str(he.get("error", "")))
+        if st:
+            hdr = st.get("header", {})
+            m.reachable = True
+            m.member_id = int(hdr.get("member_id", 0))
+            m.leader_id = int(st.get("leader", 0))
+            m.is_leader = m.member_id != 0 and m.member_id == m.leader_id
+            m.revision, m.raft_term = int(hdr.get("revision", 0)), int(hdr.get("raft_term", 0))
+            m.db_size, m.db_size_in_use = int(st.get("dbSize", 0)), int(st.get("dbSizeInUse", 0))
+            m.version = st.get("version", "")
+            m.name = names.get(m.member_id, "")
+        elif not m.error:
+            m.error = "no status (unreachable)"
+        out.members.append(m)
+    out.alarms = parse_alarms(alarms_text) if alarms_text.strip() else []
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def health_findings(s: ClusterStatus, quota_bytes: int, t: EtcdThresholds = EtcdThresholds(),
+                    previous: dict | None = None) -> list[Finding]:
+    """The findings of one cluster; `previous` is the last run's `{"leader_id", "raft_term", "revision"}`."""
+    f: list[Finding] = []
+    c = s.cluster
+    reachable = [m for m in s.members if m.reachable]
+    if not reachable:
+        return [Finding(c, "reachable", "unknown", f"no member answered ({'; '.join(s.errors)[:300]})",
+                        "check the etcd hosts and the client certificates")]
+    quorum = len(s.members) // 2 + 1
+    healthy = [m for m in s.members if m.healthy]
+    down = [m for m in s.members if not m.healthy]
+    if len(healthy) < quorum:
+        f.append(Finding(c, "quorum", "critical", f"{len(healthy)} of {len(s.members)} members healthy: quorum "
+                         f"({quorum}) lost", "restore quorum (etcd *Disaster recovery*)"))
+    elif down:
+        f.append(Finding(c, "members", "warning", "unhealthy: " + ", ".join(m.name or m.endpoint for m in down)
+                         + f"; quorum kept ({len(healthy)}/{len(s.members)})", "bring the member back"))
+    else:
+        f.append(Finding(c, "members", "ok", f"{len(s.members)} members healthy"))
+    leaders = {m.leader_id for m in reachable}
+    if s.leader is None or 0 in leaders or len(leaders) > 1:
+        f.append(Finding(c, "leader", "critical", f"no agreed leader (seen: {sorted(leaders)})",
+                         "check network between members"))
+    else:
+        f.append(Finding(c, "leader", "ok", f"leader {s.leader.name or s.leader.endpoint}"))
+    for a in s.alarms:
+        who = next((m.name or m.endpoint for m in s.members if m.member_id == a["member_id"]), a["member_id"])
+        action = ("free space (compact, defragment every member), then `etcdctl alarm disarm` (etcd *Maintenance*, "
+                  "Space quota)" if a["alarm"] == "NOSPACE" else "restore the member from a snapshot (etcd "
+                  "*Disaster recovery*); do not disarm blindly")
+        f.append(Finding(c, f"alarm {a['alarm']}", "critical", f"alarm {a['alarm']} raised on {who}", action))
+    biggest = max(reachable, key=lambda m: m.db_size)
+    share = biggest.db_size / quota_bytes if quota_bytes else 0
+    sev: Severity = "critical" if share >= t.quota_critical else ("warning" if share >= t.quota_warning else "ok")
+    f.append(Finding(c, "quota", sev, f"db {biggest.db_size} bytes on {biggest.name or biggest.endpoint} = "
+                     f"{_pct(share)} of the {quota_bytes}-byte quota",
+                     "compact and defragment (etcd-defrag), or raise quota-backend-bytes" if sev != "ok" else ""))
+    for m in reachable:
+        if m.db_size and m.db_size_in_use / m.db_size < t.fragmented_share and m.db_size >= t.fragmented_min_bytes:
+            f.append(Finding(c, "fragmentation", "warning", f"{m.name or m.endpoint}: {_pct(m.db_size_in_use / m.db_size)}"
+                             f" of {m.db_size} bytes in use", "defragment this member (etcd-defrag)"))
+    if previous:
+        if s.leader and previous.get("leader_id") and previous["leader_id"] != s.leader.member_id:
+            f.append(Finding(c, "leader changes", "warning", f"leader changed since the last run (term "
+                             f"{previous.get('raft_term')} -> {s.leader.raft_term})", "look for slow disks or network"))
+        if previous.get("revision") is not None and s.revision < int(previous["revision"]):
+            f.append(Finding(c, "revision", "critical", f"revision went back: {previous['revision']} -> {s.revision}",
+                             "a member was restored or replaced: check the cluster"))
+        else:
+            f.append(Finding(c, "revision", "info", f"revision {s.revision} (+{s.revision - int(previous.get('revision') or 0)})"))
+    return f
+
+
+def overall(findings: list[Finding]) -> Severity:
+    order = ["ok", "info", "warning", "unknown", "critical"]
+    return max((x.severity for x in findings), key=order.index, default="unknown")
+
+
+def snapshot_candidates(s: ClusterStatus) -> list[MemberStatus]:
+    """Healthy members to snapshot from: followers first, then the leader."""
+    return sorted([m for m in s.members if m.healthy and m.reachable], key=lambda m: (m.is_leader, m.endpoint))
+
+
+@dataclass(frozen=True)
+class SnapshotCheck:
+    ok: bool
+    hash: int
+    revision: int
+    total_keys: int
+    total_size: int
+    problems: tuple[str, ...] = ()
+
+
+def check_snapshot(status_text: str, *, revision_before: int, revision_after: int, file_size: int) -> SnapshotCheck:
+    """`etcdctl snapshot status -w json` -> a verdict. The snapshot's revision must lie between the live
+    revisions read just before and just after the save; it must hold keys and a non-zero size."""
+    try:
+        d = json.loads(status_text)
+        h, rev, keys, size = int(d["hash"]), int(d["revision"]), int(d["totalKey"]), int(d["totalSize"])
+    except (ValueError, KeyError, TypeError):
+        return SnapshotCheck(False, 0, 0, 0, 0, (f"snapshot status unreadable: {status_text.strip()[:200]!r}",))
+    problems = []
+    if not revision_before <= rev <= revision_after:
+        problems.append(f"snapshot revision {rev} outside the live range {revision_before}..{revision_after}")
+    if keys <= 0 or size <= 0:
+        problems.append(f"empty snapshot ({keys} keys, {size} bytes)")
+    if file_size < size:
+        problems.append(f"file is {file_size} bytes, smaller than the db it claims ({size})")
+    return SnapshotCheck(not problems, h, rev, keys, size, tuple(problems))
+
+
+def snapshot_id(cluster: str, when: datetime) -> str:
+    """`<cluster>-<UTC stamp>`: sortable, one per cluster and run."""
+    return f"{cluster}-{when:%Y%m%dT%H%M%SZ}"
+
+
+def snapshot_manifest(*, backup_id: str, cluster: str, member: str, endpoint: str, check: SnapshotCheck,
+                      copied: dict, store_key: str, started_at: datetime, finished_at: datetime) -> dict:
+    """The manifest written next to an off-site snapshot, last: its presence marks the copy complete."""
+    return {"id": backup_id, "cluster": cluster, "member": member, "endpoint": endpoint, "revision": check.revision,
+            "hash": check.hash, "total_keys": check.total_keys, "total_size": check.total_size,
+            "size": copied["size"], "sha256": copied["sha256"], "store_key": store_key, "verified": check.ok,
+            "offsite": True, "started_at": started_at.isoformat(), "finished_at": finished_at.isoformat()}
+
+
+def plan_snapshot_retention(manifests: list[dict], *, now: datetime, keep_days: int, keep_count: int,
+                            run_succeeded: bool) -> list:
+    """GitLab's retention rule (`tasks.gitlab_rules.plan_retention`), reused: the newest verified snapshot
+    is never deleted, nothing is deleted after a failed run."""
+    from tasks.gitlab_rules import BackupRecord, plan_retention
+
+    records = [BackupRecord(m["id"], datetime.fromisoformat(m["finished_at"]), bool(m.get("verified") and m.get("offsite")),
+                            int(m.get("size", 0))) for m in manifests]
+    return plan_retention(records, now=now, keep_days=keep_days, keep_count=keep_count, run_succeeded=run_succeeded)
