@@ -15,10 +15,10 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 
-class GitLabHost(Block):
-    """The omnibus GitLab host, reached over SSH (key-only)."""
+class _SSHBlock(Block):
+    """What every host reached over SSH (key-only) has: address, user, key, host-key check, timeout.
+    Not a block type of its own: GitLabHost and SSHHost extend it."""
 
-    _block_type_name = "GitLab Omnibus Host"
     host: str
     port: int = 22
     username: str = "root"
@@ -26,10 +26,6 @@ class GitLabHost(Block):
     private_key_path: str | None = Field(None, description="private key file on the worker")
     known_hosts: str | None = Field(None, description="known_hosts file; empty disables host key checks")
     connect_timeout_s: float = 10.0
-    backup_path: str = "/var/opt/gitlab/backups"
-    config_backup_path: str = "/etc/gitlab/config_backup"
-    secrets_file: str = "/etc/gitlab/gitlab-secrets.json"
-    backup_options: dict[str, str] = Field(default_factory=dict)
 
     def connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `asyncssh.connect` (keys loaded in memory, never written out)."""
@@ -51,27 +47,27 @@ class GitLabHost(Block):
         }
 
 
-class SSHHost(Block):
+class GitLabHost(_SSHBlock):
+    """The omnibus GitLab host, reached over SSH (key-only)."""
+
+    _block_type_name = "GitLab Omnibus Host"
+    backup_path: str = "/var/opt/gitlab/backups"
+    config_backup_path: str = "/etc/gitlab/config_backup"
+    secrets_file: str = "/etc/gitlab/gitlab-secrets.json"
+    backup_options: dict[str, str] = Field(default_factory=dict)
+
+
+class SSHHost(_SSHBlock):
     """A cluster's control-plane or etcd host, reached over SSH (key-only): certificate checks and renewal.
 
     One document per host, named `<platform>-<cluster>-<host label>`; `role` is `control-plane` or `etcd`."""
 
     _block_type_name = "Cluster SSH Host"
-    host: str
-    port: int = 22
-    username: str = "root"
-    private_key: SecretStr | None = Field(None, description="OpenSSH/PEM private key text")
-    private_key_path: str | None = Field(None, description="private key file on the worker")
-    known_hosts: str | None = Field(None, description="known_hosts file; empty disables host key checks")
-    connect_timeout_s: float = 10.0
     cluster: str
     role: Literal["control-plane", "etcd"] = "control-plane"
     label: str = Field(..., description="the node's name as in the kubespray inventory")
     root: str = Field("/", description="prefix of every host path ('/' on a real host)")
     apiserver_port: int | None = Field(6443, description="kube-apiserver's port (its /readyz after a renewal)")
-
-    # the same SSH connection as the GitLab host block's: keys loaded in memory, never written out
-    connect_kwargs = GitLabHost.connect_kwargs
 
 
 class GitLabAPI(Block):
