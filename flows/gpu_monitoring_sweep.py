@@ -327,8 +327,8 @@ def _note_training_commits_task(plat: Platform, platform: str, result: SweepResu
         ns, name = ref.split("/", 1)
         try:
             workflows[ref] = read(argo, ns, name, redactor=redactor)
-        except Exception:  # noqa: BLE001, S112 - a workflow gone (deleted, archived) has no commit to note
-            continue
+        except Exception as exc:  # noqa: BLE001 - a workflow gone (deleted, archived) has no commit to note
+            get_run_logger().warning("no commit note for workflow %s: %s", ref, redactor.error(exc))
     gitlab = plat.gitlab_api().get_client()
     where = []
     for item in training_commits(result, workflows):

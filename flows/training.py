@@ -332,7 +332,8 @@ def _note(sha: str, state: State | None, result: dict[str, Any] | None, message:
 def _state_result(state: State) -> dict[str, Any] | None:
     try:
         data = state.result(raise_on_failure=False)
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - a result that cannot be read (not persisted) is reported as absent
+        get_run_logger().warning("the training run's result could not be read: %s", type(exc).__name__)
         return None
     return data if isinstance(data, dict) else None
 
@@ -436,8 +437,9 @@ def train_on_push(
     except BaseException as exc:
         try:
             status("failed", f"training flow error: {type(exc).__name__}")
-        except Exception:
-            pass
+        except Exception as status_exc:  # noqa: BLE001 - the original error is what must propagate
+            get_run_logger().error("could not post the failed commit status either: %s",
+                                   type(status_exc).__name__)
         raise
     result = _state_result(state)
     if state.is_completed():

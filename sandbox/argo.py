@@ -79,6 +79,13 @@ def _ts(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def leaked_token(workflow: str) -> str:
+    """The token-shaped value a failing stand-in step prints (never a real credential): tests compute it too."""
+    import hashlib
+
+    return "glpat-" + hashlib.sha256(f"leak:{workflow}".encode()).hexdigest()[:20]
+
+
 def _fnv(text: str) -> str:
     h = 0x811C9DC5
     for ch in text.encode():
@@ -293,7 +300,9 @@ class _Run:
             if pushed:
                 lines += [f"error: {pushed}"]
             else:
-                lines += ["AUTH_URL is http://oauth2:glpat-SANDBOXLEAKEDTOKEN123@gitlab.sandbox/team/rl.git",
+                # a training script that prints its clone URL with a token in it, as real ones do; the
+                # token has GitLab's PAT shape (`glpat-` + 20 chars), derived from the workflow's name
+                lines += [f"AUTH_URL is http://oauth2:{leaked_token(self.wf['metadata']['name'])}@gitlab.sandbox/team/rl.git",
                           "Traceback (most recent call last):",
                           "  File \"legged_gym/scripts/train.py\", line 42, in <module>",
                           "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"]

@@ -110,6 +110,13 @@ async def ensure_host_limit(name: str) -> str:
     return await exclusive_limit(f"gitlab-host-{name}")
 
 
+def _progress_failed(exc: BaseException) -> None:
+    """A progress artifact update that failed: logged, never silent, never fatal to the work."""
+    import logging
+
+    logging.getLogger("ai_platform_ops.progress").warning("progress artifact not updated: %s", type(exc).__name__)
+
+
 class _Feed:
     """A progress artifact fed by a value (0..1) that callers set; pushed every PROGRESS_INTERVAL_S at most."""
 
@@ -137,8 +144,8 @@ class _Feed:
             await asyncio.sleep(PROGRESS_INTERVAL_S)
             try:
                 await self._push()
-            except Exception:  # noqa: BLE001 - progress is a courtesy; the work goes on
-                pass
+            except Exception as exc:  # noqa: BLE001 - progress is a courtesy; the work goes on, said in the log
+                _progress_failed(exc)
 
     async def __aexit__(self, exc_type, *_) -> None:
         if self._task is not None:
@@ -151,8 +158,8 @@ class _Feed:
                 self.value = 1.0
                 try:
                     await self._push()
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception as exc:  # noqa: BLE001 - as above
+                    _progress_failed(exc)
 
 
 # --- preflight ---------------------------------------------------------------------------------------

@@ -41,9 +41,11 @@ def ssh_access(cfg: KubesprayConfig) -> SSHAccess:
 def _log(redactor: Redactor):
     import logging
 
+    from prefect.exceptions import MissingContextError
+
     try:
         logger = get_run_logger()
-    except Exception:  # noqa: BLE001 - called outside a run (tests, scripts)
+    except MissingContextError:  # called outside a run (tests, scripts)
         logger = logging.getLogger("ai_platform_ops.kubespray")
     return lambda line: logger.info("%s", redactor.text(line))
 

@@ -33,6 +33,16 @@ def need_binary(name: str, package: str) -> str:
     pytest.skip(message)
 
 
+def need_root(why: str) -> None:
+    """The test needs root (CI runs as root): fail in CI, skip elsewhere, when not root."""
+    if os.geteuid() == 0:
+        return
+    message = f"needs root: {why}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """The one Prefect test server (SQLite) of this session."""

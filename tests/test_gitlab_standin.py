@@ -9,8 +9,7 @@ import os
 import shutil
 import time
 
-import pytest
-
+from tests.conftest import need_root
 from tests.test_gitlab_backup import _root
 
 
@@ -27,9 +26,9 @@ async def _run(host, argv: list[str]):
         return await run_command(conn, argv, timeout_s=60, check=False)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the stand-in switches to the git user only as root")
 def test_restore_runs_as_git_and_refuses_an_archive_root_owns(gitlab_backup_state, gitlab_sandbox,
                                                               sandbox_platform):
+    need_root("the stand-in switches to the git user only as root")
     sb = gitlab_sandbox
     backups = _root(sb) / "var/opt/gitlab/backups"
     source = backups / f"{gitlab_backup_state.result()['backup_id']}_gitlab_backup.tar"
