@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo demo-once test bench sandbox-up sandbox-down clean
+.PHONY: install demo demo-once test bench sandbox-up sandbox-down clean work-pools deploy
 
 install:
 	bash scripts/install.sh
@@ -18,6 +18,19 @@ demo-once: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The two work pools (platform-local: process; platform-k8s: Kubernetes Jobs from the flows' image,
+# configs/prefect/k8s-base-job-template.json), created or updated on the server PREFECT_API_URL names.
+# IMAGE=<ref> sets the flows' image of platform-k8s.
+work-pools: install
+	$(PY) -m scripts.work_pools create $(if $(IMAGE),--image $(IMAGE))
+
+# Every deployment of prefect.yaml on one pool: `make deploy PLATFORM=<name>` (platform-local) or
+# `make deploy PLATFORM=<name> POOL=platform-k8s`. PLATFORM is the platform config's `name`.
+POOL ?= platform-local
+PLATFORM ?= main
+deploy: work-pools
+	AI_PLATFORM_OPS_POOL=$(POOL) AI_PLATFORM_OPS_PLATFORM=$(PLATFORM) $(PY) -m prefect --no-prompt deploy --all
 
 sandbox-up: install
 	$(PY) -m sandbox up --nodes 50

@@ -39,10 +39,11 @@ from sandbox._common import (
     spawn,
     stop_process,
 )
+from scripts.work_pools import LOCAL_POOL
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / ".demo"
-POOL = "ai-platform-ops-demo"
+POOL = LOCAL_POOL  # the process pool `make work-pools` creates
 
 # (deployment "flow-name/deployment-name", parameters). Every run must end Completed.
 # The platform parameter comes from prefect.yaml ({{ $AI_PLATFORM_OPS_PLATFORM }} = sandbox).
@@ -196,8 +197,8 @@ class Demo:
     def load_and_deploy(self) -> None:
         log("loading blocks from the sandbox platform.yaml")
         print(self._run("blocks-load", [sys.executable, "-m", "blocks.load", str(self.sandbox.platform_yaml)]), end="")
-        self._run("work-pool", [sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process",
-                                "--overwrite"])
+        # both pools, as `make work-pools` creates them: the UI shows platform-k8s too (no worker polls it here)
+        self._run("work-pool", [sys.executable, "-m", "scripts.work_pools", "create"])
         log("prefect deploy --all")
         self._run("deploy", [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], timeout=600)
         log(f"starting a process worker on pool {POOL}")
