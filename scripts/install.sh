@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 # Debian packages: the real Prometheus (+ promtool), sshd for the GitLab host stand-in,
 # the real container registry, the real etcd 3.4 (+ etcdctl) for the etcd lifecycle, and kubectl's peers are stand-ins in sandbox/.
 APT_PACKAGES=(prometheus openssh-server docker-registry etcd-server etcd-client)
+# kubectl, for tests/test_rbac.py's client dry run of configs/k8s/: Debian's kubernetes-client, unless a
+# kubectl is on PATH already (a newer one from the Kubernetes packages is left alone)
+command -v kubectl >/dev/null 2>&1 || APT_PACKAGES+=(kubernetes-client)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
