@@ -1,7 +1,7 @@
 """The demo: a local Prefect server, the sandbox platform, every deployment, and real flow runs.
 
     python -m scripts.demo          # keeps the UI up until Ctrl-C (or SIGTERM, SIGHUP)
-    python -m scripts.demo --once   # exits after the runs: 0 if every run completed, else 1
+    python -m scripts.demo --once   # exits after the runs: 0 if every run ended as expected, else 1
     python -m scripts.demo --stop   # stops what an earlier demo left running (make clean runs it)
 
 Everything lives under .demo/ (Prefect's SQLite database, the sandbox state, logs) and listens on
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -49,7 +50,6 @@ POOL = LOCAL_POOL  # the process pool `make work-pools` creates
 # The platform parameter comes from prefect.yaml ({{ $AI_PLATFORM_OPS_PLATFORM }} = sandbox).
 DEMO_RUNS: list[tuple[str, dict]] = [
     ("cluster-inventory/cluster-inventory", {}),
-    ("gpu-monitoring-sweep/gpu-monitoring-sweep", {"window": "1m"}),  # dry run: findings + plan, no change
     ("gitlab-backup/gitlab-backup", {}),
     ("gitlab-config-backup/gitlab-config-backup", {}),
     ("gitlab-restore-drill/gitlab-restore-drill", {}),  # restores the backup above on the scratch host
@@ -61,6 +61,20 @@ DEMO_RUNS: list[tuple[str, dict]] = [
     ("image-cleanup-audit/image-cleanup-audit", {}),  # unused images per node, disk vs GC/eviction, registry
     ("image-prune/image-prune", {}),  # dry run: the exact prune plan, nothing removed
 ]
+
+
+# The interesting paths, after the runs above: sandbox faults (`python -m sandbox fault KIND`), then a GPU
+# sweep that finds them (findings, heatmap marks, a cordon plan: dry run), a health check below full marks
+# naming the failing check, and one run left Paused for approval in the UI.
+# (GPU node number, GPU, value): sandbox/cluster.py names GPU nodes gpu-node-NNNN (plus the node domain)
+XID_NODE, XID_GPU, XID = 3, 2, 79  # a critical XID (79: fallen off the bus): a cordon
+HOT_NODE, HOT_GPU, HOT_C = 6, 1, 93.0  # a hot GPU: a warning and a heatmap mark
+NOT_READY_NODE = 9  # its kubelet stops posting status: the health check's `nodes` turns critical
+SWEEP = ("gpu-monitoring-sweep/gpu-monitoring-sweep", {"window": "1m"})  # dry run: findings + plan, no change
+HEALTH = ("platform-health-check/platform-health-check", {})
+# dry_run=false: the audit, the exact prune plan, then a pause for approval (nothing is removed unless
+# someone approves in the UI; `make demo` leaves it waiting)
+APPROVAL = ("image-prune/image-prune", {"dry_run": False})
 
 
 def log(msg: str) -> None:
@@ -209,21 +223,127 @@ class Demo:
         os.environ.update({k: v for k, v in self.env.items() if k.startswith(("PREFECT_", "SANDBOX_"))})
         from prefect.deployments import run_deployment
 
-        ok = True
-        results = []
+        results = []  # (name, run, what was expected, problem or None)
         for name, params in DEMO_RUNS + self.training_runs():
             log(f"running {name} {params or ''}")
             run = run_deployment(name, parameters=params, timeout=600)
-            state = run.state
-            results.append((name, run, state))
-            ok &= bool(state and state.is_completed())
+            done = bool(run.state and run.state.is_completed())
+            results.append((name, run, "Completed", None if done else "did not complete"))
         self.show_commit_statuses()
+        results += self.interesting_paths()
         print()
         log(f"Prefect UI: {self.ui_url}")
-        for name, run, state in results:
-            print(f"  {name:55} {state.name if state else 'NO STATE':10} {self.ui_url}/runs/flow-run/{run.id}")
+        for name, run, expected, problem in results:
+            state = run.state.name if run.state else "NO STATE"
+            print(f"  {name:55} {state:10} {'ok' if problem is None else 'NOT OK: ' + problem:12} "
+                  f"{self.ui_url}/runs/flow-run/{run.id}")
+            print(f"  {'':55} expected: {expected}")
         print()
-        return ok
+        return all(problem is None for *_, problem in results)
+
+    def interesting_paths(self) -> list[tuple[str, Any, str, str | None]]:
+        """A run left Paused for approval, then faults, a sweep that finds them and a health check that
+        names them; each checked against what it must show."""
+        from prefect.deployments import run_deployment
+
+        out = []
+        name, params = APPROVAL
+        log(f"running {name} {params}: it pauses for approval, and is left waiting in the UI")
+        run = run_deployment(name, parameters=params, timeout=0)
+        run = self.wait_for_state(run.id, {"PAUSED", "COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300)
+        paused = run.state is not None and run.state.is_paused()
+        out.append((name, run, "Paused, waiting for approval in the UI (Resume and answer the form)",
+                    None if paused else "not paused"))
+
+        self.inject_faults()
+        name, params = SWEEP
+        log(f"running {name} {params}")
+        run = run_deployment(name, parameters=params, timeout=600)
+        out.append((name, run, f"findings (critical XID {XID} on {self.gpu_node(XID_NODE)}), heatmap marks, a cordon plan",
+                    self.check_sweep(run)))
+        name, params = HEALTH
+        log(f"running {name}")
+        run = run_deployment(name, parameters=params, timeout=600)
+        out.append((name, run, "a grade below A, naming the critical check `nodes`", self.check_health(run)))
+        return out
+
+    def gpu_node(self, number: int) -> str:
+        """The sandbox's GPU node `number` (the last one on a smaller sandbox)."""
+        return f"gpu-node-{min(number, self.sandbox.gpu_nodes):04d}{self.sandbox.extra.get('node_domain', '')}"
+
+    def inject_faults(self) -> None:
+        """Three sandbox faults, then wait until Prometheus has scraped the XID (the sweep reads it there)."""
+        query = f"count(DCGM_FI_DEV_XID_ERRORS == {XID}) or vector(0)"  # the label layout does not matter
+        before = self._query_number(query)
+        faults = [("xid", XID_NODE, XID_GPU, XID), ("hot-gpu", HOT_NODE, HOT_GPU, HOT_C),
+                  ("node-not-ready", NOT_READY_NODE, None, None)]
+        for kind, number, gpu, value in faults:
+            node = self.gpu_node(number)
+            applied = self.sandbox.fault(kind, node, gpu, value)
+            log(f"fault injected: {kind} on {node}" + (f" GPU {gpu}" if gpu is not None else "")
+                + f" ({json.dumps(applied)})")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self._query_number(query) > before:
+                return
+            time.sleep(1)
+        log("Prometheus has not scraped the XID within 90 s: the sweep may not show it")
+
+    def _query_number(self, query: str) -> float:
+        r = httpx.get(f"{self.sandbox.urls['prometheus']}/api/v1/query", params={"query": query}, timeout=10)
+        result = r.json()["data"]["result"] if r.status_code == 200 else []
+        return float(result[0]["value"][1]) if result else 0.0
+
+    def wait_for_state(self, run_id: Any, types: set[str], timeout_s: float) -> Any:
+        from prefect import get_client
+
+        deadline = time.monotonic() + timeout_s
+        with get_client(sync_client=True) as client:
+            while True:
+                run = client.read_flow_run(run_id)
+                if (run.state and run.state.type.value in types) or time.monotonic() > deadline:
+                    return run
+                time.sleep(1)
+
+    def artifacts(self, run: Any) -> dict[str, Any]:
+        """key -> data of the run's artifacts."""
+        from prefect import get_client
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+        )
+
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+                any_=[run.id])))
+        return {a.key: a.data for a in found if a.key}
+
+    def check_sweep(self, run: Any) -> str | None:
+        if not (run.state and run.state.is_completed()):
+            return "did not complete"
+        arts = self.artifacts(run)
+        table = next((v for k, v in arts.items() if k.startswith("gpu-findings-")), None)
+        summary = next((v for k, v in arts.items() if k.startswith("gpu-sweep-")), "")
+        rows = json.loads(table) if isinstance(table, str) else table or []
+        node = self.gpu_node(XID_NODE)
+        if not any(r.get("finding") == "critical-xid" and r.get("node") == node for r in rows):
+            return f"no critical-xid finding on {node}"
+        if "## Cordon" not in summary or node not in summary.split("## Cordon", 1)[1]:
+            return f"no cordon plan naming {node}"
+        if "![GPU fleet heatmap](data:image/png" not in summary:
+            return "no heatmap"
+        return None
+
+    def check_health(self, run: Any) -> str | None:
+        if not (run.state and run.state.is_completed()):
+            return "did not complete"
+        message = run.state.message or ""  # "grade C (72/100); critical: nodes, certificates"
+        if not message.startswith("grade ") or message.startswith("grade A"):
+            return f"not below full marks: {message!r}"
+        critical = message.partition("critical: ")[2].split(", ")
+        if "nodes" not in critical:
+            return f"does not name the `nodes` check: {message!r}"
+        return None
 
     def training_runs(self) -> list[tuple[str, dict]]:
         """The training lifecycle on the sandbox: build the training image (BuildKit on the Argo stand-in

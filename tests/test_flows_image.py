@@ -88,7 +88,7 @@ def test_no_secrets_or_local_state_in_the_image():
             assert rest.split()[0] not in (".", "./"), "COPY . copies whatever the context holds"
             assert not any(bad in rest for bad in (".state", ".demo", ".venv", "sandbox", "secret", ".key", ".pem"))
         if kind in ("ENV", "ARG"):
-            assert not re.search(r"(TOKEN|PASSWORD|SECRET|PRIVATE)", rest, re.I), rest
+            assert not re.search(r"(TOKEN|PASSWORD|SECRET|PRIVATE)", rest, re.IGNORECASE), rest
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
