@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -223,25 +224,26 @@ class Demo:
         os.environ.update({k: v for k, v in self.env.items() if k.startswith(("PREFECT_", "SANDBOX_"))})
         from prefect.deployments import run_deployment
 
-        results = []  # (name, run, what was expected, problem or None)
+        results = []  # (name, run, what was expected, problem or None, what it shows)
         for name, params in DEMO_RUNS + self.training_runs():
             log(f"running {name} {params or ''}")
             run = run_deployment(name, parameters=params, timeout=600)
             done = bool(run.state and run.state.is_completed())
-            results.append((name, run, "Completed", None if done else "did not complete"))
+            results.append((name, run, "Completed", None if done else "did not complete", run.state.message or ""))
         self.show_commit_statuses()
         results += self.interesting_paths()
         print()
         log(f"Prefect UI: {self.ui_url}")
-        for name, run, expected, problem in results:
+        for name, run, expected, problem, shows in results:
             state = run.state.name if run.state else "NO STATE"
             print(f"  {name:55} {state:10} {'ok' if problem is None else 'NOT OK: ' + problem:12} "
                   f"{self.ui_url}/runs/flow-run/{run.id}")
-            print(f"  {'':55} expected: {expected}")
+            if expected != "Completed":
+                print(f"  {'':55} expected: {expected}\n  {'':55} shows:    {shows}")
         print()
-        return all(problem is None for *_, problem in results)
+        return all(problem is None for _, _, _, problem, _ in results)
 
-    def interesting_paths(self) -> list[tuple[str, Any, str, str | None]]:
+    def interesting_paths(self) -> list[tuple[str, Any, str, str | None, str]]:
         """A run left Paused for approval, then faults, a sweep that finds them and a health check that
         names them; each checked against what it must show."""
         from prefect.deployments import run_deployment
@@ -253,18 +255,18 @@ class Demo:
         run = self.wait_for_state(run.id, {"PAUSED", "COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300)
         paused = run.state is not None and run.state.is_paused()
         out.append((name, run, "Paused, waiting for approval in the UI (Resume and answer the form)",
-                    None if paused else "not paused"))
+                    None if paused else "not paused", "the prune plan, and the approval form under Resume"))
 
         self.inject_faults()
         name, params = SWEEP
         log(f"running {name} {params}")
         run = run_deployment(name, parameters=params, timeout=600)
-        out.append((name, run, f"findings (critical XID {XID} on {self.gpu_node(XID_NODE)}), heatmap marks, a cordon plan",
-                    self.check_sweep(run)))
+        expected = f"findings (critical XID {XID} on {self.gpu_node(XID_NODE)}), heatmap marks, a cordon plan"
+        out.append((name, run, expected, *self.check_sweep(run)))
         name, params = HEALTH
         log(f"running {name}")
         run = run_deployment(name, parameters=params, timeout=600)
-        out.append((name, run, "a grade below A, naming the critical check `nodes`", self.check_health(run)))
+        out.append((name, run, "a grade below A, naming the critical check `nodes`", *self.check_health(run)))
         return out
 
     def gpu_node(self, number: int) -> str:
@@ -318,32 +320,37 @@ class Demo:
                 any_=[run.id])))
         return {a.key: a.data for a in found if a.key}
 
-    def check_sweep(self, run: Any) -> str | None:
+    def check_sweep(self, run: Any) -> tuple[str | None, str]:
+        """(what is wrong or None, what the run shows)."""
         if not (run.state and run.state.is_completed()):
-            return "did not complete"
+            return "did not complete", ""
         arts = self.artifacts(run)
         table = next((v for k, v in arts.items() if k.startswith("gpu-findings-")), None)
         summary = next((v for k, v in arts.items() if k.startswith("gpu-sweep-")), "")
         rows = json.loads(table) if isinstance(table, str) else table or []
         node = self.gpu_node(XID_NODE)
+        kinds = sorted({f"{r.get('severity')} {r.get('finding')}" for r in rows})
+        plan = summary.split("## Cordon", 1)[1].split("\n## ", 1)[0] if "## Cordon" in summary else ""
+        cordon = sorted(set(re.findall(r"\*\*(\S+)\*\*: `", plan)))
+        shows = f"{len(rows)} findings ({', '.join(kinds)}); cordon plan: {', '.join(cordon) or 'none'}"
         if not any(r.get("finding") == "critical-xid" and r.get("node") == node for r in rows):
-            return f"no critical-xid finding on {node}"
-        if "## Cordon" not in summary or node not in summary.split("## Cordon", 1)[1]:
-            return f"no cordon plan naming {node}"
+            return f"no critical-xid finding on {node}", shows
+        if node not in cordon:
+            return f"no cordon plan naming {node}", shows
         if "![GPU fleet heatmap](data:image/png" not in summary:
-            return "no heatmap"
-        return None
+            return "no heatmap", shows
+        return None, shows + "; heatmap"
 
-    def check_health(self, run: Any) -> str | None:
+    def check_health(self, run: Any) -> tuple[str | None, str]:
+        """(what is wrong or None, what the run shows)."""
         if not (run.state and run.state.is_completed()):
-            return "did not complete"
+            return "did not complete", ""
         message = run.state.message or ""  # "grade C (72/100); critical: nodes, certificates"
         if not message.startswith("grade ") or message.startswith("grade A"):
-            return f"not below full marks: {message!r}"
-        critical = message.partition("critical: ")[2].split(", ")
-        if "nodes" not in critical:
-            return f"does not name the `nodes` check: {message!r}"
-        return None
+            return "not below full marks", message
+        if "nodes" not in message.partition("critical: ")[2].split(", "):
+            return "does not name the `nodes` check", message
+        return None, message
 
     def training_runs(self) -> list[tuple[str, dict]]:
         """The training lifecycle on the sandbox: build the training image (BuildKit on the Argo stand-in
