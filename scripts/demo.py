@@ -1,5 +1,10 @@
 """The demo: a local Prefect server, the sandbox platform, every deployment, and real flow runs.
 
+After the runs that must complete, it shows the interesting paths: an image-prune with dry_run=false
+left Paused for approval in the UI; then three sandbox faults (a critical XID, a hot GPU, a node
+NotReady), a GPU sweep that reports them with heatmap marks and a cordon plan (dry run), and a health
+check below full marks that names the failing check. `--once` checks each of these.
+
     python -m scripts.demo          # keeps the UI up until Ctrl-C (or SIGTERM, SIGHUP)
     python -m scripts.demo --once   # exits after the runs: 0 if every run ended as expected, else 1
     python -m scripts.demo --stop   # stops what an earlier demo left running (make clean runs it)
