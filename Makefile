@@ -26,11 +26,15 @@ work-pools: install
 	$(PY) -m scripts.work_pools create $(if $(IMAGE),--image $(IMAGE))
 
 # Every deployment of prefect.yaml on one pool: `make deploy PLATFORM=<name>` (platform-local) or
-# `make deploy PLATFORM=<name> POOL=platform-k8s`. PLATFORM is the platform config's `name`.
+# `make deploy PLATFORM=<name> POOL=platform-k8s`. PLATFORM is the platform config's `name`. WORKER_HOME
+# is where the flows' code is on the worker (prefect.yaml's pull step): this checkout for a process
+# worker, the image's AI_PLATFORM_OPS_HOME (Dockerfile) for Kubernetes Jobs.
 POOL ?= platform-local
 PLATFORM ?= main
+WORKER_HOME ?= $(if $(filter platform-k8s,$(POOL)),/opt/ai-platform-ops,$(CURDIR))
 deploy: work-pools
-	AI_PLATFORM_OPS_POOL=$(POOL) AI_PLATFORM_OPS_PLATFORM=$(PLATFORM) $(PY) -m prefect --no-prompt deploy --all
+	AI_PLATFORM_OPS_POOL=$(POOL) AI_PLATFORM_OPS_PLATFORM=$(PLATFORM) AI_PLATFORM_OPS_HOME=$(WORKER_HOME) \
+	  $(PY) -m prefect --no-prompt deploy --all
 
 sandbox-up: install
 	$(PY) -m sandbox up --nodes 50

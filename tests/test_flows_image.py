@@ -79,6 +79,8 @@ def test_project_installed_from_pyproject_with_the_binaries_flows_need():
     env = _env()
     workdir = [rest for kind, rest in INSTR if kind == "WORKDIR"][-1]
     assert env["AI_PLATFORM_OPS_HOME"] == workdir
+    # `make deploy POOL=platform-k8s` points prefect.yaml's pull step there
+    assert f"$(filter platform-k8s,$(POOL)),{workdir}," in (REPO / "Makefile").read_text()
     assert env["PREFECT_HOME"].startswith("/home/flows/")
 
 
