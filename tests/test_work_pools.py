@@ -38,7 +38,8 @@ def test_template_sets_image_account_resources_and_security():
 
 
 @pytest.mark.prefect
-def test_create_pools_is_idempotent(prefect_server):
+@pytest.mark.usefixtures("prefect_server")
+def test_create_pools_is_idempotent():
     from prefect.client.orchestration import get_client
 
     async def read():
