@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 # Debian packages: the real Prometheus (+ promtool), sshd for the GitLab host stand-in,
 # the real container registry, the real etcd 3.4 (+ etcdctl) for the etcd lifecycle, and kubectl's peers are stand-ins in sandbox/.
 APT_PACKAGES=(prometheus openssh-server docker-registry etcd-server etcd-client)
+# PostgreSQL for the production-shaped Prefect server (tests/test_operator_path.py), headless Chromium
+# for the UI screenshots (python -m scripts.screenshots)
+APT_PACKAGES+=(postgresql chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -18,7 +21,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian starts these as system services where systemd runs; the sandbox starts its own.
-  for svc in prometheus docker-registry ssh etcd; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
+  for svc in prometheus docker-registry ssh etcd postgresql; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 PY=${PYTHON:-python3}
