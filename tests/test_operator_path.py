@@ -411,7 +411,7 @@ def test_health_check_by_name_completes_and_its_report_reads_back(api):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.deployments import run_deployment
 
-    run = run_deployment("platform-health-check/platform-health-check", timeout=300)
+    run = run_deployment("platform-health-check/platform-health-check", timeout=300, poll_interval=1)
     assert run.state.is_completed(), run.state.message
     assert run.state.message.startswith("grade ")
     with get_client(sync_client=True) as client:
@@ -444,7 +444,7 @@ def test_failed_run_reaches_the_webhook_with_its_link(api, sandbox):
     from prefect.deployments import run_deployment
 
     run = run_deployment("cluster-inventory/cluster-inventory", parameters={"platform": "no-such-platform"},
-                         timeout=180)
+                         timeout=180, poll_interval=1)
     assert run.state.is_failed()
     notice = wait_for_notice(sandbox, run_url(api, run.id), 30)
     assert "is Failed" in notice["subject"] and "cluster-inventory" in notice["body"]
