@@ -473,6 +473,9 @@ def test_zombie_run_is_crashed_and_the_next_sweep_completes(api, sandbox, killed
     crashed_after = time.monotonic() - killed_sweep["killed_at"]
     nxt = wait_for_state(killed_sweep["next"], {"Completed", "Failed", "Crashed"}, 120)
     assert nxt.state.name == "Completed", nxt.state.message
+    # the automation freed the slot, not lease expiry: the dead run's deployment-concurrency lease was
+    # renewed for 300 s (maintain_concurrency_lease(lease_id, 300), prefect/flow_engine.py) at its start
+    assert time.monotonic() - killed_sweep["killed_at"] < 250
     print(f"zombie marked Crashed {crashed_after:.0f} s after the kill; next sweep done "
           f"{time.monotonic() - killed_sweep['killed_at']:.0f} s after it")
     # the webhook heard of the crash, and of the next sweep's critical finding, each with its run's link
