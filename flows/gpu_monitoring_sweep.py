@@ -30,6 +30,7 @@ from prefect.states import Failed
 
 from blocks.platform import Platform
 from tasks.approval import Approval, ask_approval
+from tasks.events import emit_critical_findings
 from tasks.gpu_classify import classify, needs_detail
 from tasks.gpu_model import (
     FINDING_ANNOTATION,
@@ -248,6 +249,9 @@ def gpu_monitoring_sweep(
 
     plan = plan_cordon(result, fleet.nodes, share)
     publish_sweep_report(platform, result, plan, dry_run)
+    emit_critical_findings(platform, "gpu-monitoring-sweep", [  # for the automations' webhook notice
+        f"{f.node or 'fleet'}{'/gpu-' + str(f.gpu) if f.gpu is not None else ''}: {f.kind.value}"
+        for f in result.findings if f.severity.value == "critical"])
     logger.info("GPU sweep %s/%s: %s; %s; XIDs from %s; would cordon %s", platform, cluster_cfg.name, result.status,
                 result.counts, result.xid_source, plan.nodes or "none")
     summary: dict[str, Any] = {

@@ -27,6 +27,7 @@ from prefect.variables import Variable
 
 from blocks.platform import Platform
 from tasks import health_probes as probes
+from tasks.events import emit_critical_findings
 from tasks.health import Check, build_report, report_markdown, transitions, unknown
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, artifact_key
@@ -123,6 +124,7 @@ async def platform_health_check(
     if notices:
         await _notify(plat.notifier(), f"platform health {platform}: grade {report.grade} ({report.score}/100)",
                       "\n".join(notices))
+    emit_critical_findings(platform, "platform-health-check", report.critical)  # for the automations' notice
     logger.info("platform %s: score %s, grade %s; critical: %s", platform, report.score, report.grade,
                 ", ".join(report.critical) or "none")
     return Completed(message=f"grade {report.grade} ({report.score}/100)"

@@ -134,6 +134,7 @@ class Demo:
             "AI_PLATFORM_OPS_HOME": str(REPO),
             "AI_PLATFORM_OPS_POOL": POOL,
             "AI_PLATFORM_OPS_PLATFORM": "sandbox",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",  # the zombie automation's heartbeat_s (automations.yaml)
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         })
 
@@ -221,6 +222,8 @@ class Demo:
         self._run("work-pool", [sys.executable, "-m", "scripts.work_pools", "create"])
         log("prefect deploy --all")
         self._run("deploy", [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], timeout=600)
+        print(self._run("automations", [sys.executable, "-m", "scripts.automations", "apply", "--platform", "sandbox"]),
+              end="")
         log(f"starting a process worker on pool {POOL}")
         self._spawn("worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
                                "--limit", "4"])

@@ -10,6 +10,9 @@ APT_PACKAGES=(prometheus openssh-server docker-registry etcd-server etcd-client)
 # kubectl, for tests/test_rbac.py's client dry run of configs/k8s/: Debian's kubernetes-client, unless a
 # kubectl is on PATH already (a newer one from the Kubernetes packages is left alone)
 command -v kubectl >/dev/null 2>&1 || APT_PACKAGES+=(kubernetes-client)
+# PostgreSQL for the production-shaped Prefect server (tests/test_operator_path.py), headless Chromium
+# for the UI screenshots (python -m scripts.screenshots)
+APT_PACKAGES+=(postgresql chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -21,7 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian starts these as system services where systemd runs; the sandbox starts its own.
-  for svc in prometheus docker-registry ssh etcd; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
+  for svc in prometheus docker-registry ssh etcd postgresql; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 PY=${PYTHON:-python3}
