@@ -61,7 +61,10 @@ RUN groupadd --gid 10001 flows \
 USER 10001:10001
 
 # The worker sets PREFECT_API_URL (and the flow run's id) on the Job; these are the image's own.
+# Heartbeats every 30 s (Prefect 3.9's minimum; its default is 180 s): the zombie-run automation of
+# configs/prefect/automations.yaml marks a run Crashed after zombie_within_s (90 s) of silence.
 ENV AI_PLATFORM_OPS_HOME=/opt/ai-platform-ops \
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 \
     PREFECT_HOME=/home/flows/.prefect \
     PREFECT_LOGGING_LEVEL=INFO \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \

@@ -117,3 +117,12 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
     for path in ("flows/gpu_monitoring_sweep.py", "tasks/kubernetes.py", "configs/helm/releases.yaml",
                  "contracts/README.md", "pyproject.toml", "prefect.yaml", "README.md"):
         assert not _ignored(path, patterns), path
+
+
+def test_flow_runs_in_the_image_heartbeat_as_the_zombie_automation_expects():
+    """A run in the image that beat at Prefect's default 180 s would be crashed as a zombie after 90 s."""
+    import yaml
+
+    settings = yaml.safe_load((REPO / "configs/prefect/automations.yaml").read_text())["settings"]
+    assert int(_env()["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) == settings["heartbeat_s"]
+    assert settings["zombie_within_s"] > settings["heartbeat_s"]
