@@ -123,3 +123,20 @@ def test_offsite_store_error_fails_loudly_and_notifies(etcd_platform, sandbox):
         good.save(etcd_platform, overwrite=True)
     assert state.is_failed() and "NoSuchBucket" in state.message
     assert _received(sandbox)[sent:], "no failure notice was sent"
+
+
+def test_restore_drill_restores_the_backup_with_its_revision_and_keys(backup_state, etcd_platform, sandbox):
+    from flows.etcd_restore_drill import etcd_restore_drill
+
+    state = run_flow_sync(etcd_restore_drill, platform=etcd_platform)
+    assert state.is_completed(), state.message
+    out = state.result()["clusters"]
+    store = _store(etcd_platform)
+    for cluster in ("main", "events"):
+        r = out[cluster]
+        m = store.read_json(f"etcd-{cluster}/{r['snapshot']}/manifest.json")
+        assert (r["revision"], r["key_count"]) == (m["revision"], m["key_count"]) and not r["problems"]
+        assert r["sample_checked"] == len(m["sample"]) > 0 and r["rto_seconds"] > 0
+    # the drill member is gone and left nothing on the scratch host; production members untouched
+    scratch = Path(sandbox.extra["etcd"]["roots"]["etcd-scratch"])
+    assert not list((scratch / "var/lib/etcd-drill").glob("*"))
