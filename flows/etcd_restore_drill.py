@@ -107,8 +107,8 @@ async def drill_cluster(scratch: Any, scratch_cfg: Any, etcdctl: str, store: Any
 
 def _summary(platform: str, rows: list[dict], errors: list[str]) -> str:
     lines = [f"# etcd restore drill: {platform}", ""]
-    lines += (["**FAILED.** " + " / ".join(errors), ""] if errors else ["**Passed:** every snapshot restored as "
-                                                                         "its manifest says.", ""])
+    passed = "**Passed:** every snapshot restored as its manifest says."
+    lines += ["**FAILED.** " + " / ".join(errors), ""] if errors else [passed, ""]
     lines += ["Restored on the scratch host only; no production member was touched.", ""]
     if rows:
         lines += [md_table([{"cluster": r["cluster"], "snapshot": r["snapshot"], "revision": r["revision"],
