@@ -263,6 +263,18 @@ def put_keys(info: dict, member: str, count: int, *, prefix: str = "/registry/sa
     return rev
 
 
+def delete_prefix(info: dict, member: str, prefix: str) -> int:
+    """Delete every key under `prefix` (`POST /v3/kv/deleterange` with range_end = prefix + 1, etcd v3.4 docs
+    *gRPC gateway*; allowed under a NOSPACE alarm, *Maintenance* "Space quota"). Returns how many went."""
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    with _client(info, 30) as c:
+        r = c.post(url(info, member) + "/v3/kv/deleterange", json={"key": _b64(prefix), "range_end": _b64(end)})
+        body = r.json()
+        if r.status_code != 200 or "error" in body:
+            raise RuntimeError(f"etcd deleterange refused: {body.get('error') or body}")
+        return int(body.get("deleted", 0))
+
+
 def stop_member(sb: SandboxLike, member: str) -> None:
     """A member down: its process stopped (the port refuses connections)."""
     sb.stop_process(f"etcd-{member}")

@@ -4,6 +4,7 @@ kubespray TLS, etcdctl over SSH): backup with faults, restore drill, defragmenta
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,54 @@ def test_restore_drill_restores_the_backup_with_its_revision_and_keys(backup_sta
     # the drill member is gone and left nothing on the scratch host; production members untouched
     scratch = Path(sandbox.extra["etcd"]["roots"]["etcd-scratch"])
     assert not list((scratch / "var/lib/etcd-drill").glob("*"))
+
+
+def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sandbox):
+    """A real NOSPACE on the events cluster (16 MiB quota): the health findings say critical; the operator
+    deletes what filled it; the defrag flow's dry run shows the plan, the approved run compacts, defragments
+    and disarms the alarm, and writes work again."""
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.etcd_defrag import etcd_defrag
+    from sandbox.etcd import delete_prefix, put_keys
+    from tasks.etcd_rules import health_findings
+    from tests.test_etcd import _status
+    from tests.test_gitlab_restore import _paused_run_id
+
+    info = sandbox.extra["etcd"]
+    with pytest.raises(RuntimeError, match="space exceeded"):
+        put_keys(info, "etcd1-events", 200, prefix="/registry/events/fill/", value_size=200_000)
+    f = health_findings(_status(sandbox, "events"), info["quota_bytes"]["events"])
+    assert any(x.check == "alarm NOSPACE" and x.severity == "critical" for x in f), f
+    assert delete_prefix(info, "etcd1-events", "/registry/events/fill/") > 0
+
+    dry = run_flow_sync(etcd_defrag, platform=etcd_platform, clusters=["events"])
+    assert dry.is_completed(), dry.message
+    assert dry.result()["plan"]["events"] == {"order": ["etcd1-events"], "refusals": [], "alarms": ["NOSPACE"]}
+
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("state", run_flow_sync(
+        etcd_defrag, platform=etcd_platform, clusters=["events"], dry_run=False, poll_interval_s=0.5,
+        approval_timeout_s=120)), daemon=True)
+    t.start()
+    resume_flow_run(_paused_run_id("etcd-defrag"), run_input={"approve": True, "approver": "alice"})
+    t.join(120)
+    assert not t.is_alive(), "the defrag run did not finish"
+    state = box["state"]
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out["approver"] == "alice" and out["clusters"]["events"]["alarms"] == []
+    assert [r["step"] for r in out["steps"]][1:] == ["defrag etcd1-events", "alarm disarm"]
+    assert out["clusters"]["events"]["db_sizes"]["etcd1-events"] < info["quota_bytes"]["events"] * 0.8
+    put_keys(info, "etcd1-events", 1, prefix="/registry/events/after/")  # writes work again
+
+
+def test_defrag_orders_followers_first_leader_last():
+    from tasks.etcd_rules import ClusterStatus, MemberStatus, defrag_plan
+
+    ms = [MemberStatus(f"https://127.0.0.1:{p}", name=n, member_id=i, reachable=True, healthy=True,
+                       is_leader=i == 1, leader_id=1) for p, n, i in ((3, "c", 1), (1, "a", 2), (2, "b", 3))]
+    steps, refusals = defrag_plan(ClusterStatus("main", ms))
+    assert [s.member for s in steps] == ["a", "b", "c"] and not refusals
+    ms[1].healthy = False
+    assert defrag_plan(ClusterStatus("main", ms))[1] == ["a is not healthy (no answer)"]
