@@ -160,6 +160,9 @@ def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sa
         put_keys(info, "etcd1-events", 200, prefix="/registry/events/fill/", value_size=200_000)
     f = health_findings(_status(sandbox, "events"), info["quota_bytes"]["events"])
     assert any(x.check == "alarm NOSPACE" and x.severity == "critical" for x in f), f
+    checks = _health(etcd_platform)
+    assert checks["etcd-events"].status == "critical" and checks["etcd-main"].status == "ok"
+    assert any("alarm NOSPACE" in e and "alarm disarm" in e for e in checks["etcd-events"].evidence)
     assert delete_prefix(info, "etcd1-events", "/registry/events/fill/") > 0
 
     dry = run_flow_sync(etcd_defrag, platform=etcd_platform, clusters=["events"])
@@ -181,6 +184,40 @@ def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sa
     assert [r["step"] for r in out["steps"]][1:] == ["defrag etcd1-events", "alarm disarm"]
     assert out["clusters"]["events"]["db_sizes"]["etcd1-events"] < info["quota_bytes"]["events"] * 0.8
     put_keys(info, "etcd1-events", 1, prefix="/registry/events/after/")  # writes work again
+    assert _health(etcd_platform)["etcd-events"].status == "ok"
+
+
+def _health(platform: str, previous: dict | None = None) -> dict:
+    """The platform health check's etcd checks (`tasks.etcd_health`), by name."""
+    import asyncio
+
+    from prefect.variables import Variable
+
+    from blocks.platform import Platform
+    from tasks.etcd_health import etcd_checks, state_variable
+    from tasks.redact import Redactor
+
+    plat = Platform(platform)
+    if previous is not None:
+        Variable.set(state_variable(platform), previous, overwrite=True)
+    checks = asyncio.run(etcd_checks(platform, plat.config.etcd, plat.etcd_hosts(), Redactor.of(plat.secrets())))
+    return {c.name: c for c in checks}
+
+
+def test_health_reports_leader_changes_and_revision_progress_since_the_last_run(etcd_platform):
+    from prefect.variables import Variable
+
+    from tasks.etcd_health import state_variable
+
+    first = _health(etcd_platform)
+    assert first["etcd-main"].status == "ok", first["etcd-main"].evidence
+    state = Variable.get(state_variable(etcd_platform))
+    assert int(state["main"]["leader_id"]) > 0 and state["main"]["revision"] > 0
+    again = _health(etcd_platform)
+    assert any(e.startswith("info revision: revision") for e in again["etcd-main"].evidence)
+    moved = {**state, "main": {**state["main"], "leader_id": "1", "revision": state["main"]["revision"] + 10**6}}
+    c = _health(etcd_platform, previous=moved)["etcd-main"]
+    assert c.status == "critical" and "leader changed" in c.summary and "revision went back" in c.summary
 
 
 def test_defrag_orders_followers_first_leader_last():
