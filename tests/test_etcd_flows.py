@@ -229,3 +229,19 @@ def test_defrag_orders_followers_first_leader_last():
     assert [s.member for s in steps] == ["a", "b", "c"] and not refusals
     ms[1].healthy = False
     assert defrag_plan(ClusterStatus("main", ms))[1] == ["a is not healthy (no answer)"]
+
+
+def test_deployments_schedules_and_limits():
+    import yaml
+
+    from tests.conftest import REPO
+
+    deps = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    assert deps["etcd-backup"]["schedules"][0]["cron"] == "0 */6 * * *"
+    assert deps["etcd-backup"]["concurrency_limit"] == 1
+    assert deps["etcd-restore-drill"]["schedules"][0]["cron"] == "0 5 * * 0"
+    assert deps["etcd-defrag"]["parameters"]["dry_run"] is True and "schedules" not in deps["etcd-defrag"]
+    for name, entry in (("etcd-backup", "etcd_backup"), ("etcd-restore-drill", "etcd_restore_drill"),
+                        ("etcd-defrag", "etcd_defrag")):
+        path, fn = deps[name]["entrypoint"].split(":")
+        assert fn == entry and (REPO / path).exists()
