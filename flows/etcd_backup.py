@@ -10,8 +10,9 @@ runs, never verified and on etcd's own disks. This flow, every 6 hours, per clus
 3. verifies it with `etcdctl snapshot status` (hash, revision, totalKey, totalSize: etcdctl's
    `snapshot status -w json`) against the live revision before and after the save, and records the live key
    count at the snapshot's revision and a sample of keys (SHA-256 of their values) for the restore drill;
-4. streams it off-site through the `Store` (`tasks.storage`, SHA-256 on the way, no partial object), then
-   writes the manifest (`etcd-<cluster>/<id>/manifest.json`) last: its presence marks a complete copy;
+4. meanwhile streams it off-site through the `Store` (`tasks.storage`, SHA-256 on the way, no partial object;
+   `tasks.etcd.take_verified_snapshot` runs both at once and deletes the copy again when the check fails),
+   then writes the manifest (`etcd-<cluster>/<id>/manifest.json`) last: its presence marks a verified copy;
 5. applies retention with GitLab's rule (`tasks.gitlab_rules.plan_retention`: the newest verified snapshot is
    never deleted, nothing is deleted after a failed run).
 
@@ -36,15 +37,11 @@ from flows.gitlab_backup import notify_failure
 from tasks.etcd import (
     EtcdClient,
     connect_first,
-    copy_snapshot_offsite,
     host_path,
-    key_count,
     make_dir,
     read_cluster_status,
     remove_path,
-    sample_keys,
-    save_snapshot,
-    verify_snapshot,
+    take_verified_snapshot,
 )
 from tasks.etcd_rules import (
     plan_snapshot_retention,
@@ -98,22 +95,20 @@ async def snapshot_cluster(conn: Any, client: EtcdClient, cluster: Any, snap_dir
         path = f"{snap_dir}/{bid}-{who}.db"
         t0 = time.monotonic()
         try:
-            await save_snapshot(conn, client, m.endpoint, path, redactor, timeout_s=snapshot_timeout_s)
-            _, rev_after = await key_count(conn, client.argv([m.endpoint]), redactor)
-            check = await verify_snapshot(conn, client, path, redactor, revision_before=m.revision,
-                                          revision_after=rev_after)
+            key = f"{store_kind(cluster.name)}/{bid}/snapshot.db"
+            taken = await take_verified_snapshot(conn, client, m.endpoint, path, store, key, redactor,
+                                                 revision_before=m.revision, sample=sample,
+                                                 timeout_s=snapshot_timeout_s)
+            check = taken["check"]
             if not check.ok:
                 attempts.append({"member": who, "leader": m.is_leader, "result": "not verified: "
                                  + "; ".join(check.problems), "seconds": round(time.monotonic() - t0, 1)})
                 logger.warning("%s: snapshot from %s does not verify: %s", cluster.name, who, check.problems)
                 continue
-            count, _ = await key_count(conn, client.argv([m.endpoint]), redactor, revision=check.revision)
-            keys = await sample_keys(conn, client.argv([m.endpoint]), redactor, check.revision, sample)
-            key = f"{store_kind(cluster.name)}/{bid}/snapshot.db"
-            copied = await copy_snapshot_offsite(conn, path, store, key)
+            copied = taken["copied"]
             manifest = snapshot_manifest(backup_id=bid, cluster=cluster.name, member=who, endpoint=m.endpoint,
                                          check=check, copied=copied, store_key=key, started_at=started,
-                                         finished_at=_now(), key_count=count, sample=keys)
+                                         finished_at=_now(), key_count=taken["key_count"], sample=taken["sample"])
             await asyncio.to_thread(store.write_json, f"{store_kind(cluster.name)}/{bid}/manifest.json", manifest)
             attempts.append({"member": who, "leader": m.is_leader, "result": "verified, off-site",
                              "seconds": round(time.monotonic() - t0, 1)})

@@ -95,7 +95,8 @@ def member_argv(etcd: str, name: str, root: Path, data_dir: Path, client: int, p
             "--logger", "zap", "--log-level", "warn"]
 
 
-def start_etcd(sb: SandboxLike) -> None:
+def start_etcd(sb: SandboxLike, quota_bytes: int | None = None) -> None:
+    """`quota_bytes` overrides the main cluster's small test quota (the benchmark loads hundreds of MB)."""
     etcd = require_binary("etcd", "etcd-server")
     require_binary("etcdctl", "etcd-client")
     b = base(sb)
@@ -114,7 +115,8 @@ def start_etcd(sb: SandboxLike) -> None:
         (root / "tmp").mkdir(parents=True, exist_ok=True)
     ports = {n: (_member_port(), _member_port()) for n in (*MAIN, *EVENTS)}
     members: dict[str, dict[str, Any]] = {}
-    for group, names, token, quota, sub in (("main", MAIN, TOKEN, QUOTA_BYTES, "etcd"),
+    main_quota = quota_bytes or QUOTA_BYTES
+    for group, names, token, quota, sub in (("main", MAIN, TOKEN, main_quota, "etcd"),
                                             ("events", EVENTS, "k8s_events", EVENTS_QUOTA_BYTES, "etcd-events")):
         cluster = ",".join(f"{n}=https://127.0.0.1:{ports[n][1]}" for n in names)
         for n in names:
@@ -133,7 +135,7 @@ def start_etcd(sb: SandboxLike) -> None:
         ssh[h] = {"name": h, "host": "127.0.0.1", "port": port, "user": "root", "private_key_path": str(key_path),
                   "known_hosts": str(known_hosts), "connect_timeout_s": 5, "root": str(root)}
     info = {"members": members, "ssh": ssh, "roots": {h: str(host_root(sb, h)) for h in hosts},
-            "quota_bytes": {"main": QUOTA_BYTES, "events": EVENTS_QUOTA_BYTES}}
+            "quota_bytes": {"main": main_quota, "events": EVENTS_QUOTA_BYTES}}
     for n in members:
         wait_for(lambda n=n: _healthy(info, n), f"etcd member {n}", 60, None, sb.log_of(f"etcd-{n}"))
     put_keys(info, "etcd1-events", 20, prefix="/registry/events/default/")  # kube-apiserver's --etcd-servers-overrides
@@ -154,7 +156,7 @@ def platform_section(info: dict) -> dict:
         return [f"https://127.0.0.1:{m['client_port']}" for m in info["members"].values() if m["cluster"] == cluster]
     return {
         "hosts": [_ssh_target(info["ssh"]["etcd1"])],
-        "clusters": [{"name": "main", "endpoints": eps("main"), "quota_bytes": QUOTA_BYTES},
+        "clusters": [{"name": "main", "endpoints": eps("main"), "quota_bytes": info["quota_bytes"]["main"]},
                      {"name": "events", "endpoints": eps("events"), "quota_bytes": EVENTS_QUOTA_BYTES}],
         "etcdctl": "etcdctl",
         "snapshot_dir": "/var/backups/etcd-snapshots",

@@ -311,7 +311,7 @@ async def connect_first(hosts: list[Any]) -> AsyncIterator[tuple[Any, Any]]:
     errors = []
     for host in hosts:
         try:
-            cm = connect(host.connect_kwargs())
+            cm = connect(bulk_kwargs(host.connect_kwargs()))
             conn = await cm.__aenter__()
         except (TransientError, PermissionError) as exc:
             errors.append(f"{host.label}: {exc}")
@@ -322,3 +322,51 @@ async def connect_first(hosts: list[Any]) -> AsyncIterator[tuple[Any, Any]]:
             await cm.__aexit__(None, None, None)
         return
     raise TransientError("no etcd host reachable over SSH: " + "; ".join(errors))
+
+
+async def take_verified_snapshot(conn: Any, client: EtcdClient, endpoint: str, path: str, store: Any, store_key: str,
+                                 redactor: Redactor, *, revision_before: int, sample: int,
+                                 timeout_s: int) -> dict:
+    """`snapshot save` from `endpoint`, then two things at once on the one SSH connection: the verification
+    (live revision after the save, `snapshot status` against it, then the live key count and the sampled
+    keys at the snapshot's revision) and the streamed off-site copy. A snapshot that does not verify is
+    deleted from the store again (no manifest is ever written for it); a store error is raised as it is.
+
+    Returns {"check", "key_count", "sample", "copied"} ("copied" None when the check failed)."""
+    import asyncio
+
+    await save_snapshot(conn, client, endpoint, path, redactor, timeout_s=timeout_s)
+
+    async def verify() -> tuple[SnapshotCheck, int, list[dict]]:
+        _, after = await key_count(conn, client.argv([endpoint]), redactor)
+        check = await verify_snapshot(conn, client, path, redactor, revision_before=revision_before,
+                                      revision_after=after)
+        if not check.ok:
+            return check, 0, []
+        count, _ = await key_count(conn, client.argv([endpoint]), redactor, revision=check.revision)
+        return check, count, await sample_keys(conn, client.argv([endpoint]), redactor, check.revision, sample)
+
+    verified, copied = await asyncio.gather(verify(), copy_snapshot_offsite(conn, path, store, store_key),
+                                            return_exceptions=True)
+    if isinstance(copied, BaseException):
+        raise copied
+    if isinstance(verified, BaseException):
+        await asyncio.to_thread(store.delete, [store_key])
+        raise verified
+    check, count, keys = verified
+    if not check.ok:
+        await asyncio.to_thread(store.delete, [store_key])
+        copied = None
+    return {"check": check, "key_count": count, "sample": keys, "copied": copied}
+
+
+# OpenSSH offers chacha20-poly1305 first; with AES-NI, AES-GCM moves a snapshot about twice as fast through
+# asyncssh (200 MB over loopback: 0.45 s vs 0.91 s, measured for benchmarks/etcd_snapshot.py). Every
+# algorithm stays allowed, only the preference changes.
+BULK_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                "aes128-ctr", "aes192-ctr", "aes256-ctr"]
+
+
+def bulk_kwargs(connect_kwargs: dict) -> dict:
+    """A host block's `connect_kwargs()` preferring the fast bulk ciphers (snapshots are hundreds of MB)."""
+    return {**connect_kwargs, "encryption_algs": BULK_CIPHERS}

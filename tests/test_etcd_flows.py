@@ -245,3 +245,15 @@ def test_deployments_schedules_and_limits():
                         ("etcd-defrag", "etcd_defrag")):
         path, fn = deps[name]["entrypoint"].split(":")
         assert fn == entry and (REPO / path).exists()
+
+
+def test_etcd_snapshot_benchmark_runs_small(capsys):
+    """`python -m benchmarks etcd-snapshot` end to end at 4 MB, one repeat (the real numbers: RESULTS.md)."""
+    need_binary("etcd", "etcd-server")
+    need_binary("sshd", "openssh-server")
+    from benchmarks.etcd_snapshot import run
+
+    run(size=4, repeat=1)
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["bench"] == "etcd-snapshot" and record["keys"] == 8 and record["snapshot_mb"] >= 4
+    assert record["seconds"] > 0 and record["baseline_seconds"] > 0 and record["peak_rss_mb"] < 150
