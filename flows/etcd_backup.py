@@ -1,5 +1,9 @@
 """etcd backup: a verified snapshot of the main and the events cluster, off-site, with retention.
 
+Sources: etcd v3.4 docs *Disaster recovery* (https://etcd.io/docs/v3.4/op-guide/recovery/), kubespray
+`roles/etcd/handlers/backup.yml` (etcdctl snapshot save with ETCDCTL_CERT=admin-<host>.pem, ETCDCTL_KEY,
+ETCDCTL_CACERT=ca.pem from etcd_cert_dir; `etcd_backup_retention_count` local copies).
+
 The guide's kubespray keeps `etcd_backup_retention_count: 30` local backups, taken only when kubespray
 runs, never verified and on etcd's own disks. This flow, every 6 hours, per cluster (`etcd.clusters[]`):
 

@@ -1,5 +1,7 @@
 """etcd defragmentation (manual): compact, defragment one member at a time, disarm NOSPACE once space is back.
 
+Source: etcd v3.4 docs *Maintenance* (https://etcd.io/docs/v3.4/op-guide/maintenance/).
+
 etcd v3.4 docs *Maintenance*: "History compaction" drops old revisions (space inside the file becomes free
 pages), "Defragmentation" gives those pages back to the filesystem, member by member (a member being
 defragmented answers neither reads nor writes), and "Space quota": a member over `--quota-backend-bytes`

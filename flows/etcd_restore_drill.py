@@ -1,5 +1,7 @@
 """etcd restore drill: the newest verified off-site snapshot restored and served on a scratch host, weekly.
 
+Source: etcd v3.4 docs *Disaster recovery* (https://etcd.io/docs/v3.4/op-guide/recovery/).
+
 For each cluster (`etcd.clusters[]`), on the scratch host (`etcd.scratch`), never on a production member:
 
 1. the newest verified manifest off-site (`etcd-<cluster>/<id>/manifest.json`, written by etcd-backup);

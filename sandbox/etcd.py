@@ -12,7 +12,7 @@
 - the events cluster (`etcd_events_cluster_setup: true`, `etcd-events.env.j2`): one member `etcd1-events`
   with its own data dir (`/var/lib/etcd-events`) and the same certificates;
 - a real `sshd` on the etcd host `etcd1` so `etcdctl` runs on the host, as kubespray's backup tasks do
-  (`roles/etcd/tasks/backup.yml`: `etcdctl snapshot save` with `ETCDCTL_CERT=admin-<host>.pem`);
+  (`roles/etcd/handlers/backup.yml`: `etcdctl snapshot save` with `ETCDCTL_CERT=admin-<host>.pem`);
 - a scratch host `etcd-scratch` (sshd, the same CA) for restore drills.
 
 `--quota-backend-bytes` is small (`QUOTA_BYTES`) so that a real `NOSPACE` alarm is reachable in a test

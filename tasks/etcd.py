@@ -1,6 +1,6 @@
 """Talking to etcd: `etcdctl` (v3 API) run on an etcd host over SSH, as kubespray's etcd role does.
 
-kubespray (`roles/etcd/tasks/backup.yml`, `roles/etcd/templates/etcdctl.sh.j2`) runs `etcdctl` on the etcd
+kubespray (`roles/etcd/handlers/backup.yml`, `roles/etcd/templates/etcdctl.sh.j2`) runs `etcdctl` on the etcd
 host with `ETCDCTL_API=3`, `--cacert ca.pem --cert admin-<host>.pem --key admin-<host>-key.pem` from
 `etcd_cert_dir` (/etc/ssl/etcd/ssl). Every command here is an argv list (`tasks.ssh.run_command` quotes it),
 with `--dial-timeout`/`--command-timeout` so a hung member never hangs a run, and its output redacted.
