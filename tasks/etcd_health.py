@@ -6,6 +6,9 @@ alarms (`NOSPACE`, `CORRUPT`: critical), db size against the quota (critical abo
 `etcd.thresholds.quota_critical`, action "compact and defragment"), size in use against size
 (fragmentation), leader changes and revision progress since the last run (`tasks.etcd_rules.health_findings`).
 
+Each check weighs 1 in the score (`tasks.health.WEIGHTS` default); a critical one caps the grade at D like any
+other critical check.
+
 The last run's leader, raft term and revision per cluster are kept in the Prefect Variable
 ``etcd_health_<platform>``: the health check already keeps its previous grade in a Variable; a Variable is one
 read and one write per run, survives a failed run, and needs no search through old runs' artifacts (which a

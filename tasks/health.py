@@ -27,7 +27,7 @@ GRADES = (("A", 90), ("B", 80), ("C", 70), ("D", 60), ("E", 50), ("F", 0))
 WEIGHTS: dict[str, int] = {
     "kube-api": 3, "etcd": 3, "nodes": 3, "system-workloads": 2, "pvcs": 1, "argo": 1, "gitlab": 2,
     "gitlab-runners": 1, "prometheus": 2, "prometheus-targets": 1, "registry": 2, "gitlab-backup-age": 2,
-    "certificates": 2, "gpu-sweep": 1, "etcd-main": 3, "etcd-events": 2,
+    "certificates": 2, "gpu-sweep": 1,
 }
 
 
