@@ -9,6 +9,7 @@ What the answers mean is in `tasks.etcd_rules`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -324,36 +325,85 @@ async def connect_first(hosts: list[Any]) -> AsyncIterator[tuple[Any, Any]]:
     raise TransientError("no etcd host reachable over SSH: " + "; ".join(errors))
 
 
+async def _follow(sftp: Any, path: str, saving: Any, poll_s: float = 0.05, chunk: int = 4 * 1024 * 1024):
+    """The bytes of the snapshot `etcdctl snapshot save` is writing, as it writes them. etcdctl 3.4
+    (`clientv3/snapshot/v3_snapshot.go` Save) creates `<path>.part`, appends the stream to it, fsyncs and renames
+    it to `<path>`: one file written once, front to back. It is read through the handle opened on `.part` (the
+    rename keeps the inode) until `saving` is done and the end is reached; a failed save raises here."""
+    import asyncssh
+
+    f = None
+    while f is None:
+        try:
+            f = await sftp.open(path + ".part", "rb")
+        except asyncssh.SFTPNoSuchFile:
+            if saving.done():
+                saving.result()  # raises when the save failed
+                f = await sftp.open(path, "rb")  # done before we looked: the renamed file
+            else:
+                await asyncio.sleep(poll_s)
+    try:
+        while True:
+            data = await f.read(chunk)
+            if data:
+                yield data
+            elif saving.done():
+                saving.result()
+                data = await f.read(chunk)  # whatever was written after the last read, then the end
+                if not data:
+                    return
+                yield data
+            else:
+                await asyncio.sleep(poll_s)
+    finally:
+        await f.close()
+
+
 async def take_verified_snapshot(conn: Any, client: EtcdClient, endpoint: str, path: str, store: Any, store_key: str,
                                  redactor: Redactor, *, revision_before: int, sample: int,
                                  timeout_s: int) -> dict:
-    """`snapshot save` from `endpoint`, then two things at once on the one SSH connection: the verification
-    (live revision after the save, `snapshot status` against it, then the live key count and the sampled
-    keys at the snapshot's revision) and the streamed off-site copy. A snapshot that does not verify is
-    deleted from the store again (no manifest is ever written for it); a store error is raised as it is.
+    """`snapshot save` from `endpoint`, streamed off-site while etcdctl writes it (`_follow`, SHA-256 on the
+    way, `tasks.storage.copy_stream_async`), then, while the copy finishes, the verification: the live revision
+    after the save, `snapshot status` against it, the live key count and the sampled keys at the snapshot's
+    revision. The copy must be as long as the finished file. A snapshot that fails a check is deleted from the
+    store again (no manifest is ever written for it); a store error is raised as it is.
 
     Returns {"check", "key_count", "sample", "copied"} ("copied" None when the check failed)."""
-    import asyncio
+    from tasks.storage import copy_stream_async
 
-    await save_snapshot(conn, client, endpoint, path, redactor, timeout_s=timeout_s)
+    saving = asyncio.ensure_future(save_snapshot(conn, client, endpoint, path, redactor, timeout_s=timeout_s))
 
-    async def verify() -> tuple[SnapshotCheck, int, list[dict]]:
-        _, after = await key_count(conn, client.argv([endpoint]), redactor)
-        check = await verify_snapshot(conn, client, path, redactor, revision_before=revision_before,
-                                      revision_after=after)
+    async def copy() -> dict:
+        async with conn.start_sftp_client() as sftp:
+            c = await copy_stream_async(store_key, _follow(sftp, path, saving), store.sink(store_key))
+        return {"size": c.size, "sha256": c.sha256, "location": c.location}
+
+    async def verify() -> tuple[SnapshotCheck, int, list[dict], int]:
+        await saving
+        (_, after), text, size = await asyncio.gather(key_count(conn, client.argv([endpoint]), redactor),
+                                                      snapshot_status(conn, client, path, redactor),
+                                                      file_size(conn, path, redactor))
+        check = check_snapshot(text, revision_before=revision_before, revision_after=after, file_size=size)
         if not check.ok:
-            return check, 0, []
-        count, _ = await key_count(conn, client.argv([endpoint]), redactor, revision=check.revision)
-        return check, count, await sample_keys(conn, client.argv([endpoint]), redactor, check.revision, sample)
+            return check, 0, [], size
+        (count, _), keys = await asyncio.gather(
+            key_count(conn, client.argv([endpoint]), redactor, revision=check.revision),
+            sample_keys(conn, client.argv([endpoint]), redactor, check.revision, sample))
+        return check, count, keys, size
 
-    verified, copied = await asyncio.gather(verify(), copy_snapshot_offsite(conn, path, store, store_key),
-                                            return_exceptions=True)
+    copying = asyncio.ensure_future(copy())
+    verified, copied, saved = await asyncio.gather(verify(), copying, saving, return_exceptions=True)
+    if isinstance(saved, BaseException):  # the save failed: nothing was committed (the copy raised too)
+        raise saved
     if isinstance(copied, BaseException):
         raise copied
     if isinstance(verified, BaseException):
         await asyncio.to_thread(store.delete, [store_key])
         raise verified
-    check, count, keys = verified
+    check, count, keys, size = verified
+    if check.ok and size != copied["size"]:
+        check = SnapshotCheck(False, check.hash, check.revision, check.total_keys, check.total_size,
+                              (f"the off-site copy has {copied['size']} bytes, the snapshot file {size}",))
     if not check.ok:
         await asyncio.to_thread(store.delete, [store_key])
         copied = None
