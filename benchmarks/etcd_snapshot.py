@@ -5,9 +5,9 @@ quota large enough, loaded with SIZE MB through etcd's v3 JSON gateway in 512 Ki
 
 - project (a child process, so its peak RSS is its own; target <= 150 MB): over SSH on the etcd host,
   `tasks.etcd.take_verified_snapshot`, what `etcd-backup` does per member: `etcdctl snapshot save` from a
-  follower, then at once the verification (live revision, `etcdctl snapshot status` against it, key count
-  and 10 sampled keys at the snapshot's revision) and the file streamed over SFTP into a local-directory
-  `Store` with its SHA-256 (one pass, read back and compared before the rename);
+  follower, streamed over SFTP into a local-directory `Store` while etcdctl writes it (SHA-256 on the way; the
+  copy fsync'd, read back and compared before the rename), then `snapshot status` against the live revisions,
+  the key count and 10 sampled keys at the snapshot's revision;
 - baseline, the same run: `etcdctl snapshot save` from the same follower with the same certificates (run
   directly, no SSH), then `sha256sum` and `cp` to the off-site folder.
 
