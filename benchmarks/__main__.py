@@ -18,6 +18,7 @@ BENCHMARKS = {
     "backup-stream": "benchmarks.backup_stream",
     "cert-scan": "benchmarks.cert_scan",
     "image-audit": "benchmarks.image_audit",
+    "etcd-snapshot": "benchmarks.etcd_snapshot",
 }
 
 

@@ -572,6 +572,101 @@ class CertificatesConfig(_Model):
     timeouts: CertificateTimeouts = CertificateTimeouts()
 
 
+# --- etcd lifecycle (issue 16) ---------------------------------------------------------------------
+
+_ETCD_ENDPOINT_RE = r"^https://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$"
+_FILE_TEMPLATE_RE = r"^[A-Za-z0-9_.\-]*(\{host\})?[A-Za-z0-9_.\-]*$"
+
+
+class EtcdHost(SSHTarget):
+    """An etcd host `etcdctl` runs on, over SSH (kubespray's etcd role runs etcdctl on the member hosts)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,62}$",
+                      description="the host's inventory name: its client certificate is admin-<name>.pem")
+    root: str = Field("/", pattern=_HOST_PATH_RE, description="prefix of every host path ('/' on a real host)")
+
+
+class EtcdScratch(EtcdHost):
+    """The restore drill's scratch host: a snapshot is restored and served there on loopback, never on a member."""
+
+    etcd: str = Field("/usr/local/bin/etcd", pattern=_HOST_PATH_RE + "|^etcd$", description="etcd binary")
+    work_dir: str = Field("/var/lib/etcd-restore-drill", pattern=_HOST_PATH_RE,
+                          description="fresh data dirs and downloaded snapshots live here, removed after the drill")
+    client_port: Port = Field(23790, description="the drill member's client port (127.0.0.1 only)")
+    peer_port: Port = Field(23800, description="the drill member's peer port (127.0.0.1 only)")
+
+
+class EtcdClusterEndpoints(_Model):
+    """One etcd cluster: `main` (Kubernetes' objects) or `events` (kubespray `etcd_events_cluster_setup`)."""
+
+    name: Name
+    endpoints: list[Annotated[str, Field(pattern=_ETCD_ENDPOINT_RE)]] = Field(
+        ..., min_length=1, description="client URLs (kubespray: https://<ip>:2379, events :2383)")
+    quota_bytes: int = Field(8 * 1024 ** 3, ge=1, description="--quota-backend-bytes (the guide: 8 GiB)")
+
+
+class EtcdCerts(_Model):
+    """kubespray's etcd client certificates (`etcd_cert_dir`, `roles/etcd/files/make-ssl-etcd.sh`)."""
+
+    dir: str = Field("/etc/ssl/etcd/ssl", pattern=_HOST_PATH_RE)
+    ca: str = Field("ca.pem", pattern=_FILE_TEMPLATE_RE)
+    cert: str = Field("admin-{host}.pem", pattern=_FILE_TEMPLATE_RE, description="{host}: the host's name")
+    key: str = Field("admin-{host}-key.pem", pattern=_FILE_TEMPLATE_RE)
+
+
+class EtcdHealthThresholds(_Model):
+    quota_warning: float = Field(0.6, gt=0, le=1, description="db size / quota for a warning")
+    quota_critical: float = Field(0.8, gt=0, le=1, description="db size / quota for critical (compact, defragment)")
+    fragmented_share: float = Field(0.5, gt=0, le=1, description="in use / size below this: defragment")
+    fragmented_min_bytes: int = Field(64 * 1024 * 1024, ge=0, description="never report fragmentation below this")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EtcdHealthThresholds:
+        if self.quota_warning > self.quota_critical:
+            raise PydanticCustomError("order", "quota_warning must not exceed quota_critical")
+        return self
+
+
+class EtcdTimeouts(_Model):
+    dial: Duration = Field("3s", description="etcdctl --dial-timeout")
+    command: Duration = Field("30s", description="etcdctl --command-timeout of status, health, alarms")
+    snapshot: Duration = Field("15m", description="one `snapshot save` (a hung member: the next one is tried)")
+    transfer: Duration = Field("1h", description="off-site copy of one snapshot")
+    defrag: Duration = Field("10m", description="one member's defragmentation")
+    drill: Duration = Field("30m", description="the restore drill as a whole")
+    approval: Duration = "1h"
+
+
+class EtcdRetention(_Model):
+    keep_days: int = Field(7, ge=1, le=3650)
+    keep_count: int = Field(28, ge=1, le=10000, description="every 6 hours: 28 = a week")
+
+
+class EtcdConfig(_Model):
+    """The etcd lifecycle (issue 16): snapshots off-site, health, defragmentation, restore drill."""
+
+    hosts: list[EtcdHost] = Field(..., min_length=1, description="etcd hosts etcdctl runs on, tried in order")
+    clusters: list[EtcdClusterEndpoints] = Field(..., min_length=1)
+    certs: EtcdCerts = EtcdCerts()
+    etcdctl: str = Field("/usr/local/bin/etcdctl", pattern=_HOST_PATH_RE + "|^etcdctl$",
+                         description="kubespray's bin_dir/etcdctl")
+    snapshot_dir: str = Field("/var/backups/etcd-snapshots", pattern=_HOST_PATH_RE,
+                              description="where a snapshot is written on the host before the off-site copy")
+    sample_keys: int = Field(10, ge=0, le=1000, description="keys recorded in the manifest and read back by the drill")
+    thresholds: EtcdHealthThresholds = EtcdHealthThresholds()
+    timeouts: EtcdTimeouts = EtcdTimeouts()
+    retention: EtcdRetention = EtcdRetention()
+    scratch: EtcdScratch | None = Field(None, description="the restore drill's host")
+
+    @field_validator("clusters")
+    @classmethod
+    def _unique(cls, clusters: list[EtcdClusterEndpoints]) -> list[EtcdClusterEndpoints]:
+        names = [c.name for c in clusters]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("unique", "etcd cluster names must be unique, got {names}", {"names": str(names)})
+        return clusters
+
+
 class ImageThresholds(_Model):
     unused_for: Duration = "14d"
     keep_tags: int = Field(10, ge=1, le=10000)
@@ -620,6 +715,7 @@ class PlatformConfig(_Model):
     backup_store: BackupStoreConfig | None = None
     notifications: NotificationsConfig = NotificationsConfig()
     certificates: CertificatesConfig = CertificatesConfig()
+    etcd: EtcdConfig | None = None
     thresholds: Thresholds = Thresholds()
 
     @field_validator("clusters")

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import yaml
 
-from blocks.config import ConfigError, PlatformConfig, SecretRef, SSHTarget, load_platform_config
+from blocks.config import (
+    ConfigError,
+    PlatformConfig,
+    SecretRef,
+    SSHTarget,
+    load_platform_config,
+)
 
 
 def _secret(ref: SecretRef | None):
@@ -52,6 +58,23 @@ def cluster_host_blocks(cfg: PlatformConfig) -> list[tuple[str, object]]:
                             SSHHost(**_ssh_fields(h), cluster=cluster.name, role=role, label=h.label, root=h.root,
                                     apiserver_port=h.apiserver_port)))
     return out
+
+
+def etcd_host_name(platform: str, label: str) -> str:
+    """The block document name of an etcd-lifecycle host (issue 16): `<platform>-etcd-<name>`."""
+    return cluster_host_name(platform, "etcd", label)
+
+
+def etcd_host_blocks(cfg: PlatformConfig) -> list[tuple[str, object]]:
+    """An `SSHHost` document per `etcd.hosts[]` entry and one for `etcd.scratch` (the restore drill)."""
+    from blocks.connections import SSHHost
+
+    if cfg.etcd is None:
+        return []
+    hosts = [*cfg.etcd.hosts, *([cfg.etcd.scratch] if cfg.etcd.scratch else [])]
+    return [(etcd_host_name(cfg.name, h.name), SSHHost(**_ssh_fields(h), cluster=cfg.clusters[0].name, role="etcd",
+                                                       label=h.name, root=h.root, apiserver_port=None))
+            for h in hosts]
 
 
 def build_blocks(cfg: PlatformConfig) -> list[tuple[str, object]]:
@@ -95,6 +118,7 @@ def build_blocks(cfg: PlatformConfig) -> list[tuple[str, object]]:
             out.append((f"{cfg.name}-scratch", GitLabHost(**_ssh_fields(g.scratch.ssh), **scratch_extra)))
             out.append((f"{cfg.name}-scratch", GitLabAPI(url=g.scratch.api_url, token=_secret(g.scratch.token))))
     out += cluster_host_blocks(cfg)
+    out += etcd_host_blocks(cfg)
     if cfg.prometheus:
         out.append((cfg.name, PrometheusServer(url=cfg.prometheus.url, timeout_s=cfg.prometheus.timeout_s)))
     if cfg.argo:

@@ -158,6 +158,33 @@ class Platform:
                                   "<platform.yaml>`") from exc
         return self._blocks[key]
 
+    def etcd_hosts(self) -> list:
+        """The etcd lifecycle's hosts (`etcd.hosts[]`, issue 16): `SSHHost` blocks, in the config's order."""
+        etcd = self.config.etcd
+        if etcd is None:
+            raise LookupError(f"platform {self.name!r} has no `etcd` section in its config")
+        return [self._etcd_host(h.name) for h in etcd.hosts]
+
+    def etcd_scratch_host(self):
+        """The restore drill's scratch host (`etcd.scratch`): an `SSHHost` block."""
+        etcd = self.config.etcd
+        if etcd is None or etcd.scratch is None:
+            raise LookupError(f"platform {self.name!r} has no `etcd.scratch` host for the restore drill")
+        return self._etcd_host(etcd.scratch.name)
+
+    def _etcd_host(self, label: str) -> Any:
+        from blocks.connections import SSHHost
+        from blocks.load import etcd_host_name
+
+        doc = etcd_host_name(self.name, label)
+        if f"ssh-host:{doc}" not in self._blocks:
+            try:
+                self._blocks[f"ssh-host:{doc}"] = SSHHost.load(doc, _sync=True)
+            except ValueError as exc:
+                raise LookupError(f"no cluster-ssh-host block named {doc!r}: run `python -m blocks.load "
+                                  "<platform.yaml>`") from exc
+        return self._blocks[f"ssh-host:{doc}"]
+
     def argo(self):
         return self._part("argo")
 
@@ -192,6 +219,12 @@ class Platform:
                     out += secret_values(self._cluster_host(cluster.name, host))
                 except LookupError:
                     pass
+        etcd = self.config.etcd  # the etcd lifecycle's hosts' SSH keys (issue 16)
+        for h in [*(etcd.hosts if etcd else []), *([etcd.scratch] if etcd and etcd.scratch else [])]:
+            try:
+                out += secret_values(self._etcd_host(h.name))
+            except LookupError:
+                pass
         return out
 
     async def asecrets(self) -> list[str]:

@@ -28,6 +28,7 @@ from prefect.variables import Variable
 from blocks.platform import Platform
 from tasks import health_probes as probes
 from tasks.events import emit_critical_findings
+from tasks.etcd_health import etcd_probe as probe_etcd
 from tasks.health import Check, build_report, report_markdown, transitions, unknown
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, artifact_key
@@ -110,6 +111,9 @@ async def platform_health_check(
         probes_by_name["prometheus,prometheus-targets"] = lambda: probes.prometheus_checks(plat.prometheus(), t)
     if cfg.registry is not None:
         probes_by_name["registry"] = lambda: probes.registry_check(plat.registry(), t)
+    etcd_probe, etcd_names = probe_etcd(platform, plat, redactor)  # etcd itself, over SSH (issue 16)
+    if etcd_probe is not None:
+        probes_by_name[etcd_names] = etcd_probe
     results = await asyncio.gather(*(run_check(names, probe, t, redactor) for names, probe in probes_by_name.items()))
     report = build_report([c for checks in results for c in checks])
 

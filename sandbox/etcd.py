@@ -12,7 +12,7 @@
 - the events cluster (`etcd_events_cluster_setup: true`, `etcd-events.env.j2`): one member `etcd1-events`
   with its own data dir (`/var/lib/etcd-events`) and the same certificates;
 - a real `sshd` on the etcd host `etcd1` so `etcdctl` runs on the host, as kubespray's backup tasks do
-  (`roles/etcd/tasks/backup.yml`: `etcdctl snapshot save` with `ETCDCTL_CERT=admin-<host>.pem`);
+  (`roles/etcd/handlers/backup.yml`: `etcdctl snapshot save` with `ETCDCTL_CERT=admin-<host>.pem`);
 - a scratch host `etcd-scratch` (sshd, the same CA) for restore drills.
 
 `--quota-backend-bytes` is small (`QUOTA_BYTES`) so that a real `NOSPACE` alarm is reachable in a test
@@ -36,7 +36,6 @@ import httpx
 from sandbox import pki
 from sandbox._common import (
     SandboxLike,
-    free_port,
     require_binary,
     secrets_dir,
     start_key_only_sshd,
@@ -96,7 +95,8 @@ def member_argv(etcd: str, name: str, root: Path, data_dir: Path, client: int, p
             "--logger", "zap", "--log-level", "warn"]
 
 
-def start_etcd(sb: SandboxLike) -> None:
+def start_etcd(sb: SandboxLike, quota_bytes: int | None = None) -> None:
+    """`quota_bytes` overrides the main cluster's small test quota (the benchmark loads hundreds of MB)."""
     etcd = require_binary("etcd", "etcd-server")
     require_binary("etcdctl", "etcd-client")
     b = base(sb)
@@ -113,9 +113,10 @@ def start_etcd(sb: SandboxLike) -> None:
             write_etcd_host(root, h, ca)
         (root / "var" / "backups").mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(parents=True, exist_ok=True)
-    ports = {n: (free_port(), free_port()) for n in (*MAIN, *EVENTS)}
+    ports = {n: (_member_port(), _member_port()) for n in (*MAIN, *EVENTS)}
     members: dict[str, dict[str, Any]] = {}
-    for group, names, token, quota, sub in (("main", MAIN, TOKEN, QUOTA_BYTES, "etcd"),
+    main_quota = quota_bytes or QUOTA_BYTES
+    for group, names, token, quota, sub in (("main", MAIN, TOKEN, main_quota, "etcd"),
                                             ("events", EVENTS, "k8s_events", EVENTS_QUOTA_BYTES, "etcd-events")):
         cluster = ",".join(f"{n}=https://127.0.0.1:{ports[n][1]}" for n in names)
         for n in names:
@@ -128,15 +129,91 @@ def start_etcd(sb: SandboxLike) -> None:
     ssh: dict[str, dict[str, Any]] = {}
     for h in SSH_HOSTS:
         root = host_root(sb, h)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "ETCD_SANDBOX_ROOT": str(root)}
+        bin_dir = _fault_wrappers(b / h, root)
+        env = {"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "ETCD_SANDBOX_ROOT": str(root)}
         port, known_hosts = start_key_only_sshd(sb, f"etcd-{h}", b / h / "sshd", public_key, env)
         ssh[h] = {"name": h, "host": "127.0.0.1", "port": port, "user": "root", "private_key_path": str(key_path),
                   "known_hosts": str(known_hosts), "connect_timeout_s": 5, "root": str(root)}
     info = {"members": members, "ssh": ssh, "roots": {h: str(host_root(sb, h)) for h in hosts},
-            "quota_bytes": {"main": QUOTA_BYTES, "events": EVENTS_QUOTA_BYTES}}
+            "quota_bytes": {"main": main_quota, "events": EVENTS_QUOTA_BYTES}}
     for n in members:
         wait_for(lambda n=n: _healthy(info, n), f"etcd member {n}", 60, None, sb.log_of(f"etcd-{n}"))
+    put_keys(info, "etcd1-events", 20, prefix="/registry/events/default/")  # kube-apiserver's --etcd-servers-overrides
     sb.extra["etcd"] = info
+    sb.config["etcd"] = platform_section(info)
+
+
+def _ssh_target(h: dict) -> dict:
+    return {"name": h["name"], "host": h["host"], "port": h["port"], "user": h["user"],
+            "private_key_path": h["private_key_path"], "known_hosts": h["known_hosts"],
+            "connect_timeout_s": h["connect_timeout_s"], "root": h["root"]}
+
+
+def platform_section(info: dict) -> dict:
+    """The platform config's `etcd` section (blocks/config.py `EtcdConfig`) for this sandbox: etcdctl on `etcd1`,
+    the two clusters with their small quotas, the scratch host for drills, short time limits."""
+    def eps(cluster: str) -> list[str]:
+        return [f"https://127.0.0.1:{m['client_port']}" for m in info["members"].values() if m["cluster"] == cluster]
+    return {
+        "hosts": [_ssh_target(info["ssh"]["etcd1"])],
+        "clusters": [{"name": "main", "endpoints": eps("main"), "quota_bytes": info["quota_bytes"]["main"]},
+                     {"name": "events", "endpoints": eps("events"), "quota_bytes": EVENTS_QUOTA_BYTES}],
+        "etcdctl": "etcdctl",
+        "snapshot_dir": "/var/backups/etcd-snapshots",
+        "sample_keys": 10,
+        "thresholds": {"fragmented_min_bytes": 4 * 1024 * 1024},
+        "timeouts": {"dial": "2s", "command": "5s", "snapshot": "20s", "transfer": "5m", "defrag": "1m",
+                     "drill": "5m", "approval": "10m"},
+        "retention": {"keep_days": 7, "keep_count": 4},
+        "scratch": {**_ssh_target(info["ssh"]["etcd-scratch"]), "etcd": "etcd", "work_dir": "/var/lib/etcd-drill",
+                    "client_port": _member_port(), "peer_port": _member_port()},
+    }
+
+
+# The "corrupt snapshot file" fault: a disk or filesystem that damages what was written (a torn write, a full
+# disk under a non-atomic copy). The real etcdctl runs; when `<root>/faults/corrupt-snapshot` exists, the file
+# that `snapshot save` completed is cut to a third, as a torn file is; `snapshot status` then refuses it
+# (bolt's consistency check, `clientv3/snapshot/v3_snapshot.go` Status: "invalid database" / "snapshot file
+# integrity check failed").
+_ETCDCTL_WRAPPER = """#!/bin/sh
+{real} "$@" || exit $?
+[ -f "$ETCD_SANDBOX_ROOT/faults/corrupt-snapshot" ] || exit 0
+p2=; p1=
+for a in "$@"; do
+  if [ "$p2" = snapshot ] && [ "$p1" = save ] && [ -f "$a" ]; then
+    truncate -s $(( $(stat -c %s "$a") / 3 )) "$a"
+  fi
+  p2=$p1; p1=$a
+done
+"""
+
+
+def _fault_wrappers(host_dir: Path, root: Path) -> Path:
+    bin_dir = host_dir / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (root / "faults").mkdir(parents=True, exist_ok=True)
+    w = bin_dir / "etcdctl"
+    w.write_text(_ETCDCTL_WRAPPER.format(real=shutil.which("etcdctl")))
+    w.chmod(0o755)
+    return bin_dir
+
+
+def _member_port() -> int:
+    """A free port below Linux's ephemeral range (ip_local_port_range 32768-60999): a stopped member's port
+    must not be taken by some connection's source port before the member starts again (its peers keep
+    dialling it), which a port from `free_port()` (an ephemeral one) can be."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000 for an etcd member")
 
 
 def client_cert(info: dict, host: str = "etcd1") -> tuple[str, str, str]:
@@ -186,6 +263,18 @@ def put_keys(info: dict, member: str, count: int, *, prefix: str = "/registry/sa
                 raise RuntimeError(f"etcd put refused: {body.get('error') or body}")
             rev = int(body["header"]["revision"])
     return rev
+
+
+def delete_prefix(info: dict, member: str, prefix: str) -> int:
+    """Delete every key under `prefix` (`POST /v3/kv/deleterange` with range_end = prefix + 1, etcd v3.4 docs
+    *gRPC gateway*; allowed under a NOSPACE alarm, *Maintenance* "Space quota"). Returns how many went."""
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    with _client(info, 30) as c:
+        r = c.post(url(info, member) + "/v3/kv/deleterange", json={"key": _b64(prefix), "range_end": _b64(end)})
+        body = r.json()
+        if r.status_code != 200 or "error" in body:
+            raise RuntimeError(f"etcd deleterange refused: {body.get('error') or body}")
+        return int(body.get("deleted", 0))
 
 
 def stop_member(sb: SandboxLike, member: str) -> None:

@@ -66,6 +66,8 @@ DEMO_RUNS: list[tuple[str, dict]] = [
     ("renew-control-plane-certificates/renew-control-plane-certificates", {}),
     ("image-cleanup-audit/image-cleanup-audit", {}),  # unused images per node, disk vs GC/eviction, registry
     ("image-prune/image-prune", {}),  # dry run: the exact prune plan, nothing removed
+    ("etcd-backup/etcd-backup", {}),  # the sandbox's real etcd: a verified snapshot per cluster, off-site
+    ("etcd-restore-drill/etcd-restore-drill", {}),  # restores the snapshots above on the etcd scratch host
 ]
 
 

@@ -238,12 +238,71 @@ def snapshot_id(cluster: str, when: datetime) -> str:
 
 
 def snapshot_manifest(*, backup_id: str, cluster: str, member: str, endpoint: str, check: SnapshotCheck,
-                      copied: dict, store_key: str, started_at: datetime, finished_at: datetime) -> dict:
-    """The manifest written next to an off-site snapshot, last: its presence marks the copy complete."""
+                      copied: dict, store_key: str, started_at: datetime, finished_at: datetime,
+                      key_count: int | None = None, sample: list[dict] | None = None) -> dict:
+    """The manifest written next to an off-site snapshot, last: its presence marks the copy complete.
+    `total_keys` is `snapshot status`'s totalKey (every bolt entry: all revisions and etcd's own buckets,
+    `clientv3/snapshot/v3_snapshot.go` Status); `key_count` is the number of live keys at `revision`, what a
+    restored member must count with `get --prefix ''` (`tasks.etcd.key_count`)."""
     return {"id": backup_id, "cluster": cluster, "member": member, "endpoint": endpoint, "revision": check.revision,
             "hash": check.hash, "total_keys": check.total_keys, "total_size": check.total_size,
+            "key_count": key_count, "sample": sample or [],
             "size": copied["size"], "sha256": copied["sha256"], "store_key": store_key, "verified": check.ok,
             "offsite": True, "started_at": started_at.isoformat(), "finished_at": finished_at.isoformat()}
+
+
+def newest_verified(manifests: list[dict]) -> dict | None:
+    """The newest verified off-site snapshot's manifest (what the restore drill restores)."""
+    ok = [m for m in manifests if m.get("verified") and m.get("offsite")]
+    return max(ok, key=lambda m: m["finished_at"], default=None)
+
+
+def compare_drill(manifest: dict, *, downloaded: dict, status: SnapshotCheck | None, revision: int, key_count: int,
+                  sample_read: dict[str, str | None]) -> list[str]:
+    """What the restore drill found wrong (empty: the snapshot restores as recorded)."""
+    problems = []
+    if downloaded.get("sha256") != manifest["sha256"] or downloaded.get("size") != manifest["size"]:
+        problems.append(f"downloaded copy differs from the manifest (sha256 {str(downloaded.get('sha256'))[:12]}... "
+                        f"vs {manifest['sha256'][:12]}...)")
+    if status is not None and (status.hash, status.revision, status.total_keys) != (
+            manifest["hash"], manifest["revision"], manifest["total_keys"]):
+        problems.append(f"snapshot status {status.hash}/{status.revision}/{status.total_keys} differs from the "
+                        f"manifest {manifest['hash']}/{manifest['revision']}/{manifest['total_keys']}")
+    if revision != manifest["revision"]:
+        problems.append(f"restored revision {revision} != manifest {manifest['revision']}")
+    if manifest.get("key_count") is not None and key_count != manifest["key_count"]:
+        problems.append(f"restored key count {key_count} != manifest {manifest['key_count']}")
+    for s in manifest.get("sample", []):
+        got = sample_read.get(s["key"])
+        if got != s["sha256"]:
+            problems.append(f"key {s['key']!r} " + ("is missing" if got is None else "has another value"))
+    return problems
+
+
+@dataclass(frozen=True)
+class DefragStep:
+    member: str
+    endpoint: str
+    is_leader: bool
+    db_size: int
+    db_size_in_use: int
+
+
+def defrag_plan(s: ClusterStatus) -> tuple[list[DefragStep], list[str]]:
+    """(steps, refusals): followers first, the leader last (defragmenting the leader stalls the cluster's
+    writes longest: etcd v3.4 *Maintenance*, "Defragmentation",). A member that is
+    not healthy is a refusal: defragmenting with a member down can cost the quorum."""
+    refusals = [f"{m.name or m.endpoint} is not healthy ({m.error or 'no answer'})" for m in s.members if not m.healthy]
+    if s.leader is None:
+        refusals.append("no leader")
+    steps = [DefragStep(m.name or m.endpoint, m.endpoint, m.is_leader, m.db_size, m.db_size_in_use)
+             for m in sorted(s.members, key=lambda m: (m.is_leader, m.endpoint)) if m.reachable]
+    return steps, refusals
+
+
+def space_is_back(s: ClusterStatus, quota_bytes: int, t: EtcdThresholds = EtcdThresholds()) -> bool:
+    """Every member's db below the critical share of the quota: a NOSPACE alarm may be disarmed."""
+    return bool(s.members) and all(m.reachable and m.db_size < quota_bytes * t.quota_critical for m in s.members)
 
 
 def plan_snapshot_retention(manifests: list[dict], *, now: datetime, keep_days: int, keep_count: int,

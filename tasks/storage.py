@@ -390,18 +390,22 @@ def copy_stream(name: str, chunks: Iterable[bytes], sink: Sink,
 async def copy_stream_async(name: str, chunks: AsyncIterable[bytes], sink: Sink,
                             verifier: TarStreamVerifier | None = None,
                             on_progress: Callable[[int], Awaitable[None]] | None = None) -> CopyResult:
-    """`copy_stream` for an async source (SFTP); sink writes run in a thread. `on_progress(bytes_so_far)`
-    is awaited after each chunk (it throttles itself)."""
+    """`copy_stream` for an async source (SFTP); hashing, verifying and the sink's write of a chunk run in a
+    thread, one chunk at a time and in order, while the next chunk is received (hashlib releases the GIL on
+    large buffers). `on_progress(bytes_so_far)` is awaited after each chunk (it throttles itself)."""
     p = _Pass(name, sink, verifier)
     pending = None
+
+    def step(data: bytes) -> None:
+        p.chunk(data)
+        sink.write(data)
     try:
         async for data in chunks:
-            p.chunk(data)
-            if on_progress is not None:
-                await on_progress(p.size)
             if pending is not None:
                 await pending
-            pending = asyncio.ensure_future(asyncio.to_thread(sink.write, data))
+            pending = asyncio.ensure_future(asyncio.to_thread(step, data))
+            if on_progress is not None:
+                await on_progress(p.size)
         if pending is not None:
             await pending
         return await asyncio.to_thread(p.done)
