@@ -34,6 +34,8 @@ SCHEDULED = {
     "gitlab-config-backup": {"cron": "15 4 * * 2-6"},     # 04:15, Tuesday to Saturday
     "gitlab-restore-drill": {"cron": "0 6 * * 0"},        # weekly, Sunday 06:00
     "cluster-inventory": {"cron": "0 * * * *"},           # hourly
+    "etcd-backup": {"cron": "0 */6 * * *"},               # every 6 hours
+    "etcd-restore-drill": {"cron": "0 5 * * 0"},          # weekly, Sunday 05:00
 }
 
 # Parameters that name the target of a run: no default on purpose, so no run starts against a guessed
@@ -46,11 +48,13 @@ REQUIRED_AT_RUN = {("scale-cluster", "hosts"), ("remove-node", "host"), ("upgrad
 # provisioning of a cluster and a certificate renewal are also held apart across deployments by the
 # global limits of tasks/concurrency.py, taken inside the flows.
 ONE_AT_A_TIME = {"platform-health-check", "gpu-monitoring-sweep", "gpu-node-uncordon", "certificate-check",
-                 "cluster-inventory", "image-cleanup-audit", "image-prune", "gitlab-restore", "gitlab-restore-drill"}
+                 "cluster-inventory", "image-cleanup-audit", "image-prune", "gitlab-restore", "gitlab-restore-drill",
+                 "etcd-backup", "etcd-restore-drill", "etcd-defrag"}
 
 # Actions that change the platform: a dry run unless the operator passes dry_run=false.
 DRY_RUN_FIRST = {"image-prune", "gitlab-restore", "gpu-monitoring-sweep", "gpu-node-uncordon",
-                 "renew-control-plane-certificates", "remove-node", "upgrade-cluster", "reset-cluster", "init-nodes"}
+                 "renew-control-plane-certificates", "remove-node", "upgrade-cluster", "reset-cluster", "init-nodes",
+                 "etcd-defrag"}
 
 
 def _all_flows() -> dict[str, tuple[str, Flow]]:
