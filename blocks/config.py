@@ -629,7 +629,9 @@ class EtcdHealthThresholds(_Model):
 
 class EtcdTimeouts(_Model):
     dial: Duration = Field("3s", description="etcdctl --dial-timeout")
-    command: Duration = Field("30s", description="etcdctl --command-timeout of status, health, alarms")
+    # etcdctl 3.4's own default --command-timeout is 5s (`etcdctl --help`: "--command-timeout=5s"); the
+    # platform health check gives each check 20 s, and the status reads allow 3x this plus 10 s.
+    command: Duration = Field("5s", description="etcdctl --command-timeout of status, health, alarms")
     snapshot: Duration = Field("15m", description="one `snapshot save` (a hung member: the next one is tried)")
     transfer: Duration = Field("1h", description="off-site copy of one snapshot")
     defrag: Duration = Field("10m", description="one member's defragmentation")
