@@ -46,6 +46,7 @@ from sandbox._common import (
     spawn,
     stop_process,
 )
+from scripts.prefect_server import ServerNotHealthy, wait_until_healthy
 from scripts.work_pools import LOCAL_POOL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,17 +193,10 @@ class Demo:
         log(f"starting Prefect server on {self.ui_url} (a fresh SQLite database under {self.home / 'prefect'})")
         proc = self._spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start",
                                               "--host", "127.0.0.1", "--port", str(self.port)])
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"[demo] Prefect server exited; see {self.home / 'prefect-server.log'}")
-            try:
-                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit("[demo] Prefect server did not become healthy within 180 s")
+        try:
+            wait_until_healthy(self.api_url, proc, 180, where=str(self.home / "prefect-server.log"))
+        except ServerNotHealthy as e:
+            raise SystemExit(f"[demo] {e}") from None
 
     def start_sandbox(self) -> None:
         from sandbox.platform import Sandbox

@@ -39,6 +39,7 @@ import psutil
 import pytest
 import yaml
 
+from scripts.prefect_server import ServerNotHealthy, wait_until_healthy
 from tests.conftest import REPO, need_binary
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.timeout(600)]
@@ -190,16 +191,10 @@ def ops(sandbox):
         t = time.monotonic()
         server = ops.spawn("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                       "--port", str(ops.port)])
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"prefect server exited:\n{ops.log('server')}"
-            assert time.monotonic() < deadline, f"prefect server not healthy in 180 s:\n{ops.log('server')}"
-            try:
-                if httpx.get(f"{ops.api_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        try:
+            wait_until_healthy(ops.api_url, server, 180)
+        except ServerNotHealthy as e:
+            pytest.fail(f"{e}:\n{ops.log('server')}")
         timings["server"] = time.monotonic() - t
         t = time.monotonic()
         py = sys.executable
