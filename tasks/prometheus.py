@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -458,6 +459,23 @@ def _run_queries(client: httpx.Client, base_url: str, queries: dict[str, str], a
     return answers, warnings
 
 
+def _run_into(client: httpx.Client, base_url: str, snap: DCGMSnapshot, queries: dict[str, str],
+              timeout_s: float) -> list[str]:
+    """Run `queries` concurrently at `snap.at`, folding each answer into `snap` as soon as it is parsed (under
+    a lock, one answer at a time), so the fleet's answers are never all held at once; returns the warnings."""
+    lock = threading.Lock()
+
+    def one(name: str, expr: str) -> list[str]:
+        result, warns = query_vector(client, base_url, expr, snap.at, timeout_s)
+        with lock:
+            merge_answers(snap, {name: result})
+        return warns
+
+    with ThreadPoolExecutor(max_workers=max(1, len(queries)), thread_name_prefix="promql") as pool:
+        futures = [pool.submit(one, name, expr) for name, expr in queries.items()]
+        return [w for future in futures for w in future.result()]
+
+
 def fetch_dcgm(base_url: str, window: str, *, timeout_s: float = 15.0, client: httpx.Client | None = None,
                source: str = "auto", at: float | None = None, **query_args: Any) -> DCGMSnapshot:
     """The sweep's first phase at one instant. Raises `PrometheusError`.
@@ -477,24 +495,21 @@ def fetch_dcgm(base_url: str, window: str, *, timeout_s: float = 15.0, client: h
             rules = sweep_recording_rules(queries)
             at_rules, note, trips = recorded_state(client, base_url, rules, timeout_s)
             if at_rules is not None:
-                # one instant vector of the recorded series, read at their evaluation's timestamp (where a
-                # series that stopped failing a filter has its staleness marker): cheap, whatever the window
-                answers, warnings = _run_queries(client, base_url, {"recorded": recorded_selector(rules)},
-                                                 at_rules, timeout_s)
-                snap = merge_answers(DCGMSnapshot(window=window, at=at_rules), answers)
-                snap.warnings, snap.round_trips = warnings, trips + 1
-                snap.source, snap.source_note = "recording rules", note
+                # the recorded series, read at their evaluation's timestamp (where a series that stopped
+                # failing a filter has its staleness marker): instant vectors, whatever the window
+                snap = DCGMSnapshot(window=window, at=at_rules, source="recording rules", source_note=note)
+                reads = recorded_reads(rules)
+                snap.warnings = _run_into(client, base_url, snap, reads, timeout_s)
+                snap.round_trips = trips + len(reads)
                 return snap
-        at = time.time() if at is None else at
-        answers, warnings = _run_queries(client, base_url, queries, at, timeout_s)
+        snap = DCGMSnapshot(window=window, at=time.time() if at is None else at, source="raw queries",
+                            source_note=note)
+        snap.warnings = _run_into(client, base_url, snap, queries, timeout_s)
+        snap.round_trips = trips + len(queries)
+        return snap
     finally:
         if own:
             client.close()
-    snap = merge_answers(DCGMSnapshot(window=window, at=at), answers)
-    snap.warnings = warnings
-    snap.round_trips = trips + len(queries)
-    snap.source, snap.source_note = "raw queries", note
-    return snap
 
 
 # --- the sweep's recording rules ---------------------------------------------------------------
@@ -530,10 +545,10 @@ def sweep_recording_rules(queries: dict[str, str]) -> list[tuple[str, str, str]]
     return out
 
 
-def recorded_selector(rules: list[tuple[str, str, str]]) -> str:
-    names = "|".join(re.escape(r[0]) for r in rules if r[0] != SWEEP_DONE_RECORD)
-    hashes = "|".join(r[2] for r in rules if r[0] != SWEEP_DONE_RECORD)
-    return f'{{__name__=~"{names}",sweep_query=~"{hashes}"}}'
+def recorded_reads(rules: list[tuple[str, str, str]]) -> dict[str, str]:
+    """One instant selector per recorded query (read concurrently, each answer folded in as it comes)."""
+    return {name.removeprefix(SWEEP_RECORD_PREFIX): f'{name}{{sweep_query="{h}"}}'
+            for name, _, h in rules if name != SWEEP_DONE_RECORD}
 
 
 def _rfc3339(value: Any) -> float | None:

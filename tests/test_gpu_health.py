@@ -214,6 +214,7 @@ def test_recorded_series_are_used_only_when_every_rule_is_loaded_healthy_fresh_a
     asked = []
     answers = {"timestamp": [{"metric": {}, "value": [now, "1700000000"]}],
                "recorded": [series("gpus_now", 8, Hostname="h1", job="dcgm-exporter", instance="10.0.0.1:9400")]}
+    answers["recorded"][0]["metric"]["__name__"] = "gpu_sweep:exporters"
 
     def prometheus(body):
         def handle(request):
@@ -222,15 +223,18 @@ def test_recorded_series_are_used_only_when_every_rule_is_loaded_healthy_fresh_a
                 return httpx.Response(200, json=body) if body else httpx.Response(404, text="not found")
             form = dict(httpx.QueryParams(request.content.decode()))
             kind = "timestamp" if form["query"].startswith("timestamp(") else (
-                "recorded" if form["query"].startswith("{__name__") else "raw")
+                "recorded" if form["query"].startswith("gpu_sweep:") else "raw")
             asked.append((kind, form.get("time")))
+            if kind == "recorded" and not form["query"].startswith("gpu_sweep:exporters{"):
+                return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": []}})
             return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector",
                                                                           "result": answers.get(kind, [])}})
         return _client(handle)
 
     snap = fetch_dcgm("http://p", "15m", client=prometheus(_rules_api(rules)))
-    assert snap.source == "recording rules" and snap.at == 1700000000 and snap.round_trips == 3
-    assert asked == ["rules", ("timestamp", None), ("recorded", "1700000000.000")] and snap.gpus_now == {"h1": 8}
+    assert snap.source == "recording rules" and snap.at == 1700000000 and snap.round_trips == 6
+    assert asked[:2] == ["rules", ("timestamp", None)] and asked[2:] == [("recorded", "1700000000.000")] * 4
+    assert snap.gpus_now == {"h1": 8}
     for body, why in ((None, "HTTP 404"), (_rules_api(rules, health="err"), "boom")):
         asked.clear()
         snap = fetch_dcgm("http://p", "15m", client=prometheus(body))

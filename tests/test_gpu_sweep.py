@@ -194,7 +194,7 @@ def test_recording_rules_give_the_raw_queries_answers(faulted):
         time.sleep(1)
         recorded = fetch_dcgm(url, th.window, **query_args(settings))
     assert recorded.source == "recording rules", recorded.source_note
-    assert recorded.round_trips == 3 and "evaluated" in recorded.source_note  # rules, timestamp, one read
+    assert recorded.round_trips == 6 and "evaluated" in recorded.source_note  # rules, timestamp, four reads
     raw = fetch_dcgm(url, th.window, source="raw", at=recorded.at, **query_args(settings))
     assert raw.source == "raw queries" and raw.round_trips == 4
     for name in ("values", "per_host"):
