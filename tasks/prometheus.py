@@ -55,16 +55,26 @@ def query_vector(client: httpx.Client, base_url: str, expr: str, at: float | Non
     The timeout goes both to the HTTP request and, as `timeout=`, to Prometheus' evaluation, so
     a slow query is stopped on the server too.
     """
+    return parse_vector(base_url, post_query(client, base_url, expr, at, timeout_s))
+
+
+def post_query(client: httpx.Client, base_url: str, expr: str, at: float | None = None,
+               timeout_s: float = 15.0) -> httpx.Response:
+    """`query_vector`'s request: the answer, not parsed yet (transport faults raised as `PrometheusUnavailable`)."""
     params = {"query": expr, "timeout": f"{max(1, int(timeout_s * 1000) - 500)}ms"}
     if at is not None:
         params["time"] = f"{at:.3f}"
     url = f"{base_url.rstrip('/')}/api/v1/query"
     try:
-        response = client.post(url, data=params, timeout=timeout_s)
+        return client.post(url, data=params, timeout=timeout_s)
     except httpx.TimeoutException as exc:
         raise PrometheusUnavailable(f"Prometheus at {base_url} did not answer within {timeout_s:g}s") from exc
     except httpx.TransportError as exc:
         raise PrometheusUnavailable(f"cannot reach Prometheus at {base_url}: {exc}") from exc
+
+
+def parse_vector(base_url: str, response: httpx.Response) -> tuple[list[dict[str, Any]], list[str]]:
+    """`query_vector`'s answer: (result series, warnings), or the typed error."""
     status = response.status_code
     if status == 429 or status >= 500:
         raise PrometheusUnavailable(f"Prometheus at {base_url} answered HTTP {status}: {_error_text(response)}")
@@ -466,8 +476,10 @@ def _run_into(client: httpx.Client, base_url: str, snap: DCGMSnapshot, queries: 
     lock = threading.Lock()
 
     def one(name: str, expr: str) -> list[str]:
-        result, warns = query_vector(client, base_url, expr, snap.at, timeout_s)
-        with lock:
+        response = post_query(client, base_url, expr, snap.at, timeout_s)  # concurrently: Prometheus' work
+        with lock:  # one parsed answer at a time: parsed, folded in, dropped
+            result, warns = parse_vector(base_url, response)
+            del response
             merge_answers(snap, {name: result})
         return warns
 
@@ -547,7 +559,8 @@ def sweep_recording_rules(queries: dict[str, str]) -> list[tuple[str, str, str]]
 
 def recorded_reads(rules: list[tuple[str, str, str]]) -> dict[str, str]:
     """One instant selector per recorded query (read concurrently, each answer folded in as it comes)."""
-    return {name.removeprefix(SWEEP_RECORD_PREFIX): f'{name}{{sweep_query="{h}"}}'
+    # `max without (sweep_query)`: the same series without their name and hash (two labels fewer to parse)
+    return {name.removeprefix(SWEEP_RECORD_PREFIX): f'max without (sweep_query) ({name}{{sweep_query="{h}"}})'
             for name, _, h in rules if name != SWEEP_DONE_RECORD}
 
 

@@ -223,9 +223,9 @@ def test_recorded_series_are_used_only_when_every_rule_is_loaded_healthy_fresh_a
                 return httpx.Response(200, json=body) if body else httpx.Response(404, text="not found")
             form = dict(httpx.QueryParams(request.content.decode()))
             kind = "timestamp" if form["query"].startswith("timestamp(") else (
-                "recorded" if form["query"].startswith("gpu_sweep:") else "raw")
+                "recorded" if "(gpu_sweep:" in form["query"] else "raw")
             asked.append((kind, form.get("time")))
-            if kind == "recorded" and not form["query"].startswith("gpu_sweep:exporters{"):
+            if kind == "recorded" and "(gpu_sweep:exporters{" not in form["query"]:
                 return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": []}})
             return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector",
                                                                           "result": answers.get(kind, [])}})
