@@ -1,8 +1,9 @@
 """GPU monitoring sweep: which GPUs are broken, missing, hot or held by a pod that does nothing.
 
 Every 5 minutes, for one cluster: two Kubernetes listings (GPU nodes; unfinished pods, of which
-the dcgm-exporter pods and the pods holding GPUs are kept) and four PromQL queries run together,
-then one follow-up query for the few GPUs that need details; the pure join and classification of
+the dcgm-exporter pods and the pods holding GPUs are kept) and, together with them, the fleet's
+metrics (the series recorded by the sweep's recording rules where Prometheus has them loaded, else
+four PromQL queries), then one follow-up query for the few GPUs that need details; the pure join and classification of
 `tasks.gpu_classify` turn them into findings, each with severity, evidence and a recommended action.
 A handful of tasks and a constant number of API calls, whatever the fleet's size.
 

@@ -6,7 +6,8 @@
 not Prometheus' JSON: never retried).
 
 `fetch_dcgm` asks the *whole fleet* four queries whatever its size, evaluated at one instant so
-they agree, and `fetch_dcgm_detail` one follow-up for the few GPUs that need more (see "the sweep's
+they agree (or, where Prometheus has the sweep's recording rules loaded, reads their recorded answers:
+"the sweep's recording rules" below), and `fetch_dcgm_detail` one follow-up for the few GPUs that need more (see "the sweep's
 queries" below). Queries aggregate `by (Hostname, gpu)` in PromQL, which drops the labels the sweep
 does not read (driver version, device, instance, job...), merges duplicated series (two scrape jobs
 of one exporter) and shrinks the answer; the metrics of one query are told apart by a label `m`
