@@ -18,11 +18,22 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from flows.gpu_monitoring_sweep import gpu_monitoring_sweep, gpu_node_uncordon, sweep
-from tasks.gpu_classify import classify, needs_detail
-from tasks.gpu_model import FINDING_ANNOTATION, REPAIR_ANNOTATION, Kind, SweepSettings, SweepThresholds
-from tasks.gpu_plans import UNHEALTHY_TAINT_KEY
 from tasks._retry import TRANSIENT_RETRIES
-from tasks.kubernetes import api_client_from_kubeconfig, evict_pods_on, fetch_gpu_fleet, list_raw
+from tasks.gpu_classify import classify, needs_detail
+from tasks.gpu_model import (
+    FINDING_ANNOTATION,
+    REPAIR_ANNOTATION,
+    Kind,
+    SweepSettings,
+    SweepThresholds,
+)
+from tasks.gpu_plans import UNHEALTHY_TAINT_KEY
+from tasks.kubernetes import (
+    api_client_from_kubeconfig,
+    evict_pods_on,
+    fetch_gpu_fleet,
+    list_raw,
+)
 from tasks.prometheus import fetch_dcgm, fetch_dcgm_detail, query_args
 
 WINDOW = "20s"
@@ -94,7 +105,11 @@ def _artifacts(flow_run_id):
 def _run_and_approve(flow_fn, answer: dict, **params):
     """Run a flow that pauses for approval in a thread; answer it from here; return its final state."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
 
