@@ -1,8 +1,9 @@
 """GPU monitoring sweep: which GPUs are broken, missing, hot or held by a pod that does nothing.
 
 Every 5 minutes, for one cluster: two Kubernetes listings (GPU nodes; unfinished pods, of which
-the dcgm-exporter pods and the pods holding GPUs are kept) and four PromQL queries run together,
-then one follow-up query for the few GPUs that need details; the pure join and classification of
+the dcgm-exporter pods and the pods holding GPUs are kept) and, together with them, the fleet's
+metrics (the series recorded by the sweep's recording rules where Prometheus has them loaded, else
+four PromQL queries), then one follow-up query for the few GPUs that need details; the pure join and classification of
 `tasks.gpu_classify` turn them into findings, each with severity, evidence and a recommended action.
 A handful of tasks and a constant number of API calls, whatever the fleet's size.
 
@@ -126,7 +127,7 @@ def sweep(api: Any, prometheus_url: str, settings: SweepSettings | SweepThreshol
                                 exporter_selectors=s.exporter_selectors, resources=s.resources,
                                 page_size=s.page_size, timeout_s=s.timeout_s),
             lambda: pool.submit(fetch_dcgm, prometheus_url, s.thresholds.window, timeout_s=s.timeout_s,
-                                **query_args(s)),
+                                source=s.metrics_source, **query_args(s)),
             lambda snap, hosts: pool.submit(fetch_dcgm_detail, prometheus_url, snap, hosts,
                                             metric_selector=s.metric_selector, timeout_s=s.timeout_s),
         )
@@ -165,6 +166,8 @@ def summary_markdown(platform: str, result: SweepResult, plan: CordonPlan | None
         f"GPUs ({alloc})",
         f"- **GPU status:** {statuses}",
         f"- **Cost:** {result.round_trips} API round trips, {result.timings.get('total_s', 0):.2f}s",
+        f"- **Metrics from:** {result.metrics_source}" + (f" ({result.metrics_source_note})"
+                                                           if result.metrics_source_note else ""),
     ]
     if result.metrics_error:
         lines += ["", f"> **Prometheus gave no usable answer; every GPU is unknown.** {result.metrics_error}"]
@@ -229,19 +232,23 @@ def gpu_monitoring_sweep(
     exporter_selectors: list[str] | None = None,
     page_size: int | None = None,
     note_training_commits: bool = True,
+    metrics_source: str | None = None,
 ) -> Any:
     """Sweep one cluster's GPUs; plan (dry run) or, approved, apply cordons of nodes with critical findings.
 
     Thresholds, exporter jobs and selectors come from the platform config (`thresholds.gpu`); any
     parameter given overrides them. A critical finding on a node running a `train-on-push` training
-    leaves a note on its commit (`note_training_commits`).
+    leaves a note on its commit (`note_training_commits`). `metrics_source`: "auto" (default) reads the
+    series recorded by the sweep's recording rules where Prometheus has them loaded (`python -m
+    tasks.gpu_rules render-sweep`), else runs the raw queries; "raw" always runs the raw queries.
     """
     logger = get_run_logger()
     plat = Platform(platform)
     cfg = plat.config
     settings = _settings(plat, cluster, window=window, temp_c=temp_c, memory_temp_c=memory_temp_c,
                          idle_util_pct=idle_util_pct, stale_after=stale_after, metric_selector=metric_selector,
-                         exporter_jobs=exporter_jobs, exporter_selectors=exporter_selectors, page_size=page_size)
+                         exporter_jobs=exporter_jobs, exporter_selectors=exporter_selectors, page_size=page_size,
+                         metrics_source=metrics_source)
     api = plat.kubernetes(cluster)
     cluster_cfg = cfg.cluster(cluster)
     share = max_share if max_share is not None else cfg.thresholds.gpu.cordon_max_share
@@ -252,13 +259,15 @@ def gpu_monitoring_sweep(
     emit_critical_findings(platform, "gpu-monitoring-sweep", [  # for the automations' webhook notice
         f"{f.node or 'fleet'}{'/gpu-' + str(f.gpu) if f.gpu is not None else ''}: {f.kind.value}"
         for f in result.findings if f.severity.value == "critical"])
-    logger.info("GPU sweep %s/%s: %s; %s; XIDs from %s; would cordon %s", platform, cluster_cfg.name, result.status,
-                result.counts, result.xid_source, plan.nodes or "none")
+    logger.info("GPU sweep %s/%s: %s; %s; metrics from %s (%s); XIDs from %s; would cordon %s", platform,
+                cluster_cfg.name, result.status, result.counts, result.metrics_source,
+                result.metrics_source_note or "-", result.xid_source, plan.nodes or "none")
     summary: dict[str, Any] = {
         "status": result.status, "counts": result.counts, "findings": [f.row() for f in result.findings],
         "gpu_nodes": result.gpu_nodes, "gpus": result.gpus_expected, "gpus_reporting": result.gpus_reporting,
         "gpus_unknown": result.gpus_unknown, "fleet_util_pct": result.fleet_util_pct,
         "round_trips": result.round_trips, "xid_source": result.xid_source,
+        "metrics_source": result.metrics_source, "metrics_source_note": result.metrics_source_note,
         "cordon_plan": plan.nodes, "cordon_over_cap": [a.node for a in plan.over_cap],
         "cordon_already": plan.already, "dry_run": dry_run, "cordoned": [], "approved_by": None,
         "training_notes": [],

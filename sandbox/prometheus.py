@@ -1,8 +1,9 @@
 """The real Prometheus (Debian's `prometheus` package) scraping the simulated dcgm-exporters.
 
 One scrape target per GPU node (file-based service discovery), each with its own metrics path on
-the core process, so `up` is per node as with a real DaemonSet. The project's alert rules, rendered
-from the sandbox's platform config (`configs/prometheus/render.py`), are loaded.
+the core process, so `up` is per node as with a real DaemonSet. The project's alert rules
+(`configs/prometheus/*.rules.yml`, as checked in) and the GPU sweep's recording rules, rendered for
+the sandbox's thresholds (`write_sweep_rules`), are loaded, as an operator loads them.
 
 Each scrape job is one of the setups real clusters have (`ScrapeJob`; `sb.extra["prometheus_jobs"]`
 lists them, the default is the GPU operator's with `honor_labels: true`):
@@ -29,6 +30,23 @@ import yaml
 from sandbox._common import SandboxLike, free_port, http_ok, require_binary, wait_for
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "configs" / "prometheus"
+SWEEP_RULES_FILE = "gpu-sweep.rules.yml"
+
+
+def write_sweep_rules(sb: SandboxLike) -> Path:
+    """The sweep's recording rules (`tasks.gpu_rules.render_sweep`) for the sandbox's thresholds: the
+    platform defaults, the XID gauge read at the scrape interval, and what `thresholds.gpu` of the
+    sandbox's config sets."""
+    import dataclasses
+
+    from tasks.gpu_rules import RuleSettings, render_sweep
+
+    known = {f.name for f in dataclasses.fields(RuleSettings)}
+    gpu = {k: v for k, v in ((sb.config.get("thresholds") or {}).get("gpu") or {}).items() if k in known}
+    settings = RuleSettings(**{"xid_resolution": f"{sb.scrape_interval_s}s", **gpu})
+    path = sb.path("prometheus", SWEEP_RULES_FILE)
+    path.write_text(render_sweep(settings))
+    return path
 
 
 @dataclass(frozen=True)
@@ -73,7 +91,12 @@ def write_config(sb: SandboxLike, port: int) -> Path:
             cfg_job["metric_relabel_configs"] = [{"action": "labeldrop", "regex": "Hostname"}]
         scrape_configs.append(cfg_job)
     interval = f"{sb.scrape_interval_s}s"
-    rules = sorted(str(p) for p in RULES_DIR.glob("*.rules.yml")) if RULES_DIR.exists() else []
+    # the alert rules as checked in; the sweep's recording rules rendered from the sandbox's own settings
+    # (its XID resolution is its scrape interval), unless `sb.extra["sweep_rules"]` is False
+    rules = sorted(str(p) for p in RULES_DIR.glob("*.rules.yml") if p.name != SWEEP_RULES_FILE) \
+        if RULES_DIR.exists() else []
+    if sb.extra.get("sweep_rules", True):
+        rules.append(str(write_sweep_rules(sb)))
     cfg = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval,
                    "scrape_timeout": f"{max(1, sb.scrape_interval_s - 1)}s"},

@@ -371,6 +371,7 @@ def classify(fleet: FleetSnapshot, metrics: DCGMSnapshot, th: SweepThresholds, *
         gpus_held=gpus_held, fleet_util_pct=(util_sum / util_n) if util_n else None,
         metrics_error=metrics.error, round_trips=fleet.round_trips + metrics.round_trips,
         warnings=list(metrics.warnings), xid_source=source, xid_last=xid_last, unknown_share=th.unknown_share,
+        metrics_source=metrics.source, metrics_source_note=metrics.source_note,
     )
 
 

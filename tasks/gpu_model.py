@@ -231,9 +231,11 @@ class SweepSettings:
     exporter_jobs: tuple[str, ...] = ("nvidia-dcgm-exporter", "dcgm-exporter")
     metric_selector: str = ""
     resources: GPUResources = GPUResources()
-    page_size: int = 2_000  # pages of the node and pod listings: a page of raw objects is the peak of memory
+    page_size: int = 1_000  # pages of the node and pod listings: a page of raw objects is the peak of memory (402 MB
+    # at 10,000 nodes with pages of 2,000 and the recorded series arriving during the listing, 340 MB with 1,000)
     timeout_s: float = 15.0
     xid_baseline: str = "repair"  # "repair" (sweeps) or "cordon" (uncordon: XIDs since the node was cordoned)
+    metrics_source: str = "auto"  # "auto": the sweep's recording rules when loaded, else raw queries; "raw"
 
     @classmethod
     def from_config(cls, cfg: Any, cluster: Any, **overrides: Any) -> SweepSettings:
@@ -431,6 +433,8 @@ class SweepResult:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     xid_source: str = "none"  # which dcgm-exporter metric the XIDs were read from
+    metrics_source: str = "raw queries"  # or "recording rules" (`tasks.prometheus.fetch_dcgm`)
+    metrics_source_note: str = ""  # why the rules were not used, or how old their evaluation was
     xid_last: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> gpu -> the gauge's last XID
     unknown_share: float = 0.5
 

@@ -6,7 +6,8 @@
 not Prometheus' JSON: never retried).
 
 `fetch_dcgm` asks the *whole fleet* four queries whatever its size, evaluated at one instant so
-they agree, and `fetch_dcgm_detail` one follow-up for the few GPUs that need more (see "the sweep's
+they agree (or, where Prometheus has the sweep's recording rules loaded, reads their recorded answers:
+"the sweep's recording rules" below), and `fetch_dcgm_detail` one follow-up for the few GPUs that need more (see "the sweep's
 queries" below). Queries aggregate `by (Hostname, gpu)` in PromQL, which drops the labels the sweep
 does not read (driver version, device, instance, job...), merges duplicated series (two scrape jobs
 of one exporter) and shrinks the answer; the metrics of one query are told apart by a label `m`
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,16 +56,26 @@ def query_vector(client: httpx.Client, base_url: str, expr: str, at: float | Non
     The timeout goes both to the HTTP request and, as `timeout=`, to Prometheus' evaluation, so
     a slow query is stopped on the server too.
     """
+    return parse_vector(base_url, post_query(client, base_url, expr, at, timeout_s))
+
+
+def post_query(client: httpx.Client, base_url: str, expr: str, at: float | None = None,
+               timeout_s: float = 15.0) -> httpx.Response:
+    """`query_vector`'s request: the answer, not parsed yet (transport faults raised as `PrometheusUnavailable`)."""
     params = {"query": expr, "timeout": f"{max(1, int(timeout_s * 1000) - 500)}ms"}
     if at is not None:
         params["time"] = f"{at:.3f}"
     url = f"{base_url.rstrip('/')}/api/v1/query"
     try:
-        response = client.post(url, data=params, timeout=timeout_s)
+        return client.post(url, data=params, timeout=timeout_s)
     except httpx.TimeoutException as exc:
         raise PrometheusUnavailable(f"Prometheus at {base_url} did not answer within {timeout_s:g}s") from exc
     except httpx.TransportError as exc:
         raise PrometheusUnavailable(f"cannot reach Prometheus at {base_url}: {exc}") from exc
+
+
+def parse_vector(base_url: str, response: httpx.Response) -> tuple[list[dict[str, Any]], list[str]]:
+    """`query_vector`'s answer: (result series, warnings), or the typed error."""
     status = response.status_code
     if status == 429 or status >= 500:
         raise PrometheusUnavailable(f"Prometheus at {base_url} answered HTTP {status}: {_error_text(response)}")
@@ -327,6 +339,10 @@ class DCGMSnapshot:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     round_trips: int = 0
+    # where the first phase's answers came from: "recording rules" (evaluated by Prometheus at `at`) or
+    # "raw queries"; `source_note` says why the rules were not used, or how old their evaluation was
+    source: str = "raw queries"
+    source_note: str = ""
 
     @property
     def available(self) -> bool:
@@ -454,24 +470,164 @@ def _run_queries(client: httpx.Client, base_url: str, queries: dict[str, str], a
     return answers, warnings
 
 
-def fetch_dcgm(base_url: str, window: str, *, timeout_s: float = 15.0, client: httpx.Client | None = None,
-               **query_args: Any) -> DCGMSnapshot:
-    """The sweep's first phase: four queries, concurrently, at one instant. Raises `PrometheusError`.
+def _run_into(client: httpx.Client, base_url: str, snap: DCGMSnapshot, queries: dict[str, str],
+              timeout_s: float) -> list[str]:
+    """Run `queries` concurrently at `snap.at`, folding each answer into `snap` as soon as it is parsed (under
+    a lock, one answer at a time), so the fleet's answers are never all held at once; returns the warnings."""
+    lock = threading.Lock()
 
-    `query_args` are `sweep_queries`' keywords (thresholds, metric selector, exporter jobs)."""
+    def one(name: str, expr: str) -> list[str]:
+        response = post_query(client, base_url, expr, snap.at, timeout_s)  # concurrently: Prometheus' work
+        with lock:  # one parsed answer at a time: parsed, folded in, dropped
+            result, warns = parse_vector(base_url, response)
+            del response
+            merge_answers(snap, {name: result})
+        return warns
+
+    with ThreadPoolExecutor(max_workers=max(1, len(queries)), thread_name_prefix="promql") as pool:
+        futures = [pool.submit(one, name, expr) for name, expr in queries.items()]
+        return [w for future in futures for w in future.result()]
+
+
+def fetch_dcgm(base_url: str, window: str, *, timeout_s: float = 15.0, client: httpx.Client | None = None,
+               source: str = "auto", at: float | None = None, **query_args: Any) -> DCGMSnapshot:
+    """The sweep's first phase at one instant. Raises `PrometheusError`.
+
+    `source`: "auto" reads the series recorded by the sweep's recording rules when Prometheus has them
+    loaded, healthy, fresh and rendered from these very queries (`recorded_state`), else runs the four
+    raw queries; "raw" always runs the raw queries (at `at`, default now). `query_args` are
+    `sweep_queries`' keywords (thresholds, metric selector, exporter jobs)."""
+    if source not in ("auto", "raw"):
+        raise ValueError(f"metrics_source: expected 'auto' or 'raw', got {source!r}")
     queries = sweep_queries(window, **query_args)
-    at = time.time()
     own = client is None
     client = client or httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=len(queries)))
     try:
-        answers, warnings = _run_queries(client, base_url, queries, at, timeout_s)
+        note, trips = "", 0
+        if source == "auto":
+            rules = sweep_recording_rules(queries)
+            at_rules, note, trips = recorded_state(client, base_url, rules, timeout_s)
+            if at_rules is not None:
+                # the recorded series, read at their evaluation's timestamp (where a series that stopped
+                # failing a filter has its staleness marker): instant vectors, whatever the window
+                snap = DCGMSnapshot(window=window, at=at_rules, source="recording rules", source_note=note)
+                reads = recorded_reads(rules)
+                snap.warnings = _run_into(client, base_url, snap, reads, timeout_s)
+                snap.round_trips = trips + len(reads)
+                return snap
+        snap = DCGMSnapshot(window=window, at=time.time() if at is None else at, source="raw queries",
+                            source_note=note)
+        snap.warnings = _run_into(client, base_url, snap, queries, timeout_s)
+        snap.round_trips = trips + len(queries)
+        return snap
     finally:
         if own:
             client.close()
-    snap = merge_answers(DCGMSnapshot(window=window, at=at), answers)
-    snap.warnings = warnings
-    snap.round_trips = len(queries)
-    return snap
+
+
+# --- the sweep's recording rules ---------------------------------------------------------------
+#
+# Each of the four queries above is also a recording rule (`tasks.gpu_rules.render_sweep`, from the
+# same platform config): `gpu_sweep:<query>` records exactly the query's answer, `m` labels included,
+# at each evaluation of the group, labelled `sweep_query=<hash of the expression>`. A sweep then reads
+# one instant vector of recorded series (no 15-minute window over every GPU series in its path) at
+# the group's evaluation timestamp, so its answers are exactly the raw queries' answers at that
+# instant. Prometheus evaluates a group's rules in order at one timestamp and commits each rule's
+# samples (and the staleness markers of series it no longer returns) before the next
+# (prometheus/prometheus rules/group.go `Eval`), so `gpu_sweep:evaluated`, the group's last rule, is
+# present at a timestamp only once every other rule's samples for it are.
+# The rules are used only when every one is loaded with the hash of the expression this sweep would
+# run (a config changed after rendering, other thresholds, another window: a different hash), healthy
+# (`/api/v1/rules`: health "ok") and evaluated within two group intervals; otherwise the raw queries.
+
+SWEEP_RECORD_PREFIX = "gpu_sweep:"
+SWEEP_DONE_RECORD = "gpu_sweep:evaluated"
+SWEEP_RULES_GROUP = "gpu-sweep"
+
+
+def query_hash(expr: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(expr.encode()).hexdigest()[:16]
+
+
+def sweep_recording_rules(queries: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(record name, expression, `sweep_query` hash) for each sweep query, then the completion marker."""
+    out = [(f"{SWEEP_RECORD_PREFIX}{name}", expr, query_hash(expr)) for name, expr in queries.items()]
+    out.append((SWEEP_DONE_RECORD, "vector(1)", query_hash("\n".join(h for _, _, h in out))))
+    return out
+
+
+def recorded_reads(rules: list[tuple[str, str, str]]) -> dict[str, str]:
+    """One instant selector per recorded query (read concurrently, each answer folded in as it comes)."""
+    # `max without (sweep_query)`: the same series without their name and hash (two labels fewer to parse)
+    return {name.removeprefix(SWEEP_RECORD_PREFIX): f'max without (sweep_query) ({name}{{sweep_query="{h}"}})'
+            for name, _, h in rules if name != SWEEP_DONE_RECORD}
+
+
+def _rfc3339(value: Any) -> float | None:
+    from datetime import datetime
+
+    if not isinstance(value, str) or value.startswith("0001-"):
+        return None
+    text = re.sub(r"(\.\d{6})\d+", r"\1", value).replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def rules_verdict(body: Any, rules: list[tuple[str, str, str]], now: float) -> str | None:
+    """Why the recorded series cannot stand in for the raw queries (None: they can), from the answer of
+    `/api/v1/rules?type=record` (pure)."""
+    want = {name: h for name, _, h in rules}
+    found: dict[str, tuple[dict, dict]] = {}
+    for group in ((body or {}).get("data") or {}).get("groups") or []:
+        for rule in group.get("rules") or []:
+            name = rule.get("name")
+            if name in want and (rule.get("labels") or {}).get("sweep_query") == want[name]:
+                found[name] = (group, rule)
+    if not found:
+        others = sorted({r.get("name") for g in ((body or {}).get("data") or {}).get("groups") or []
+                         for r in g.get("rules") or [] if str(r.get("name", "")).startswith(SWEEP_RECORD_PREFIX)})
+        if others:
+            return ("the loaded gpu_sweep recording rules were rendered from other settings (window, thresholds, "
+                    "exporter jobs or metric selector): render them again from this config")
+        return "the sweep's recording rules are not loaded in Prometheus"
+    missing = sorted(set(want) - set(found))
+    if missing:
+        return f"recording rules missing or rendered from other settings: {', '.join(missing)}"
+    for name, (group, rule) in found.items():
+        if rule.get("health") != "ok":
+            return f"recording rule {name} is {rule.get('health')!r}: {str(rule.get('lastError') or '')[:200]}"
+        last = _rfc3339(rule.get("lastEvaluation"))
+        interval = float(group.get("interval") or 60)
+        if last is None or now - last > 2 * interval + float(group.get("evaluationTime") or 0) + 5:
+            return f"recording rule {name} was last evaluated {rule.get('lastEvaluation')} (group interval {interval:g}s)"
+    return None
+
+
+def recorded_state(client: httpx.Client, base_url: str, rules: list[tuple[str, str, str]], timeout_s: float
+                   ) -> tuple[float | None, str, int]:
+    """(the timestamp of the rules' last complete evaluation or None, a note, round trips)."""
+    url = f"{base_url.rstrip('/')}/api/v1/rules"
+    try:
+        response = client.get(url, params={"type": "record"}, timeout=timeout_s)
+        body = orjson.loads(response.content) if response.status_code == 200 else None
+    except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+        return None, f"the rules API did not answer ({type(exc).__name__}); raw queries", 1
+    if body is None:
+        return None, f"the rules API answered HTTP {response.status_code}; raw queries", 1
+    verdict = rules_verdict(body, rules, time.time())
+    if verdict is not None:
+        return None, verdict, 1
+    done_name, _, done_hash = rules[-1]
+    series, _ = query_vector(client, base_url, f'timestamp({done_name}{{sweep_query="{done_hash}"}})',
+                             timeout_s=timeout_s)
+    if not series:
+        return None, "the recording rules have not completed an evaluation yet", 2
+    evaluated = _value(series[0].get("value"))
+    return evaluated, f"evaluated {max(0.0, time.time() - evaluated):.0f}s before the sweep", 2
 
 
 def fetch_dcgm_detail(base_url: str, snap: DCGMSnapshot, hosts: set[str], *, metric_selector: str = "",
@@ -520,13 +676,14 @@ def query_args(settings: Any) -> dict[str, Any]:
 
 @task(name="query-dcgm-metrics", cache_policy=NONE, **TRANSIENT_RETRIES)
 def query_dcgm_metrics(prometheus: Any, settings: Any) -> DCGMSnapshot:
-    """The fleet's dcgm-exporter metrics over the window: four PromQL queries, whatever the fleet's size.
+    """The fleet's dcgm-exporter metrics over the window: the sweep's recorded series where its recording
+    rules are loaded, else four PromQL queries, whatever the fleet's size.
 
     `prometheus` is the platform's `PrometheusServer` block (its `url` and `timeout_s`); `settings` a
     `tasks.gpu_model.SweepSettings`.
     """
     return fetch_dcgm(prometheus.url, settings.thresholds.window, timeout_s=prometheus.timeout_s,
-                      **query_args(settings))
+                      source=settings.metrics_source, **query_args(settings))
 
 
 @task(name="query-dcgm-details", cache_policy=NONE, **TRANSIENT_RETRIES)

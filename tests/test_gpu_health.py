@@ -31,9 +31,12 @@ from tasks.prometheus import (
     PrometheusQueryError,
     PrometheusUnavailable,
     detail_query,
+    fetch_dcgm,
     merge_answers,
     query_vector,
+    rules_verdict,
     sweep_queries,
+    sweep_recording_rules,
 )
 
 TH = SweepThresholds(window="20s")
@@ -179,6 +182,70 @@ def test_query_vector_errors_are_typed_transient_or_not():
     from tasks._retry import is_transient
 
     assert is_transient(PrometheusUnavailable("x")) and not is_transient(PrometheusQueryError("x"))
+
+
+def _rules_api(rules, *, health="ok", last="now", interval=60, drop=(), hashes=None):
+    from datetime import UTC, datetime
+
+    stamp = datetime.now(tz=UTC).isoformat().replace("+00:00", "123Z") if last == "now" else last
+    out = [{"name": name, "type": "recording", "health": health, "lastError": "boom" if health == "err" else "",
+            "lastEvaluation": stamp, "labels": {"sweep_query": (hashes or {}).get(name, h)}}
+           for name, _, h in rules if name not in drop]
+    return {"status": "success", "data": {"groups": [{"name": "gpu-sweep", "interval": interval,
+                                                       "evaluationTime": 0.5, "rules": out}]}}
+
+
+def test_recorded_series_are_used_only_when_every_rule_is_loaded_healthy_fresh_and_of_these_queries():
+    rules = sweep_recording_rules(sweep_queries("15m"))
+    assert [r[0] for r in rules] == ["gpu_sweep:util", "gpu_sweep:temp", "gpu_sweep:faults", "gpu_sweep:exporters",
+                                     "gpu_sweep:evaluated"]
+    assert sweep_recording_rules(sweep_queries("15m", temp_c=80))[1][2] != rules[1][2]  # thresholds change the hash
+    now = __import__("time").time()
+    assert rules_verdict(_rules_api(rules), rules, now) is None
+    assert "not loaded" in rules_verdict({"status": "success", "data": {"groups": []}}, rules, now)
+    other = sweep_recording_rules(sweep_queries("20s"))
+    assert "other settings" in rules_verdict(_rules_api(other), rules, now)
+    assert "gpu_sweep:temp" in rules_verdict(_rules_api(rules, drop=("gpu_sweep:temp",)), rules, now)
+    assert "'err': boom" in rules_verdict(_rules_api(rules, health="err"), rules, now)
+    assert "'unknown'" in rules_verdict(_rules_api(rules, health="unknown"), rules, now)  # not evaluated yet
+    assert "last evaluated" in rules_verdict(_rules_api(rules, last=OLD), rules, now)
+
+    # the sweep: rules API + the marker's timestamp + one read at that instant; else the raw queries, saying why
+    asked = []
+    answers = {"timestamp": [{"metric": {}, "value": [now, "1700000000"]}],
+               "recorded": [series("gpus_now", 8, Hostname="h1", job="dcgm-exporter", instance="10.0.0.1:9400")]}
+    answers["recorded"][0]["metric"]["__name__"] = "gpu_sweep:exporters"
+
+    def prometheus(body):
+        def handle(request):
+            if request.url.path.endswith("/rules"):
+                asked.append("rules")
+                return httpx.Response(200, json=body) if body else httpx.Response(404, text="not found")
+            form = dict(httpx.QueryParams(request.content.decode()))
+            kind = "timestamp" if form["query"].startswith("timestamp(") else (
+                "recorded" if "(gpu_sweep:" in form["query"] else "raw")
+            asked.append((kind, form.get("time")))
+            if kind == "recorded" and "(gpu_sweep:exporters{" not in form["query"]:
+                return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": []}})
+            return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector",
+                                                                          "result": answers.get(kind, [])}})
+        return _client(handle)
+
+    snap = fetch_dcgm("http://p", "15m", client=prometheus(_rules_api(rules)))
+    assert snap.source == "recording rules" and snap.at == 1700000000 and snap.round_trips == 6
+    assert asked[:2] == ["rules", ("timestamp", None)] and asked[2:] == [("recorded", "1700000000.000")] * 4
+    assert snap.gpus_now == {"h1": 8}
+    for body, why in ((None, "HTTP 404"), (_rules_api(rules, health="err"), "boom")):
+        asked.clear()
+        snap = fetch_dcgm("http://p", "15m", client=prometheus(body))
+        assert snap.source == "raw queries" and why in snap.source_note and snap.round_trips == 5
+        assert asked[0] == "rules" and sorted(a[0] for a in asked[1:]) == ["raw"] * 4
+    asked.clear()
+    snap = fetch_dcgm("http://p", "15m", client=prometheus(_rules_api(rules)), source="raw", at=1700000000)
+    assert snap.source == "raw queries" and snap.round_trips == 4 and "rules" not in asked
+    assert {a[1] for a in asked} == {"1700000000.000"}
+    with pytest.raises(ValueError, match="metrics_source"):
+        fetch_dcgm("http://p", "15m", source="rules")
 
 
 def test_duplicated_series_keep_the_worst_value_and_nan_loses_to_a_number():

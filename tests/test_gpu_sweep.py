@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 
@@ -17,10 +18,23 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from flows.gpu_monitoring_sweep import gpu_monitoring_sweep, gpu_node_uncordon, sweep
-from tasks.gpu_model import FINDING_ANNOTATION, REPAIR_ANNOTATION, Kind, SweepThresholds
-from tasks.gpu_plans import UNHEALTHY_TAINT_KEY
 from tasks._retry import TRANSIENT_RETRIES
-from tasks.kubernetes import api_client_from_kubeconfig, evict_pods_on, list_raw
+from tasks.gpu_classify import classify, needs_detail
+from tasks.gpu_model import (
+    FINDING_ANNOTATION,
+    REPAIR_ANNOTATION,
+    Kind,
+    SweepSettings,
+    SweepThresholds,
+)
+from tasks.gpu_plans import UNHEALTHY_TAINT_KEY
+from tasks.kubernetes import (
+    api_client_from_kubeconfig,
+    evict_pods_on,
+    fetch_gpu_fleet,
+    list_raw,
+)
+from tasks.prometheus import fetch_dcgm, fetch_dcgm_detail, query_args
 
 WINDOW = "20s"
 TH = SweepThresholds(window=WINDOW, xid_resolution="2s")
@@ -91,7 +105,11 @@ def _artifacts(flow_run_id):
 def _run_and_approve(flow_fn, answer: dict, **params):
     """Run a flow that pauses for approval in a thread; answer it from here; return its final state."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
 
@@ -130,7 +148,10 @@ def test_clean_fleet_yields_no_findings(sandbox):
     assert result.status == "ok" and result.gpu_nodes == 16 and result.gpus_reporting == 128
     assert result.gpu_status_counts == {"healthy": 128}
     assert 0 < result.fleet_util_pct < 100 and result.gpus_held > 0
-    assert result.round_trips == 6  # two listings (one page each) and four queries: nothing needs details
+    # two listings (one page each), the rules check and four queries: nothing needs details
+    assert result.round_trips == 7
+    # the sandbox's sweep rules are rendered for its 15m window, not this test's 20s: raw, and why
+    assert result.metrics_source == "raw queries" and "other settings" in result.metrics_source_note
 
 
 # --- every fault of the sandbox ------------------------------------------------------------------
@@ -168,7 +189,54 @@ def test_each_fault_yields_its_finding(faulted):
     assert all(f.action for f in result.findings)
     unknown = [g for g in result.gpus if g.node == "gpu-node-0007"]
     assert len(unknown) == 8 and {g.status.value for g in unknown} == {"unknown"}
-    assert result.status == "critical" and result.round_trips == 7  # 2 listings, 4 queries, 1 for details
+    assert result.status == "critical" and result.round_trips == 8  # 2 listings, rules, 4 queries, 1 for details
+
+
+def _same_number(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_recording_rules_give_the_raw_queries_answers(faulted):
+    """The sandbox loads the sweep's recording rules (rendered for its 15m window): the recorded path and
+    the raw queries evaluated at the same instant give the same snapshot and the same findings."""
+    sb, _ = faulted
+    th = SweepThresholds(xid_resolution=f"{sb.scrape_interval_s}s")
+    settings = SweepSettings(thresholds=th, cluster="sandbox")
+    url = sb.urls["prometheus"]
+    deadline = time.monotonic() + 30
+    recorded = fetch_dcgm(url, th.window, **query_args(settings))
+    while recorded.source != "recording rules" and time.monotonic() < deadline:
+        time.sleep(1)
+        recorded = fetch_dcgm(url, th.window, **query_args(settings))
+    assert recorded.source == "recording rules", recorded.source_note
+    assert recorded.round_trips == 6 and "evaluated" in recorded.source_note  # rules, timestamp, four reads
+    raw = fetch_dcgm(url, th.window, source="raw", at=recorded.at, **query_args(settings))
+    assert raw.source == "raw queries" and raw.round_trips == 4
+    for name in ("values", "per_host"):
+        a, b = getattr(recorded, name), getattr(raw, name)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            assert a[key].keys() == b[key].keys(), (name, key)
+            assert all(_same_number(a[key][m], b[key][m]) for m in a[key]), (name, key, a[key], b[key])
+    assert recorded.labels == raw.labels and recorded.xids == raw.xids and recorded.xid_counts == raw.xid_counts
+    assert sorted(map(repr, recorded.targets)) == sorted(map(repr, raw.targets))
+    # every fault of the fixture is in it: the comparison is not between two empty answers
+    assert any("row_fail_max" in v for v in raw.values.values()) and any(t.up == 0 for t in raw.targets)
+    assert any(raw.xids.values()) and any("temp_max" in v for v in raw.values.values())
+    with api_client_from_kubeconfig(str(sb.kubeconfig)) as api:
+        fleet = fetch_gpu_fleet(api)
+        hosts = needs_detail(fleet, raw, th)
+        assert hosts == needs_detail(fleet, recorded, th)
+        found = [classify(fleet, fetch_dcgm_detail(url, snap, hosts), th, cluster="sandbox")
+                 for snap in (recorded, raw)]
+    rows = [sorted(map(repr, (f.row() for f in r.findings))) for r in found]
+    assert rows[0] == rows[1] and rows[0]
+    assert found[0].gpu_status_counts == found[1].gpu_status_counts
+    assert found[0].metrics_source == "recording rules" and found[1].metrics_source == "raw queries"
+    # the whole sweep (the flow's path) takes the recorded series
+    with api_client_from_kubeconfig(str(sb.kubeconfig)) as api:
+        whole = sweep(api, url, settings)
+    assert whole.metrics_source == "recording rules" and whole.status == "critical"
 
 
 def test_dry_run_reports_the_capped_plan_and_changes_nothing(faulted, sandbox_platform):

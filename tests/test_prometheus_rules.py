@@ -70,6 +70,32 @@ def test_checked_in_rules_are_the_render_of_the_example_config():
     assert bad.returncode == 1 and "cannot render the GPU rules" in bad.stderr
 
 
+def test_checked_in_sweep_rules_are_the_render_of_the_example_config_and_the_sweeps_own_queries():
+    """`configs/prometheus/gpu-sweep.rules.yml` is `render-sweep` of the example config, and records exactly
+    the queries a sweep built from that config runs, with the hashes the sweep looks for."""
+    from blocks.config import load_platform_config
+    from tasks.gpu_model import SweepSettings
+    from tasks.prometheus import query_args, sweep_queries, sweep_recording_rules
+
+    example = REPO / "configs" / "platform.example.yaml"
+    rendered = subprocess.run([sys.executable, "-m", "tasks.gpu_rules", "render-sweep", str(example)],
+                              capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.stdout == (PROM_DIR / "gpu-sweep.rules.yml").read_text(), (
+        "configs/prometheus/gpu-sweep.rules.yml is stale: python -m tasks.gpu_rules render-sweep "
+        "configs/platform.example.yaml > configs/prometheus/gpu-sweep.rules.yml")
+    cfg = load_platform_config(str(example))
+    settings = SweepSettings.from_config(cfg, cfg.cluster(None))
+    want = sweep_recording_rules(sweep_queries(settings.thresholds.window, **query_args(settings)))
+    got = _rules(rendered.stdout)
+    assert [(r["record"], _squash(r["expr"]), r["labels"]["sweep_query"]) for r in got] == [
+        (name, _squash(expr), h) for name, expr, h in want]
+    assert got[-1]["record"] == "gpu_sweep:evaluated"  # last: present only once the others are committed
+    from tasks.gpu_rules import render_sweep_config
+
+    assert yaml.safe_load(render_sweep_config(str(example), "30s"))["groups"][0]["interval"] == "30s"
+
+
 def test_rules_raise_the_sweeps_findings_with_the_same_critical_xids():
     rules = _rules((PROM_DIR / "gpu.rules.yml").read_text())
     alerts = [r for r in rules if "alert" in r]
