@@ -50,7 +50,9 @@ SSH_HOSTS = ("etcd1", "etcd-scratch")
 CLIENT_KEY = "etcd_client_ed25519"
 QUOTA_BYTES = 24 * 1024 * 1024  # main cluster; events get EVENTS_QUOTA_BYTES
 EVENTS_QUOTA_BYTES = 16 * 1024 * 1024
-TOKEN = "k8s_etcd"  # kubespray etcd.env.j2: ETCD_INITIAL_CLUSTER_TOKEN=k8s_etcd (events: k8s_events)
+# Not a credential: etcd's --initial-cluster-token only tells clusters apart at bootstrap (etcd v3.4 docs
+# *Clustering*); kubespray etcd.env.j2 sets ETCD_INITIAL_CLUSTER_TOKEN=k8s_etcd (events: k8s_events).
+INITIAL_CLUSTER_NAME = "k8s_etcd"
 
 
 def base(sb: SandboxLike) -> Path:
@@ -116,7 +118,7 @@ def start_etcd(sb: SandboxLike, quota_bytes: int | None = None) -> None:
     ports = {n: (_member_port(), _member_port()) for n in (*MAIN, *EVENTS)}
     members: dict[str, dict[str, Any]] = {}
     main_quota = quota_bytes or QUOTA_BYTES
-    for group, names, token, quota, sub in (("main", MAIN, TOKEN, main_quota, "etcd"),
+    for group, names, token, quota, sub in (("main", MAIN, INITIAL_CLUSTER_NAME, main_quota, "etcd"),
                                             ("events", EVENTS, "k8s_events", EVENTS_QUOTA_BYTES, "etcd-events")):
         cluster = ",".join(f"{n}=https://127.0.0.1:{ports[n][1]}" for n in names)
         for n in names:

@@ -5,6 +5,7 @@ install in order, a missing token secret stops it, idempotent re-runs, a values 
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_every_values_file_is_yaml_and_releases_are_pinned_in_order():
 def test_release_file_problems_are_named(tmp_path):
     from tasks.helm_releases import load_releases
 
-    (tmp_path / "v.yaml").write_text("runnerToken: glrt-abc\nnested:\n  password: hunter2\n")
+    leaked = secrets.token_urlsafe(12)  # a values file carrying credentials inline: refused, whatever they are
+    (tmp_path / "v.yaml").write_text(f"runnerToken: glrt-{leaked}\nnested:\n  password: {leaked}\n")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"releases": [
         {"name": "a", "chart": "a", "repo": "https://x.invalid", "version": "1.0.0", "namespace": "n",
          "values": "v.yaml", "after": ["b"]},
@@ -138,7 +140,8 @@ def test_install_addons_in_order_idempotent_diff_and_atomic_failure(sandbox_plat
     # 2. with the secret: only gitlab-runner is installed, the rest skipped as unchanged
     core.create_namespaced_secret("gitlab-runner", k8s.V1Secret(
         metadata=k8s.V1ObjectMeta(name="gitlab-runner-token"),
-        string_data={"runner-token": "glrt-x", "runner-registration-token": "glrt-x"}))
+        string_data={"runner-token": f"glrt-{secrets.token_urlsafe(16)}",
+                     "runner-registration-token": f"glrt-{secrets.token_urlsafe(16)}"}))
     before = len(calls())
     state2 = run_flow_sync(install_addons, platform=sandbox_platform, helm_bin=str(exe))
     assert state2.is_completed(), state2.message

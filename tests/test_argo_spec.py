@@ -8,6 +8,7 @@ credentials), exit handler, artifacts and pod spec patches.
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,11 @@ from tasks.training_spec import (
     resource_problems,
 )
 from tests.conftest import CONTRACTS, FIXTURES, REPO
+
+# credentials a spec must never carry, made fresh each run: the refusals and redactions below key on
+# their shape and place, never on a known value
+PW = secrets.token_hex(6)
+PAT = f"glpat-{secrets.token_hex(10)}"
 
 RL_PROD = REPO / "configs" / "training" / "rl-prod.yaml"
 CREDENTIAL_PARAMS = {"GITHUB_NAME", "GITHUB_TOKEN", "GITLAB_NAME", "GITLAB_TOKEN"}
@@ -180,12 +186,12 @@ def test_full_spec_renders_every_field(validator):
 
 @pytest.mark.parametrize("change, message", [
     ({"parameters": {"GITLAB_TOKEN": "x"}}, "looks like a credential"),
-    ({"parameters": {"CLONE": "glpat-abcdefghijklmnop"}}, "looks like a token"),
-    ({"parameters": {"REPO": "https://user:pw@gitlab.example/x.git"}}, "looks like a token or a URL"),
+    ({"parameters": {"CLONE": PAT}}, "looks like a token"),
+    ({"parameters": {"REPO": f"https://user:{PW}@gitlab.example/x.git"}}, "looks like a token or a URL"),
     ({"env": {"DB_PASSWORD": "x"}}, "looks like a credential"),
-    ({"code": {"url": "https://oauth2:tok@gitlab.example/x.git"}}, "carries credentials"),
-    ({"code": {"url": "ssh://git:hunter2pw@gitlab.example/x.git"}}, "carries credentials"),
-    ({"code": {"url": "https://glpat-abcdefghijklmnop@gitlab.example/x.git"}}, "carries credentials"),
+    ({"code": {"url": f"https://oauth2:{PW}@gitlab.example/x.git"}}, "carries credentials"),
+    ({"code": {"url": f"ssh://git:{PW}@gitlab.example/x.git"}}, "carries credentials"),
+    ({"code": {"url": f"https://{PAT}@gitlab.example/x.git"}}, "carries credentials"),
     ({"script": "echo"}, "exactly one of 'command'"),
     ({"resources": {"cpu": "2", "memory": "8Gi", "gpu": {"count": 1, "memory": 4,
                                                         "memory_resource": "aliyun.com/gpu-mem"}}}, "requested alone"),
@@ -198,7 +204,7 @@ def test_invalid_specs_name_the_field(change, message):
     with pytest.raises(TrainingSpecError) as err:
         load_training_spec(yaml.safe_dump(data), "train.yaml")
     assert message in str(err.value)
-    for secret in ("glpat-abcdefghijklmnop", "pw@", "hunter2pw"):
+    for secret in (PAT, PW):
         assert secret not in str(err.value)
     assert "{key" not in str(err.value)
 
@@ -437,7 +443,7 @@ volumes:
 @pytest.mark.parametrize("change, message", [
     ({"parameters": {"GITLAB_TOKEN": "x"}}, "parameters: 'GITLAB_TOKEN' looks like a credential"),
     ({"env": {"HF_API_KEY": "x"}}, "env: 'HF_API_KEY' looks like a credential"),
-    ({"parameters": {"CLONE": "https://u:hunter2pw@g.example/x.git"}},
+    ({"parameters": {"CLONE": f"https://u:{PW}@g.example/x.git"}},
      "parameters: the value of 'CLONE' looks like a token or a URL with credentials (value not shown)"),
     ({"env": {"bad-name": "1"}}, "env: 'bad-name' is not a valid name"),
     ({"resources": {"cpu": 1, "memory": "1Gi", "extended": {"mig-1g": 1}}},
@@ -455,7 +461,7 @@ def test_errors_name_the_key_and_what_is_wrong_without_the_value(change, message
     with pytest.raises(TrainingSpecError) as err:
         load_training_spec(yaml.safe_dump(data), "train.yaml")
     assert message in str(err.value), str(err.value)
-    assert "hunter2pw" not in str(err.value) and "{key" not in str(err.value)
+    assert PW not in str(err.value) and "{key" not in str(err.value)
 
 
 @pytest.mark.parametrize("pod_gc, logs, expected", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import secrets
 import tarfile
 from datetime import datetime, timedelta, timezone
 
@@ -201,9 +202,10 @@ class _Conn:
         return SimpleNamespace(stdout=_Lines(self.out), stderr=_Lines(self.err), wait=wait)
 
 
-SECRET = "hunter2-is-the-db-password"
+SECRET = f"db-password-{secrets.token_hex(8)}"  # fresh each run
+PAT = f"glpat-{secrets.token_hex(10)}"  # GitLab's PAT shape: redacted by pattern, not by value
 OUT = [f"connecting with {SECRET}", "Dumping database ... done"]
-ERR = ["PRIVATE-TOKEN: glpat-abcdefghijklmnopqrst refused", f"rake aborted! password {SECRET}"]
+ERR = [f"PRIVATE-TOKEN: {PAT} refused", f"rake aborted! password {SECRET}"]
 
 
 @pytest.mark.parametrize("redact", [[SECRET], "redactor"])
@@ -227,7 +229,7 @@ def test_run_command_redacts_every_streamed_kept_and_error_line(redact, caplog):
     assert error.tail == ["connecting with ***", "Dumping database ... done", "PRIVATE-TOKEN: *** refused",
                           "rake aborted! password ***"]
     for text in (logged, str(error), " ".join(error.argv)):
-        assert SECRET not in text and "glpat-abcdefghijklmnopqrst" not in text
+        assert SECRET not in text and PAT not in text
 
     ok = asyncio.run(run_command(_Conn(OUT, [], 0), ["true"], redact=redact))
     assert ok.stdout == ["connecting with ***", "Dumping database ... done"]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import time
 
 import httpx
@@ -210,9 +211,12 @@ def test_gitlab_status_state_machine(gitlab):
     assert r.status_code == 409 and r.json() == {"message": "Another update to this commit status is in progress"}
 
 
+PW = secrets.token_hex(6)  # a password in a clone URL, fresh each run
+
+
 @pytest.mark.parametrize("change, expected", [
     ({"parameters": {"GITLAB_TOKEN": "x"}}, "parameters: 'GITLAB_TOKEN' looks like a credential"),
-    ({"code": {"url": "ssh://git:hunter2pw@gitlab.example/ml/x.git"}}, "code[0].url: the URL carries credentials"),
+    ({"code": {"url": f"ssh://git:{PW}@gitlab.example/ml/x.git"}}, "code[0].url: the URL carries credentials"),
     ({"resources": {"cpu": "2", "memory": "8Gi", "extended": {"nvidia.com/mig-7g.80gb": 1,
                                                               "amd.com/gpu": 1}}},
      "resources: amd.com/gpu is not offered by this platform"),
@@ -224,7 +228,7 @@ def test_spec_errors_reach_the_status_naming_the_key_without_the_secret(argo, gi
     statuses = gitlab.statuses(project, sha)
     assert [s["status"] for s in statuses] == ["pending", "failed"]
     assert expected in statuses[-1]["description"], statuses[-1]["description"]
-    assert "hunter2pw" not in statuses[-1]["description"] and "{key" not in statuses[-1]["description"]
+    assert PW not in statuses[-1]["description"] and "{key" not in statuses[-1]["description"]
     assert argo.workflows(sha) == []
 
 

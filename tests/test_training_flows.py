@@ -555,7 +555,8 @@ def test_argo_tasks_return_and_raise_no_secret(canned):
     argo = ArgoServer(url=canned.url, namespace="ml", token=f"argo-{secrets.token_hex(8)}")
     redactor = Redactor.of([secret, argo.token.get_secret_value()])
 
-    lines = [f"using the password {secret}", "AUTH_URL is http://oauth2:glpat-CANNEDLEAKEDTOKEN1@gitlab/x.git",
+    pat = f"glpat-{secrets.token_hex(10)}"  # GitLab's PAT shape, caught by the pattern without being a known secret
+    lines = [f"using the password {secret}", f"AUTH_URL is http://oauth2:{pat}@gitlab/x.git",
              "RuntimeError: CUDA out of memory"]
     canned.answer = 200, "".join(json.dumps({"result": {"content": line, "podName": "wf-1-run-1"}}) + "\n"
                                  for line in lines).encode()
@@ -585,7 +586,8 @@ def test_gitlab_tasks_post_and_raise_no_secret(canned):
     redactor = Redactor.of([secret])
 
     canned.answer = 201, {"id": 1}
-    where = post_note(client, "ml/x", "0123abcd", f"log tail:\n{secret}\nglpat-CANNEDLEAKEDTOKEN1", 7,
+    pat = f"glpat-{secrets.token_hex(10)}"  # GitLab's PAT shape, caught by the pattern without being a known secret
+    where = post_note(client, "ml/x", "0123abcd", f"log tail:\n{secret}\n{pat}", 7,
                       redactor=redactor)
     assert where == "ml/x!7"
     posted = json.loads(canned.received[-1]["body"])
