@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
 from blocks.platform import Platform
+from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, png_data_uri
 from tasks.tls import (
@@ -134,16 +135,6 @@ async def certificate_check(platform: str = "main", cluster: str | None = None,
     if failing:
         message = (f"{counts['critical']} critical and {counts['unknown']} unknown certificate findings on "
                    f"{platform}/{name}; see the certificate-check report")
-        await _notify(plat.notifier(), f"certificate check failed: {platform}/{name}", message)
+        await notify(plat.notifier(), f"certificate check failed: {platform}/{name}", message)
         return Failed(message=message, data=result)
     return Completed(message=f"{len(report.entries)} certificates checked", data=result)
-
-
-async def _notify(notifier: Any, subject: str, body: str) -> None:
-    if notifier is None:
-        get_run_logger().warning("no notifications.webhook_url configured: the failure was not sent anywhere")
-        return
-    try:
-        await notifier.notify(body=body, subject=subject)
-    except Exception as exc:  # noqa: BLE001 - a notice that fails must not hide the report
-        get_run_logger().error("could not send the failure notice: %s", type(exc).__name__)

@@ -37,7 +37,6 @@ from prefect.cache_policies import NONE
 
 from blocks.config import parse_duration
 from blocks.platform import Platform
-from flows.gitlab_backup import notify_failure
 from tasks.etcd import (
     EtcdClient,
     connect_first,
@@ -54,6 +53,7 @@ from tasks.etcd_rules import (
     snapshot_manifest,
 )
 from tasks.gitlab_rules import human_bytes, human_duration
+from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, md_table
 from tasks.ssh import RemoteCommandError, SessionLost
@@ -204,8 +204,8 @@ async def etcd_backup(platform: str = "main", clusters: list[str] | None = None)
     if rows:
         await apublish_table(f"etcd-backup-retention-{platform}", rows, description="Retention decisions")
     if errors:
-        await notify_failure(notifier, f"etcd backup FAILED on {platform}",
-                             " / ".join(errors) + "\nNothing was deleted.")
+        await notify(notifier, f"etcd backup FAILED on {platform}",
+                     " / ".join(errors) + "\nNothing was deleted.")
         raise EtcdBackupFailed(" / ".join(errors))
     return {"snapshots": {c: r["manifest"] for c, r in done.items()},
             "attempts": {c: r["attempts"] for c, r in done.items()}, "retention": rows, "seconds": round(seconds, 1)}

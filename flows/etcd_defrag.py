@@ -31,7 +31,6 @@ from prefect import flow, get_run_logger
 from blocks.config import parse_duration
 from blocks.platform import Platform
 from flows.etcd_backup import etcd_section
-from flows.gitlab_backup import notify_failure
 from tasks.approval import aask_approval
 from tasks.etcd import (
     EtcdClient,
@@ -43,6 +42,7 @@ from tasks.etcd import (
 )
 from tasks.etcd_rules import EtcdThresholds, defrag_plan, space_is_back
 from tasks.gitlab_rules import human_bytes
+from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, md_table
 
@@ -147,6 +147,6 @@ async def etcd_defrag(platform: str = "main", clusters: list[str] | None = None,
     summary = plan_md + "\n## Done\n\n" + f"Approved by {result['approver']}.\n\n" + md_table(rows)
     await apublish_markdown(f"etcd-defrag-{platform}", summary, description="etcd defragmentation: what was done")
     if error:
-        await notify_failure(plat.notifier(), f"etcd defragmentation STOPPED on {platform}", error)
+        await notify(plat.notifier(), f"etcd defragmentation STOPPED on {platform}", error)
         raise DefragFailed(error)
     return result

@@ -31,7 +31,6 @@ from prefect.cache_policies import NONE
 from blocks.config import parse_duration
 from blocks.platform import Platform
 from flows.etcd_backup import etcd_section, store_kind
-from flows.gitlab_backup import notify_failure
 from tasks.etcd import (
     EtcdClient,
     drill_urls,
@@ -48,6 +47,7 @@ from tasks.etcd import (
 )
 from tasks.etcd_rules import check_snapshot, compare_drill, newest_verified
 from tasks.gitlab_rules import human_bytes, human_duration
+from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, md_table
 from tasks.ssh import RemoteCommandError, connect
@@ -152,6 +152,6 @@ async def etcd_restore_drill(platform: str = "main", clusters: list[str] | None 
     await apublish_markdown(f"etcd-restore-drill-{platform}", _summary(platform, rows, errors),
                             description="etcd restore drill: revision, keys, RTO, RPO")
     if errors:
-        await notify_failure(notifier, f"etcd restore drill FAILED on {platform}", " / ".join(errors))
+        await notify(notifier, f"etcd restore drill FAILED on {platform}", " / ".join(errors))
         raise DrillFailed(" / ".join(errors))
     return {"clusters": {r["cluster"]: r for r in rows}}

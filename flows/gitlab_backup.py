@@ -53,6 +53,7 @@ from tasks.gitlab_rules import (
     plan_retention,
     space_problem,
 )
+from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import AsyncProgress, apublish_markdown, apublish_table, md_table
 from tasks.storage import (
@@ -103,18 +104,6 @@ async def preflight_checks(host: Any, api: Any, layout: HostLayout, redactor: Re
     if not out.get("gitlab_rb_read"):
         out["warnings"].append(f"{layout.gitlab_rb} could not be read: GitLab's own backup_keep_time is unknown")
     return out
-
-
-async def notify_failure(notifier: Any, subject: str, body: str) -> None:
-    """Send a failure notice through `notifier` (the platform's webhook block, or None); never raises."""
-    logger = get_run_logger()
-    if notifier is None:
-        logger.warning("no notifications.webhook_url configured: failure not sent anywhere")
-        return
-    try:
-        await notifier.notify(body=body, subject=subject)
-    except Exception as exc:  # noqa: BLE001 - a notice that fails must not hide the real failure
-        logger.error("could not send the failure notice: %s", type(exc).__name__)
 
 
 def rpo_seconds(manifests: list[dict], now: datetime) -> float | None:
@@ -290,8 +279,8 @@ async def _run_backup(platform: str, kind: str, options: dict[str, str] | None) 
     if rows:
         await apublish_table(f"gitlab-{kind}-backup-retention-{platform}", rows, description="Retention decisions")
     if error is not None:
-        await notify_failure(notifier, f"{title} FAILED on {platform}",
-                             f"{error}\nNothing was deleted. RPO is now "
+        await notify(notifier, f"{title} FAILED on {platform}",
+                     f"{error}\nNothing was deleted. RPO is now "
                              f"{human_duration(rpo) if rpo is not None else 'unknown (no verified copy)'}.")
         raise BackupFailed(error)
     logger.info("backup %s verified and off-site (%s, %s); RPO %s", manifest.id, human_bytes(manifest.total_size),

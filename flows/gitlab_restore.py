@@ -35,7 +35,7 @@ from prefect import flow, get_run_logger
 from prefect.concurrency.asyncio import concurrency
 
 from blocks.platform import Platform
-from flows.gitlab_backup import host_layout, notify_failure, step_timeout
+from flows.gitlab_backup import host_layout, step_timeout
 from tasks.approval import aask_approval
 from tasks.gitlab_api import api_health, api_preflight, project_states
 from tasks.gitlab_host import (
@@ -85,6 +85,7 @@ from tasks.gitlab_rules import (
     state_after_failure,
     store_key_of,
 )
+from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, md_table
 from tasks.storage import Store, list_offsite_manifests, read_offsite_manifest
@@ -364,7 +365,7 @@ async def _restore(plat: Platform, redactor: Redactor, backup_id: str, *, scratc
             f"**State:** {state}", "", "## Steps", "", md_table(steps.rows, limit=40)]),
             description="Restore failed: state and how to continue")
         await apublish_table(f"gitlab-restore-steps-{platform}-{target}", steps.rows, description="Restore steps")
-        await notify_failure(notifier, f"GitLab restore FAILED on {platform} ({target})", f"{error}\n{state}")
+        await notify(notifier, f"GitLab restore FAILED on {platform} ({target})", f"{error}\n{state}")
         raise RestoreFailed(f"{error}\n{state}") from exc
     seconds = time.monotonic() - restore_started
     await apublish_markdown(f"gitlab-restore-{platform}-{target}", "\n".join([
@@ -407,8 +408,8 @@ async def gitlab_restore_drill(platform: str = "main", sample: int = 20) -> dict
     verified = sorted((m for m in manifests if m.verified and m.offsite and not m.safety),
                       key=lambda m: m.finished_at)
     if not verified:
-        await notify_failure(plat.notifier(), f"GitLab restore drill FAILED on {platform}",
-                             "no verified off-site backup")
+        await notify(plat.notifier(), f"GitLab restore drill FAILED on {platform}",
+                     "no verified off-site backup")
         raise RestoreFailed("no verified off-site backup to drill with: RPO is unbounded; check gitlab-backup runs")
     newest = verified[-1]
     result = await _restore(plat, redactor, newest.id, scratch=True, dry_run=False)
@@ -433,8 +434,8 @@ async def gitlab_restore_drill(platform: str = "main", sample: int = 20) -> dict
     out = {"backup_id": newest.id, "rto_seconds": round(rto, 1), "rpo_seconds": round(rpo, 1),
            "comparison": comparison.model_dump(), "ok": comparison.ok}
     if not comparison.ok:
-        await notify_failure(plat.notifier(), f"GitLab restore drill FAILED on {platform}",
-                             f"restored data differs from production: {comparison.model_dump()}")
+        await notify(plat.notifier(), f"GitLab restore drill FAILED on {platform}",
+                     f"restored data differs from production: {comparison.model_dump()}")
         raise RestoreFailed(f"drill: restored data differs from production: {comparison.model_dump()}")
     logger.info("drill passed: RTO %s, RPO %s", human_duration(rto), human_duration(rpo))
     return out

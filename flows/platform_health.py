@@ -27,9 +27,10 @@ from prefect.variables import Variable
 
 from blocks.platform import Platform
 from tasks import health_probes as probes
-from tasks.events import emit_critical_findings
 from tasks.etcd_health import etcd_probe as probe_etcd
+from tasks.events import emit_critical_findings
 from tasks.health import Check, build_report, report_markdown, transitions, unknown
+from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, artifact_key
 
@@ -126,21 +127,11 @@ async def platform_health_check(
     await apublish_table(f"platform-health-checks-{platform}", [c.row() for c in report.checks],
                          description="every check, worst first")
     if notices:
-        await _notify(plat.notifier(), f"platform health {platform}: grade {report.grade} ({report.score}/100)",
-                      "\n".join(notices))
+        await notify(plat.notifier(), f"platform health {platform}: grade {report.grade} ({report.score}/100)",
+                     "\n".join(notices), what="health change notice")
     emit_critical_findings(platform, "platform-health-check", report.critical)  # for the automations' notice
     logger.info("platform %s: score %s, grade %s; critical: %s", platform, report.score, report.grade,
                 ", ".join(report.critical) or "none")
     return Completed(message=f"grade {report.grade} ({report.score}/100)"
                      + (f"; critical: {', '.join(report.critical)}" if report.critical else ""),
                      data=report.result())
-
-
-async def _notify(notifier: Any, subject: str, body: str) -> None:
-    if notifier is None:
-        get_run_logger().warning("no notifications.webhook_url configured: the health change was not sent anywhere")
-        return
-    try:
-        await notifier.notify(body=body, subject=subject)
-    except Exception as exc:  # noqa: BLE001 - a broken webhook must not hide the report
-        get_run_logger().error("webhook failed: %s", type(exc).__name__)

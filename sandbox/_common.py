@@ -308,6 +308,22 @@ def read_secrets(state_dir: Path) -> dict[str, str]:
 # -- emulated hosts over SSH -----------------------------------------------------------------
 
 
+def client_key_pair(sb: SandboxLike, name: str, public: Path, comment: str) -> tuple[Path, str]:
+    """The ed25519 key a project client logs in to emulated hosts with: the private key is the stand-in
+    secret `name` (0600 under `<state>/secrets/`), its public line kept at `public`. Made once per state
+    folder, reused by a restarted component. Returns (private key path, public key line)."""
+    import asyncssh
+
+    key_path = secrets_dir(sb.state_dir) / name
+    if not key_path.exists() or not public.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+        write_secret_file(key_path, key.export_private_key())
+        public.parent.mkdir(parents=True, exist_ok=True)
+        key.write_public_key(str(public))
+    sb.secrets[name] = str(key_path)
+    return key_path, public.read_text().strip()
+
+
 def start_key_only_sshd(sb: SandboxLike, name: str, folder: Path, public_key: str, env: dict[str, str]) -> tuple[int, Path]:
     """A real OpenSSH `sshd` on 127.0.0.1:<free port> for an emulated host: key-only, root allowed by key,
     its own ed25519 host key pinned in a known_hosts file, `env` set for every session (`SetEnv`: PATH

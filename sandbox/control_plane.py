@@ -41,8 +41,8 @@ from sandbox import pki
 from sandbox._common import (
     PYTHON,
     SandboxLike,
+    client_key_pair,
     free_port,
-    secrets_dir,
     start_key_only_sshd,
     wait_for,
     write_secret_file,
@@ -274,19 +274,6 @@ def seed_tls_secrets(kube_url: str, token: str, secrets: list[dict[str, Any]]) -
 # --- processes ---------------------------------------------------------------------------------------
 
 
-def _client_key(sb: SandboxLike) -> tuple[Path, str]:
-    import asyncssh
-
-    key_path = secrets_dir(sb.state_dir) / CLIENT_KEY
-    public = sb.path("control-plane", f"{CLIENT_KEY}.pub")
-    if not key_path.exists() or not public.exists():
-        key = asyncssh.generate_private_key("ssh-ed25519", comment="ai-platform-ops-sandbox-control-plane")
-        write_secret_file(key_path, key.export_private_key())
-        key.write_public_key(str(public))
-    sb.secrets[CLIENT_KEY] = str(key_path)
-    return key_path, public.read_text().strip()
-
-
 def _host_env(root: Path) -> dict[str, str]:
     return {"PATH": f"{SCRIPTS}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "CP_SANDBOX_ROOT": str(root),
             "CP_SANDBOX_PYTHON": sys.executable}
@@ -297,7 +284,8 @@ def start_control_plane(sb: SandboxLike) -> None:
     b = base(sb)
     shutil.rmtree(b, ignore_errors=True)
     b.mkdir(parents=True)
-    key_path, public_key = _client_key(sb)
+    key_path, public_key = client_key_pair(sb, CLIENT_KEY, sb.path("control-plane", f"{CLIENT_KEY}.pub"),
+                                            "ai-platform-ops-sandbox-control-plane")
     cas = _cas()
     fresh = _unique_ports(3 * 2 + 2 + 2 + 2)
     ports = {n: {"api": fresh.pop(), "etcd": fresh.pop()} for n in CONTROL_PLANE}

@@ -36,11 +36,10 @@ import httpx
 from sandbox import pki
 from sandbox._common import (
     SandboxLike,
+    client_key_pair,
     require_binary,
-    secrets_dir,
     start_key_only_sshd,
     wait_for,
-    write_secret_file,
 )
 from sandbox.control_plane import write_etcd_host
 
@@ -67,19 +66,6 @@ def cert_dir(root: Path) -> Path:
     return root / "etc" / "ssl" / "etcd" / "ssl"
 
 
-def _client_key(sb: SandboxLike) -> tuple[Path, str]:
-    import asyncssh
-
-    key_path = secrets_dir(sb.state_dir) / CLIENT_KEY
-    public = base(sb) / f"{CLIENT_KEY}.pub"
-    if not key_path.exists() or not public.exists():
-        key = asyncssh.generate_private_key("ssh-ed25519", comment="ai-platform-ops-sandbox-etcd")
-        write_secret_file(key_path, key.export_private_key())
-        key.write_public_key(str(public))
-    sb.secrets[CLIENT_KEY] = str(key_path)
-    return key_path, public.read_text().strip()
-
-
 def member_argv(etcd: str, name: str, root: Path, data_dir: Path, client: int, peer: int, cluster: str,
                 token: str, quota: int) -> list[str]:
     """etcd's flags as kubespray's `etcd.env.j2` sets them (environment there, flags here)."""
@@ -104,7 +90,8 @@ def start_etcd(sb: SandboxLike, quota_bytes: int | None = None) -> None:
     b = base(sb)
     shutil.rmtree(b, ignore_errors=True)
     b.mkdir(parents=True)
-    key_path, public_key = _client_key(sb)
+    key_path, public_key = client_key_pair(sb, CLIENT_KEY, base(sb) / f"{CLIENT_KEY}.pub",
+                                            "ai-platform-ops-sandbox-etcd")
     ca = pki.issue("etcd-ca", is_ca=True, key=pki.new_key("RSA-2048"))  # make-ssl-etcd.sh: genrsa 2048
     hosts = (*MAIN, "etcd-scratch")
     for h in hosts:

@@ -26,12 +26,11 @@ from pathlib import Path
 
 from sandbox._common import (
     SandboxLike,
+    client_key_pair,
     free_port,
     http_ok,
-    secrets_dir,
     start_key_only_sshd,
     wait_for,
-    write_secret_file,
 )
 
 SCRIPTS = Path(__file__).resolve().parent / "gitlab_scripts"
@@ -127,20 +126,6 @@ def init_host_root(root: Path, projects: list[dict], secret: str, version: str =
             "backup_log": str(rails_log / "backup_json.log"), "control_dir": str(root / "run" / "ai-platform-ops")}
 
 
-def _keys(sb: SandboxLike) -> tuple[Path, str]:
-    """The client key pair shared by both hosts: (private key path, public key line)."""
-    import asyncssh
-
-    key_path = secrets_dir(sb.state_dir) / CLIENT_KEY
-    public = sb.path("gitlab", f"{CLIENT_KEY}.pub")
-    if not key_path.exists() or not public.exists():
-        key = asyncssh.generate_private_key("ssh-ed25519", comment="ai-platform-ops-sandbox")
-        write_secret_file(key_path, key.export_private_key())
-        key.write_public_key(str(public))
-    sb.secrets[CLIENT_KEY] = str(key_path)
-    return key_path, public.read_text().strip()
-
-
 def start_sshd(sb: SandboxLike, name: str, root: Path, public_key: str) -> tuple[int, Path]:
     """sshd on 127.0.0.1:<free port> for GitLab host `name`; returns (port, known_hosts path).
 
@@ -167,7 +152,8 @@ def start_api(sb: SandboxLike, name: str, root: Path, token_env: str) -> str:
 
 def start_gitlab(sb: SandboxLike) -> None:
     """Production and scratch GitLab hosts (sshd + API stand-in each), and the `gitlab` config section."""
-    key_path, public_key = _keys(sb)
+    key_path, public_key = client_key_pair(sb, CLIENT_KEY, sb.path("gitlab", f"{CLIENT_KEY}.pub"),
+                                            "ai-platform-ops-sandbox")
     hosts = {}
     for name, projects, token_env in (("production", seed_projects(12, "prod"), TOKEN_ENV),
                                       ("scratch", seed_projects(2, "scratch"), SCRATCH_TOKEN_ENV)):
