@@ -128,8 +128,9 @@ def start_etcd(sb: SandboxLike, quota_bytes: int | None = None) -> None:
     for n in members:
         wait_for(lambda n=n: _healthy(info, n), f"etcd member {n}", 60, None, sb.log_of(f"etcd-{n}"))
     # A Kubernetes cluster's etcd is never empty: the API server writes its objects under its --etcd-prefix
-    # (default "/registry", kube-apiserver reference, *Options*) from its first start. Seed both clusters so a snapshot (the demo's, a test's) has real content; a never-written
-    # etcd answers a snapshot of revision 0 against a live revision of 1, which no platform ever backs up.
+    # (default "/registry", kube-apiserver reference, *Options*) from its first start. Seed both clusters so
+    # a snapshot (the demo's, a test's) has real content; a never-written etcd answers a snapshot of revision
+    # 0 against a live revision of 1, which no platform ever backs up.
     put_keys(info, "etcd1", 50, prefix="/registry/sandbox/")
     put_keys(info, "etcd1-events", 20, prefix="/registry/events/default/")  # kube-apiserver's --etcd-servers-overrides
     sb.extra["etcd"] = info
