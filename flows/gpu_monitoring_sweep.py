@@ -30,6 +30,7 @@ from prefect.cache_policies import NONE
 from prefect.states import Failed
 
 from blocks.platform import Platform
+from tasks._gc import gc_paused
 from tasks.approval import Approval, ask_approval
 from tasks.events import emit_critical_findings
 from tasks.gpu_classify import classify, needs_detail
@@ -85,19 +86,22 @@ def run_sweep(settings: SweepSettings, start_fleet: Callable[[], Any], start_met
     th = settings.thresholds
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    fleet_f, metrics_f = start_fleet(), start_metrics()
-    fleet: FleetSnapshot = fleet_f.result()
-    metrics = _result_or(metrics_f, lambda err: DCGMSnapshot.unavailable(th.window, err))
-    timings["fetch_s"] = time.perf_counter() - start
-    hosts = needs_detail(fleet, metrics, th)
-    if hosts:
+    # Everything here is parsing and folding acyclic data: the cyclic collector only re-walks it
+    # (4.1 -> 1.8 s of CPU at 10,000 nodes; tasks/_gc.py).
+    with gc_paused():
+        fleet_f, metrics_f = start_fleet(), start_metrics()
+        fleet: FleetSnapshot = fleet_f.result()
+        metrics = _result_or(metrics_f, lambda err: DCGMSnapshot.unavailable(th.window, err))
+        timings["fetch_s"] = time.perf_counter() - start
+        hosts = needs_detail(fleet, metrics, th)
+        if hosts:
+            t = time.perf_counter()
+            first = metrics
+            metrics = _result_or(start_detail(first, hosts), lambda err: with_detail_error(first, err))
+            timings["detail_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        first = metrics
-        metrics = _result_or(start_detail(first, hosts), lambda err: with_detail_error(first, err))
-        timings["detail_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = classify(fleet, metrics, th, cluster=settings.cluster, xid_baseline_kind=settings.xid_baseline)
-    timings["classify_s"] = time.perf_counter() - t
+        result = classify(fleet, metrics, th, cluster=settings.cluster, xid_baseline_kind=settings.xid_baseline)
+        timings["classify_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     result.timings = timings
     return result, fleet

@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from blocks.config import ClusterConfig
+from tasks._gc import gc_paused
 from tasks._retry import TRANSIENT_RETRIES
 from tasks.gpu_model import (
     DEFAULT_EXPORTER_SELECTORS,
@@ -76,6 +77,12 @@ def list_raw(
     core = k8s.CoreV1Api(api)
     fetch = {"nodes": core.list_node, "pods": core.list_pod_for_all_namespaces,
              "secrets": core.list_secret_for_all_namespaces}[kind]
+    with gc_paused():  # parsed JSON is acyclic; the collector would only re-walk it (tasks/_gc.py)
+        return _list_pages(fetch, label_selector, field_selector, page_size, timeout_s, transform)
+
+
+def _list_pages(fetch: Callable[..., Any], label_selector: str | None, field_selector: str | None, page_size: int,
+                timeout_s: float, transform: Callable[[dict[str, Any]], Any] | None) -> Listing:
     items: list[dict[str, Any]] = []
     cont: str | None = None
     trips = 0

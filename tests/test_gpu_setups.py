@@ -10,6 +10,7 @@ extended counters (`DCGM_EXP_XID_ERRORS_COUNT`, `DCGM_FI_DEV_ROW_REMAP_PENDING`)
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from datetime import datetime, timezone
@@ -156,12 +157,16 @@ def test_a_failed_detail_query_leaves_the_findings_standing(setups, fresh_xids):
     sb, api = setups
     s = settings("relabelled")
 
+    collector: list[bool] = []  # the sweep parses and classifies with the cyclic collector paused
+
     class Failing:
         def result(self):
+            collector.append(gc.isenabled())
             raise PrometheusUnavailable("Prometheus ran out of time for the query (timeout)")
 
     class Done:
         def __init__(self, fn):
+            collector.append(gc.isenabled())
             self.value = fn()
 
         def result(self):
@@ -176,6 +181,7 @@ def test_a_failed_detail_query_leaves_the_findings_standing(setups, fresh_xids):
     note = _by(result, Kind.DETAILS_MISSING)
     assert len(note) == 1 and "ran out of time" in note[0].evidence["error"]
     assert result.gpus_unknown == 0
+    assert collector == [False, False, False] and gc.isenabled()
 
 
 def _annotate(api, name: str, key: str, value: str | None) -> None:
