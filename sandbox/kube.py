@@ -287,7 +287,7 @@ class SandboxKubernetes(KubernetesEmulator):
         # kmock's version walks every stored object for their resources on each call, and every list
         # request asks (72,000 objects at 10,000 nodes: ~20 ms of the emulator's CPU per page, a real
         # API server's discovery is a fixed table). The answer only changes with the store: kept per state.
-        state = self._state()
+        state = (self._state(), len(self.resources))  # declared resources, and the stored objects' ones
         if self._resources_at is None or self._resources_at[0] != state:
             self._resources_at = (state, super()._get_resources())
         return list(self._resources_at[1])
