@@ -285,8 +285,12 @@ class SandboxKubernetes(KubernetesEmulator):
 
     def _get_resources(self) -> list[Any]:
         # kmock's version walks every stored object for their resources on each call, and every list
-        # request asks (72,000 objects at 10,000 nodes: ~20 ms of the emulator's CPU per page, a real
-        # API server's discovery is a fixed table). The answer only changes with the store: kept per state.
+        # request asks (72,000 objects at 10,000 nodes: ~20 ms of the emulator's CPU per page). A real
+        # API server serves resources from a table built when an API group is installed or a CRD is
+        # established, not from the objects stored (kubernetes.io "The Kubernetes API", section
+        # "Discovery API"; KEP-3352 "Aggregated Discovery": built-ins, CRDs, aggregated servers). Here
+        # the table still comes from the store (kmock knows resources by their objects), rebuilt only
+        # when the store changes.
         state = (self._state(), len(self.resources))  # declared resources, and the stored objects' ones
         if self._resources_at is None or self._resources_at[0] != state:
             self._resources_at = (state, super()._get_resources())

@@ -77,35 +77,30 @@ def list_raw(
     core = k8s.CoreV1Api(api)
     fetch = {"nodes": core.list_node, "pods": core.list_pod_for_all_namespaces,
              "secrets": core.list_secret_for_all_namespaces}[kind]
-    with gc_paused():  # parsed JSON is acyclic; the collector would only re-walk it (tasks/_gc.py)
-        return _list_pages(fetch, label_selector, field_selector, page_size, timeout_s, transform)
-
-
-def _list_pages(fetch: Callable[..., Any], label_selector: str | None, field_selector: str | None, page_size: int,
-                timeout_s: float, transform: Callable[[dict[str, Any]], Any] | None) -> Listing:
     items: list[dict[str, Any]] = []
     cont: str | None = None
     trips = 0
-    while True:
-        kwargs: dict[str, Any] = {"limit": page_size, "_preload_content": False, "_request_timeout": timeout_s}
-        if label_selector:
-            kwargs["label_selector"] = label_selector
-        if field_selector:
-            kwargs["field_selector"] = field_selector
-        if cont:
-            kwargs["_continue"] = cont
-        response = fetch(**kwargs)
-        trips += 1
-        body = orjson.loads(response.data)
-        page = body.get("items") or []
-        if transform is None:
-            items.extend(page)
-        else:
-            items.extend(kept for kept in map(transform, page) if kept is not None)
-        del page
-        cont = (body.get("metadata") or {}).get("continue")
-        if not cont:
-            return Listing(items, trips)
+    with gc_paused():  # parsed JSON is acyclic; the collector would only re-walk it (tasks/_gc.py)
+        while True:
+            kwargs: dict[str, Any] = {"limit": page_size, "_preload_content": False, "_request_timeout": timeout_s}
+            if label_selector:
+                kwargs["label_selector"] = label_selector
+            if field_selector:
+                kwargs["field_selector"] = field_selector
+            if cont:
+                kwargs["_continue"] = cont
+            response = fetch(**kwargs)
+            trips += 1
+            body = orjson.loads(response.data)
+            page = body.get("items") or []
+            if transform is None:
+                items.extend(page)
+            else:
+                items.extend(kept for kept in map(transform, page) if kept is not None)
+            del page
+            cont = (body.get("metadata") or {}).get("continue")
+            if not cont:
+                return Listing(items, trips)
 
 
 # --- what nodes and pods mean (pure) ---------------------------------------------------------

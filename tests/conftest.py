@@ -27,17 +27,17 @@ def need_binary(name: str, package: str) -> str:
     path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
     if path:
         return path
-    message = f"{name} is not installed (Debian package {package!r}; `make install` installs it)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    _unavailable(f"{name} is not installed (Debian package {package!r}; `make install` installs it)")
 
 
 def need_root(why: str) -> None:
     """The test needs root (CI runs as root): fail in CI, skip elsewhere, when not root."""
-    if os.geteuid() == 0:
-        return
-    message = f"needs root: {why}"
+    if os.geteuid() != 0:
+        _unavailable(f"needs root: {why}")
+
+
+def _unavailable(message: str) -> None:
+    """What a test cannot have here: a failure in CI (nothing may be silently skipped there), a skip elsewhere."""
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
