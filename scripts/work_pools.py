@@ -82,27 +82,41 @@ def process_template() -> dict[str, Any]:
 
 
 async def create_pools(only: list[str] | None = None, image: str | None = None) -> list[str]:
-    """Create or update the pools (all, or `only`) on the server PREFECT_API_URL names; their names."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    """Create the pools (all, or `only`) on the server PREFECT_API_URL names, or bring existing ones to
+    this project's template and description; their names.
 
-    k8s = json.loads(K8S_TEMPLATE.read_text())
-    if image:
-        k8s["variables"]["properties"]["image"]["default"] = image
+    An existing pool keeps what operators set on it: paused or not, its concurrency limit, and the
+    Kubernetes pool's image unless `image` is given. (`create_work_pool(overwrite=True)` would send
+    the whole pool as an update: `is_paused=False` and `concurrency_limit=None` with it.)"""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
     pools = {
-        LOCAL_POOL: WorkPoolCreate(name=LOCAL_POOL, type="process", base_job_template=process_template(),
-                                   description="Flows as processes on the operator's machine, in this checkout."),
-        K8S_POOL: WorkPoolCreate(name=K8S_POOL, type="kubernetes", base_job_template=k8s,
-                                 description="Flows as Kubernetes Jobs from the flows' image, with the "
-                                             f"{SERVICE_ACCOUNT} service account (configs/k8s/rbac.yaml)."),
+        LOCAL_POOL: ("process", process_template(),
+                     "Flows as processes on the operator's machine, in this checkout."),
+        K8S_POOL: ("kubernetes", k8s_template(image),
+                   f"Flows as Kubernetes Jobs from the flows' image, with the {SERVICE_ACCOUNT} service account "
+                   "(configs/k8s/rbac.yaml)."),
     }
     wanted = only or list(pools)
-    unknown = set(wanted) - set(pools)
-    if unknown:
-        raise SystemExit(f"unknown pool(s) {sorted(unknown)}; expected {sorted(pools)}")
     async with get_client() as client:
         for name in wanted:
-            await client.create_work_pool(pools[name], overwrite=True)
+            kind, template, description = pools[name]
+            try:
+                existing = await client.read_work_pool(name)
+            except ObjectNotFound:
+                await client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=template,
+                                                             description=description))
+                continue
+            if existing.type != kind:
+                raise SystemExit(f"work pool {name!r} exists with type {existing.type!r}, expected {kind!r}: "
+                                 f"delete it (`prefect work-pool delete {name}`) and run this again")
+            if not image:  # keep the image the operator gave earlier (`make work-pools IMAGE=...`)
+                kept = ((existing.base_job_template.get("variables") or {}).get("properties") or {}).get("image")
+                if kept and kept.get("default") and "image" in template["variables"]["properties"]:
+                    template["variables"]["properties"]["image"]["default"] = kept["default"]
+            await client.update_work_pool(name, WorkPoolUpdate(base_job_template=template, description=description))
     return wanted
 
 

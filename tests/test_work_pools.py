@@ -54,3 +54,36 @@ def test_create_pools_is_idempotent():
     assert k8s["variables"]["properties"]["image"]["default"] == "r.example/flows:2"
     assert k8s["variables"]["properties"]["service_account_name"]["default"] == wp.SERVICE_ACCOUNT
     assert "command" in pools[wp.LOCAL_POOL].base_job_template["variables"]["properties"]
+
+
+@pytest.mark.prefect
+@pytest.mark.usefixtures("prefect_server")
+def test_create_again_keeps_what_operators_set_and_refuses_a_pool_of_another_type():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+
+    async def scenario():
+        await wp.create_pools(image="r.example/flows:3")
+        async with get_client() as client:
+            await client.update_work_pool(wp.LOCAL_POOL, WorkPoolUpdate(is_paused=True, concurrency_limit=2))
+            await client.update_work_pool(wp.K8S_POOL, WorkPoolUpdate(description="edited by hand"))
+        await wp.create_pools()  # `make deploy` runs this again, without IMAGE
+        async with get_client() as client:
+            local, k8s = await client.read_work_pool(wp.LOCAL_POOL), await client.read_work_pool(wp.K8S_POOL)
+            await client.update_work_pool(wp.LOCAL_POOL, WorkPoolUpdate(is_paused=False, concurrency_limit=None))
+            # a pool of the same name but another type is refused with a message, never replaced
+            await client.delete_work_pool(wp.K8S_POOL)
+            await client.create_work_pool(WorkPoolCreate(name=wp.K8S_POOL, type="process"))
+            try:
+                with pytest.raises(SystemExit, match="exists with type 'process', expected 'kubernetes'"):
+                    await wp.create_pools(only=[wp.K8S_POOL])
+            finally:
+                await client.delete_work_pool(wp.K8S_POOL)
+                await wp.create_pools(only=[wp.K8S_POOL])
+        return local, k8s
+
+    local, k8s = asyncio.run(scenario())
+    assert local.is_paused is True and local.concurrency_limit == 2
+    assert k8s.base_job_template["variables"]["properties"]["image"]["default"] == "r.example/flows:3"
+    assert k8s.description.startswith("Flows as Kubernetes Jobs"), "the description is the project's again"
+    assert k8s.base_job_template["variables"]["properties"]["service_account_name"]["default"] == wp.SERVICE_ACCOUNT
