@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
@@ -236,7 +236,7 @@ def gpu_monitoring_sweep(
     exporter_selectors: list[str] | None = None,
     page_size: int | None = None,
     note_training_commits: bool = True,
-    metrics_source: str | None = None,
+    metrics_source: Literal["auto", "raw"] | None = None,
 ) -> Any:
     """Sweep one cluster's GPUs; plan (dry run) or, approved, apply cordons of nodes with critical findings.
 

@@ -237,6 +237,13 @@ class SweepSettings:
     xid_baseline: str = "repair"  # "repair" (sweeps) or "cordon" (uncordon: XIDs since the node was cordoned)
     metrics_source: str = "auto"  # "auto": the sweep's recording rules when loaded, else raw queries; "raw"
 
+    def __post_init__(self) -> None:
+        # a bad value fails the run at its start, not as a metrics error inside the fetch (every GPU unknown)
+        for name, allowed in (("metrics_source", ("auto", "raw")), ("xid_baseline", ("repair", "cordon"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, name)!r}")
+
     @classmethod
     def from_config(cls, cfg: Any, cluster: Any, **overrides: Any) -> SweepSettings:
         gpu = cfg.thresholds.gpu

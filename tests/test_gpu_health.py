@@ -22,6 +22,7 @@ from tasks.gpu_model import (
     GPUStatus,
     Kind,
     Severity,
+    SweepSettings,
     SweepThresholds,
 )
 from tasks.gpu_pictures import heatmap
@@ -246,6 +247,11 @@ def test_recorded_series_are_used_only_when_every_rule_is_loaded_healthy_fresh_a
     assert {a[1] for a in asked} == {"1700000000.000"}
     with pytest.raises(ValueError, match="metrics_source"):
         fetch_dcgm("http://p", "15m", source="rules")
+    # the settings refuse it first, so the flow fails at its start instead of sweeping with every GPU unknown
+    with pytest.raises(ValueError, match=r"metrics_source: expected one of 'auto', 'raw', got 'rules'"):
+        SweepSettings(metrics_source="rules")
+    with pytest.raises(ValueError, match=r"xid_baseline: expected one of 'repair', 'cordon', got 'restart'"):
+        SweepSettings(xid_baseline="restart")
 
 
 def test_duplicated_series_keep_the_worst_value_and_nan_loses_to_a_number():
