@@ -100,7 +100,7 @@ def run(size: int | None = None, repeat: int = 5) -> None:
     from flows.gpu_monitoring_sweep import sweep
     from sandbox.cluster import exporter_pod_names
     from sandbox.platform import Sandbox, _start_prometheus, start_core
-    from sandbox.prometheus import wait_for_first_scrape
+    from sandbox.prometheus import wait_for_first_scrape, wait_for_sweep_rules
     from tasks.gpu_model import SweepSettings, SweepThresholds
     from tasks.kubernetes import api_client_from_kubeconfig, fetch_gpu_fleet, list_raw
     from tasks.prometheus import fetch_dcgm, query_args
@@ -117,14 +117,8 @@ def run(size: int | None = None, repeat: int = 5) -> None:
             th = SweepThresholds(xid_resolution=f"{sb.scrape_interval_s}s")
             api = api_client_from_kubeconfig(str(sb.kubeconfig))
             prom = sb.urls["prometheus"]
-            rules_ready = time.monotonic() + 3 * sb.scrape_interval_s + 120
-            while True:  # the rules' first evaluation over every GPU series
-                probe = fetch_dcgm(prom, th.window, timeout_s=TIMEOUT_S,
-                                   **query_args(SweepSettings(thresholds=th)))
-                if (probe.source == "recording rules" and sum(probe.gpus_now.values()) >= size * 8) \
-                        or time.monotonic() > rules_ready:
-                    break
-                time.sleep(5)
+            # the rules' first evaluation over every GPU series (after the first scrape of them all)
+            wait_for_sweep_rules(sb, SweepSettings(thresholds=th), timeout_s=3 * sb.scrape_interval_s + 120)
             setup_s = time.monotonic() - start
             per_source = {}
             for source in ("auto", "raw"):

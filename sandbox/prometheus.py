@@ -21,8 +21,10 @@ lists them, the default is the GPU operator's with `honor_labels: true`):
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -37,15 +39,14 @@ def write_sweep_rules(sb: SandboxLike) -> Path:
     """The sweep's recording rules (`tasks.gpu_rules.render_sweep`) for the sandbox's thresholds: the
     platform defaults, the XID gauge read at the scrape interval, and what `thresholds.gpu` of the
     sandbox's config sets."""
-    import dataclasses
+    from blocks.config import GPUThresholds
+    from tasks.gpu_model import SweepSettings
+    from tasks.gpu_rules import render_sweep
 
-    from tasks.gpu_rules import RuleSettings, render_sweep
-
-    known = {f.name for f in dataclasses.fields(RuleSettings)}
-    gpu = {k: v for k, v in ((sb.config.get("thresholds") or {}).get("gpu") or {}).items() if k in known}
-    settings = RuleSettings(**{"xid_resolution": f"{sb.scrape_interval_s}s", **gpu})
+    gpu = GPUThresholds.model_validate({"xid_resolution": f"{sb.scrape_interval_s}s",
+                                        **((sb.config.get("thresholds") or {}).get("gpu") or {})})
     path = sb.path("prometheus", SWEEP_RULES_FILE)
-    path.write_text(render_sweep(settings))
+    path.write_text(render_sweep(SweepSettings.from_gpu(gpu)))
     return path
 
 
@@ -130,6 +131,25 @@ def start_prometheus(sb: SandboxLike) -> None:
     sb.config["prometheus"] = {"url": sb.urls["prometheus"], "timeout_s": 10}
     # the XID gauge's distinct values are read at the scrape interval
     sb.config.setdefault("thresholds", {}).setdefault("gpu", {})["xid_resolution"] = f"{sb.scrape_interval_s}s"
+
+
+def wait_for_sweep_rules(sb: SandboxLike, settings: Any, timeout_s: float) -> float:
+    """Block until the sweep's recording rules for `settings` (a `tasks.gpu_model.SweepSettings`) have
+    completed an evaluation that began after this call (so after the scrapes before it); its timestamp.
+
+    Asks what a sweep asks first (`tasks.prometheus.recorded_state`: the rules API, then the marker's
+    timestamp): two light requests a poll, not the raw queries a sweep would fall back to meanwhile."""
+    from tasks.prometheus import query_args, recorded_state, sweep_queries, sweep_recording_rules
+
+    rules = sweep_recording_rules(sweep_queries(settings.thresholds.window, **query_args(settings)))
+    since, seen = time.time(), [0.0]
+    with httpx.Client(timeout=10) as client:
+        def evaluated() -> bool:
+            seen[0] = recorded_state(client, sb.urls["prometheus"], rules, 10)[0] or 0.0
+            return seen[0] > since
+
+        wait_for(evaluated, "an evaluation of the sweep's recording rules", timeout_s)
+    return seen[0]
 
 
 def wait_for_first_scrape(sb: SandboxLike, timeout_s: float = 120.0) -> None:

@@ -245,6 +245,18 @@ class SweepSettings:
                                  f"got {getattr(self, name)!r}")
 
     @classmethod
+    def from_gpu(cls, gpu: Any, **values: Any) -> SweepSettings:
+        """What `blocks.config.GPUThresholds` (`thresholds.gpu`) sets, plus `values` as they are: the
+        sweep's queries depend on nothing else (so the sweep's recording rules are rendered from this)."""
+        return cls(**{
+            "thresholds": SweepThresholds.from_config(gpu),
+            "exporter_selectors": tuple(gpu.exporter_selectors), "exporter_jobs": tuple(gpu.exporter_jobs),
+            "metric_selector": gpu.metric_selector,
+            "resources": GPUResources(tuple(gpu.whole_gpu_resources), tuple(gpu.shared_gpu_resources),
+                                      tuple(gpu.gpu_resource_prefixes)),
+            **values})
+
+    @classmethod
     def from_config(cls, cfg: Any, cluster: Any, **overrides: Any) -> SweepSettings:
         gpu = cfg.thresholds.gpu
         th_keys = {"window", "temp_c", "memory_temp_c", "idle_util_pct", "stale_after", "critical_xids"}
@@ -252,10 +264,6 @@ class SweepSettings:
         prom = cfg.prometheus
         values: dict[str, Any] = {
             "thresholds": th, "cluster": cluster.name, "gpu_node_label": cluster.gpu_node_label,
-            "exporter_selectors": tuple(gpu.exporter_selectors), "exporter_jobs": tuple(gpu.exporter_jobs),
-            "metric_selector": gpu.metric_selector,
-            "resources": GPUResources(tuple(gpu.whole_gpu_resources), tuple(gpu.shared_gpu_resources),
-                                      tuple(gpu.gpu_resource_prefixes)),
             "timeout_s": float(prom.timeout_s) if prom is not None else 15.0,
         }
         for key, value in overrides.items():
@@ -264,7 +272,7 @@ class SweepSettings:
             if key in ("exporter_selectors", "exporter_jobs") and isinstance(value, str):
                 value = (value,)
             values[key] = tuple(value) if isinstance(value, list) else value
-        return cls(**values)
+        return cls.from_gpu(gpu, **values)
 
 
 # --- the Kubernetes side ---------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from blocks.config import CRITICAL_XIDS, parse_duration
-from tasks.prometheus import _sel, jobs_regex
+from tasks.prometheus import SWEEP_RULES_GROUP, _sel, jobs_regex, query_args, sweep_queries, sweep_recording_rules
 
 NODE_RECORD = "dcgm_exporter_target:node"
 GPU_KEY = "instance, Hostname, gpu, UUID"  # one GPU of one exporter (job dropped: two jobs, one GPU)
@@ -355,20 +355,11 @@ SWEEP_HEADER = """\
 """
 
 
-def sweep_query_args(s: RuleSettings) -> dict[str, Any]:
-    """`tasks.prometheus.sweep_queries`' keywords from the rule settings: the same as the sweep's own
-    (`tasks.prometheus.query_args` of `SweepSettings.from_config` of the same config)."""
-    return {"temp_c": s.temp_c, "memory_temp_c": s.memory_temp_c, "idle_util_pct": s.idle_util_pct,
-            "stale_after_s": float(parse_duration(s.stale_after)), "metric_selector": s.metric_selector,
-            "exporter_jobs": s.exporter_jobs, "xid_resolution": s.xid_resolution}
-
-
-def render_sweep(s: RuleSettings, interval: str | None = None) -> str:
-    """The sweep's recording rules (`tasks.prometheus.sweep_recording_rules`) as a rule file; `interval`:
-    the group's evaluation interval (default: Prometheus' global `evaluation_interval`)."""
-    from tasks.prometheus import SWEEP_RULES_GROUP, sweep_queries, sweep_recording_rules
-
-    rules = sweep_recording_rules(sweep_queries(s.window, **sweep_query_args(s)))
+def render_sweep(settings: Any, interval: str | None = None) -> str:
+    """The sweep's recording rules (`tasks.prometheus.sweep_recording_rules`) as a rule file, for a
+    `tasks.gpu_model.SweepSettings`: exactly the queries a sweep with those settings runs (`query_args`);
+    `interval`: the group's evaluation interval (default: Prometheus' global `evaluation_interval`)."""
+    rules = sweep_recording_rules(sweep_queries(settings.thresholds.window, **query_args(settings)))
     group: dict[str, Any] = {"name": SWEEP_RULES_GROUP}
     if interval:
         parse_duration(interval)
@@ -382,8 +373,9 @@ def render_sweep(s: RuleSettings, interval: str | None = None) -> str:
 
 def render_sweep_config(path: str, interval: str | None = None) -> str:
     from blocks.config import load_platform_config
+    from tasks.gpu_model import SweepSettings
 
-    return render_sweep(RuleSettings.from_config(load_platform_config(path)), interval)
+    return render_sweep(SweepSettings.from_gpu(load_platform_config(path).thresholds.gpu), interval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from flows.gpu_monitoring_sweep import gpu_monitoring_sweep, gpu_node_uncordon, sweep
+from sandbox.prometheus import wait_for_sweep_rules
 from tasks._retry import TRANSIENT_RETRIES
 from tasks.gpu_classify import classify, needs_detail
 from tasks.gpu_model import (
@@ -203,11 +204,8 @@ def test_recording_rules_give_the_raw_queries_answers(faulted):
     th = SweepThresholds(xid_resolution=f"{sb.scrape_interval_s}s")
     settings = SweepSettings(thresholds=th, cluster="sandbox")
     url = sb.urls["prometheus"]
-    deadline = time.monotonic() + 30
+    wait_for_sweep_rules(sb, settings, timeout_s=30)
     recorded = fetch_dcgm(url, th.window, **query_args(settings))
-    while recorded.source != "recording rules" and time.monotonic() < deadline:
-        time.sleep(1)
-        recorded = fetch_dcgm(url, th.window, **query_args(settings))
     assert recorded.source == "recording rules", recorded.source_note
     assert recorded.round_trips == 6 and "evaluated" in recorded.source_note  # rules, timestamp, four reads
     raw = fetch_dcgm(url, th.window, source="raw", at=recorded.at, **query_args(settings))
