@@ -32,6 +32,7 @@ from prefect.cache_policies import NONE
 
 from blocks.config import parse_duration
 from tasks._retry import TRANSIENT_RETRIES, TransientError
+from tasks.gpu_model import timestamp_of
 
 
 class PrometheusError(RuntimeError):
@@ -457,19 +458,6 @@ def _attribute(snap: DCGMSnapshot, key: tuple[str, str], metric: dict[str, str])
                 prev[f"other_{k}"] = ",".join(x for x in (others, v) if x)
 
 
-def _run_queries(client: httpx.Client, base_url: str, queries: dict[str, str], at: float,
-                 timeout_s: float) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
-    with ThreadPoolExecutor(max_workers=max(1, len(queries)), thread_name_prefix="promql") as pool:
-        futures = {name: pool.submit(query_vector, client, base_url, expr, at, timeout_s)
-                   for name, expr in queries.items()}
-        answers: dict[str, list[dict[str, Any]]] = {}
-        warnings: list[str] = []
-        for name, future in futures.items():
-            answers[name], warns = future.result()
-            warnings += warns
-    return answers, warnings
-
-
 def _run_into(client: httpx.Client, base_url: str, snap: DCGMSnapshot, queries: dict[str, str],
               timeout_s: float) -> list[str]:
     """Run `queries` concurrently at `snap.at`, folding each answer into `snap` as soon as it is parsed (under
@@ -565,32 +553,16 @@ def recorded_reads(rules: list[tuple[str, str, str]]) -> dict[str, str]:
             for name, _, h in rules if name != SWEEP_DONE_RECORD}
 
 
-def _rfc3339(value: Any) -> float | None:
-    from datetime import datetime
-
-    if not isinstance(value, str) or value.startswith("0001-"):
-        return None
-    text = re.sub(r"(\.\d{6})\d+", r"\1", value).replace("Z", "+00:00")
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
-
-
 def rules_verdict(body: Any, rules: list[tuple[str, str, str]], now: float) -> str | None:
     """Why the recorded series cannot stand in for the raw queries (None: they can), from the answer of
     `/api/v1/rules?type=record` (pure)."""
     want = {name: h for name, _, h in rules}
-    found: dict[str, tuple[dict, dict]] = {}
-    for group in ((body or {}).get("data") or {}).get("groups") or []:
-        for rule in group.get("rules") or []:
-            name = rule.get("name")
-            if name in want and (rule.get("labels") or {}).get("sweep_query") == want[name]:
-                found[name] = (group, rule)
+    loaded = [(group, rule) for group in ((body or {}).get("data") or {}).get("groups") or []
+              for rule in group.get("rules") or [] if str(rule.get("name", "")).startswith(SWEEP_RECORD_PREFIX)]
+    found = {rule["name"]: (group, rule) for group, rule in loaded
+             if rule["name"] in want and want[rule["name"]] == (rule.get("labels") or {}).get("sweep_query")}
     if not found:
-        others = sorted({r.get("name") for g in ((body or {}).get("data") or {}).get("groups") or []
-                         for r in g.get("rules") or [] if str(r.get("name", "")).startswith(SWEEP_RECORD_PREFIX)})
-        if others:
+        if loaded:
             return ("the loaded gpu_sweep recording rules were rendered from other settings (window, thresholds, "
                     "exporter jobs or metric selector): render them again from this config")
         return "the sweep's recording rules are not loaded in Prometheus"
@@ -600,7 +572,7 @@ def rules_verdict(body: Any, rules: list[tuple[str, str, str]], now: float) -> s
     for name, (group, rule) in found.items():
         if rule.get("health") != "ok":
             return f"recording rule {name} is {rule.get('health')!r}: {str(rule.get('lastError') or '')[:200]}"
-        last = _rfc3339(rule.get("lastEvaluation"))
+        last = timestamp_of(rule.get("lastEvaluation"))  # Go's zero time (never evaluated): year 1, stale
         interval = float(group.get("interval") or 60)
         if last is None or now - last > 2 * interval + float(group.get("evaluationTime") or 0) + 5:
             return f"recording rule {name} was last evaluated {rule.get('lastEvaluation')} (group interval {interval:g}s)"
@@ -641,7 +613,7 @@ def fetch_dcgm_detail(base_url: str, snap: DCGMSnapshot, hosts: set[str], *, met
     own = client is None
     client = client or httpx.Client(timeout=timeout_s)
     try:
-        answers, warnings = _run_queries(client, base_url, {"detail": expr}, snap.at, timeout_s)
+        result, warnings = query_vector(client, base_url, expr, snap.at, timeout_s)
     finally:
         if own:
             client.close()
@@ -653,7 +625,7 @@ def fetch_dcgm_detail(base_url: str, snap: DCGMSnapshot, hosts: set[str], *, met
     if len(hosts) > len(chosen):
         out.warnings.append(f"details (idleness, UUIDs) asked for {len(chosen)} of {len(hosts)} exporters; "
                             "the rest are judged on the window average only")
-    merge_answers(out, answers)
+    merge_answers(out, {"detail": result})
     out.round_trips = snap.round_trips + 1
     return out
 

@@ -210,6 +210,15 @@ def test_recorded_series_are_used_only_when_every_rule_is_loaded_healthy_fresh_a
     assert "'err': boom" in rules_verdict(_rules_api(rules, health="err"), rules, now)
     assert "'unknown'" in rules_verdict(_rules_api(rules, health="unknown"), rules, now)  # not evaluated yet
     assert "last evaluated" in rules_verdict(_rules_api(rules, last=OLD), rules, now)
+    # Go's zero time is how Prometheus shows a rule never evaluated
+    assert "last evaluated 0001-01-01" in rules_verdict(_rules_api(rules, last="0001-01-01T00:00:00Z"), rules, now)
+    # an unrelated gpu_sweep: rule (no sweep_query label) is neither one of the sweep's nor a reason to use them
+    stray = {"name": "gpu_sweep:mine", "type": "recording", "health": "ok", "lastEvaluation": OLD}
+    only_stray = {"status": "success", "data": {"groups": [{"name": "own", "interval": 60, "rules": [stray]}]}}
+    assert "other settings" in rules_verdict(only_stray, rules, now)
+    with_stray = _rules_api(rules)
+    with_stray["data"]["groups"][0]["rules"].append(stray)
+    assert rules_verdict(with_stray, rules, now) is None
 
     # the sweep: rules API + the marker's timestamp + one read at that instant; else the raw queries, saying why
     asked = []
