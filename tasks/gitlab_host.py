@@ -52,6 +52,7 @@ from tasks.gitlab_rules import (
     secrets_copy_name,
 )
 from tasks.redact import Redactor
+from tasks.reports import run_logger
 from tasks.ssh import SFTPWriter, Supervision, connect, run_command, run_supervised, sftp_chunks
 from tasks.storage import (
     ChecksumMismatch,
@@ -111,10 +112,8 @@ async def ensure_host_limit(name: str) -> str:
 
 
 def _progress_failed(exc: BaseException) -> None:
-    """A progress artifact update that failed: logged, never silent, never fatal to the work."""
-    import logging
-
-    logging.getLogger("ai_platform_ops.progress").warning("progress artifact not updated: %s", type(exc).__name__)
+    """A progress artifact update that failed: logged in the run's log, never silent, never fatal to the work."""
+    run_logger("ai_platform_ops.progress").warning("progress artifact not updated: %s", type(exc).__name__)
 
 
 class _Feed:

@@ -26,6 +26,7 @@ from tasks.provisioning_checks import (
     judge_preflight,
 )
 from tasks.redact import Redactor
+from tasks.reports import run_logger
 
 PREFLIGHT = Path(__file__).resolve().parent.parent / "configs" / "ansible" / "preflight.yml"
 
@@ -39,14 +40,7 @@ def ssh_access(cfg: KubesprayConfig) -> SSHAccess:
 
 
 def _log(redactor: Redactor):
-    import logging
-
-    from prefect.exceptions import MissingContextError
-
-    try:
-        logger = get_run_logger()
-    except MissingContextError:  # called outside a run (tests, scripts)
-        logger = logging.getLogger("ai_platform_ops.kubespray")
+    logger = run_logger("ai_platform_ops.kubespray")
     return lambda line: logger.info("%s", redactor.text(line))
 
 

@@ -36,6 +36,16 @@ def _in_run_context() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
+def run_logger(fallback: str) -> Any:
+    """The run's logger (its lines reach the run's log in the UI); outside a run (tests, scripts) the
+    standard logger `fallback`."""
+    import logging
+
+    from prefect import get_run_logger
+
+    return get_run_logger() if _in_run_context() else logging.getLogger(fallback)
+
+
 def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, limit: int = 50) -> str:
     """A markdown table of the first `limit` rows (with a line saying how many were left out)."""
     if not rows:
