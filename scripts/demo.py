@@ -75,7 +75,7 @@ DEMO_RUNS: list[tuple[str, dict]] = [
 # The interesting paths, after the runs above: sandbox faults (`python -m sandbox fault KIND`), then a GPU
 # sweep that finds them (findings, heatmap marks, a cordon plan: dry run), a health check below full marks
 # naming the failing check, and one run left Paused for approval in the UI.
-# (GPU node number, GPU, value): sandbox/cluster.py names GPU nodes gpu-node-NNNN (plus the node domain)
+# (GPU node number, GPU, value): the GPU nodes of sandbox/cluster.py node_names, counted from 1
 XID_NODE, XID_GPU, XID = 3, 2, 79  # a critical XID (79: fallen off the bus): a cordon
 HOT_NODE, HOT_GPU, HOT_C = 6, 1, 93.0  # a hot GPU: a warning and a heatmap mark
 NOT_READY_NODE = 9  # its kubelet stops posting status: the health check's `nodes` turns critical
@@ -274,8 +274,11 @@ class Demo:
         return out
 
     def gpu_node(self, number: int) -> str:
-        """The sandbox's GPU node `number` (the last one on a smaller sandbox)."""
-        return f"gpu-node-{min(number, self.sandbox.gpu_nodes):04d}{self.sandbox.extra.get('node_domain', '')}"
+        """The sandbox's GPU node `number` (the last one on a smaller sandbox), named as the sandbox names it."""
+        from sandbox.cluster import node_names
+
+        gpus = node_names(self.sandbox.gpu_nodes, self.sandbox.extra.get("node_domain", ""))[2]
+        return gpus[min(number, len(gpus)) - 1]
 
     def inject_faults(self) -> None:
         """Three sandbox faults, then wait until Prometheus has scraped the XID (the sweep reads it there)."""
