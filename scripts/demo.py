@@ -37,6 +37,7 @@ import httpx
 
 from sandbox._common import (
     STOP_SIGNALS,
+    SandboxError,
     StopRequested,
     holding_stop_signals,
     on_stop_signal,
@@ -46,7 +47,12 @@ from sandbox._common import (
     spawn,
     stop_process,
 )
-from scripts.prefect_server import ServerNotHealthy, wait_until_healthy
+from scripts.prefect_server import (
+    RunStateTimeout,
+    run_artifacts,
+    wait_for_state,
+    wait_until_healthy,
+)
 from scripts.work_pools import LOCAL_POOL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +108,7 @@ def _pid_files(home: Path) -> list[Path]:
 def stop_recorded(home: Path) -> list[str]:
     """Stop every process the pid files under `home` name (and their groups), then the sandbox the
     demo started there; returns what was running. A pid now used by another process is left alone."""
-    from sandbox.platform import Sandbox, SandboxError
+    from sandbox.platform import Sandbox
 
     stopped = []
     for pid_file in _pid_files(home):
@@ -194,8 +200,8 @@ class Demo:
         proc = self._spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start",
                                               "--host", "127.0.0.1", "--port", str(self.port)])
         try:
-            wait_until_healthy(self.api_url, proc, 180, where=str(self.home / "prefect-server.log"))
-        except ServerNotHealthy as e:
+            wait_until_healthy(self.api_url, proc, 180, log=self.home / "prefect-server.log")
+        except SandboxError as e:
             raise SystemExit(f"[demo] {e}") from None
 
     def start_sandbox(self) -> None:
@@ -256,7 +262,10 @@ class Demo:
         name, params = APPROVAL
         log(f"running {name} {params}: it pauses for approval, and is left waiting in the UI")
         run = run_deployment(name, parameters=params, timeout=0)
-        run = self.wait_for_state(run.id, {"PAUSED", "COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300)
+        try:
+            run = wait_for_state(run.id, {"Paused", "Completed", "Failed", "Crashed", "Cancelled"}, 300)
+        except RunStateTimeout as e:
+            run = e.run  # shown below as not paused
         paused = run.state is not None and run.state.is_paused()
         out.append((name, run, "Paused, waiting for approval in the UI (Resume and answer the form)",
                     None if paused else "not paused", "the prune plan, and the approval form under Resume"))
@@ -303,35 +312,11 @@ class Demo:
         result = r.json()["data"]["result"] if r.status_code == 200 else []
         return float(result[0]["value"][1]) if result else 0.0
 
-    def wait_for_state(self, run_id: Any, types: set[str], timeout_s: float) -> Any:
-        from prefect import get_client
-
-        deadline = time.monotonic() + timeout_s
-        with get_client(sync_client=True) as client:
-            while True:
-                run = client.read_flow_run(run_id)
-                if (run.state and run.state.type.value in types) or time.monotonic() > deadline:
-                    return run
-                time.sleep(1)
-
-    def artifacts(self, run: Any) -> dict[str, Any]:
-        """key -> data of the run's artifacts."""
-        from prefect import get_client
-        from prefect.client.schemas.filters import (
-            ArtifactFilter,
-            ArtifactFilterFlowRunId,
-        )
-
-        with get_client(sync_client=True) as client:
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-                any_=[run.id])))
-        return {a.key: a.data for a in found if a.key}
-
     def check_sweep(self, run: Any) -> tuple[str | None, str]:
         """(what is wrong or None, what the run shows)."""
         if not (run.state and run.state.is_completed()):
             return "did not complete", ""
-        arts = self.artifacts(run)
+        arts = {a.key: a.data for a in run_artifacts(run.id) if a.key}
         table = next((v for k, v in arts.items() if k.startswith("gpu-findings-")), None)
         summary = next((v for k, v in arts.items() if k.startswith("gpu-sweep-")), "")
         rows = json.loads(table) if isinstance(table, str) else table or []
