@@ -40,6 +40,7 @@ import pytest
 import yaml
 
 from sandbox._common import free_port, spawn, stop_process
+from sandbox.webhook import received
 from scripts.prefect_server import run_artifacts, wait_for_state, wait_until_healthy
 from scripts.work_pools import LOCAL_POOL
 from tests.conftest import REPO, need_binary
@@ -233,15 +234,12 @@ def _schedule_late_probe(ops: OpsServer):
 
 
 def webhook_notices(sandbox) -> list[dict]:
-    """Every notice the sandbox's webhook receiver got: {"subject", "body", "platform"}."""
-    path = Path(sandbox.extra["webhook_log"])
-    if not path.exists():
-        return []
+    """Every notice the sandbox's webhook receiver got, its body decoded: {"subject", "body", "platform"}."""
     out = []
-    for line in path.read_text().splitlines():
+    for post in received(sandbox):
         try:
-            out.append(json.loads(json.loads(line)["body"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            out.append(json.loads(post["body"]))
+        except json.JSONDecodeError:
             continue  # the receiver records raw bodies; the flows' own notices use the same block
     return out
 
