@@ -47,6 +47,7 @@ from sandbox._common import (
     spawn,
     stop_process,
 )
+from scripts.automations import load_file
 from scripts.prefect_server import (
     RunStateTimeout,
     run_artifacts,
@@ -143,7 +144,8 @@ class Demo:
             "AI_PLATFORM_OPS_HOME": str(REPO),
             "AI_PLATFORM_OPS_POOL": POOL,
             "AI_PLATFORM_OPS_PLATFORM": "sandbox",
-            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",  # the zombie automation's heartbeat_s (automations.yaml)
+            # the heartbeat the zombie automation expects (configs/prefect/automations.yaml settings)
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(load_file()[0]["heartbeat_s"]),
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         })
 
