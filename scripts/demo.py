@@ -46,6 +46,7 @@ from sandbox._common import (
     read_secrets,
     spawn,
     stop_process,
+    wait_for,
 )
 from scripts.automations import load_file
 from scripts.prefect_server import (
@@ -293,26 +294,27 @@ class Demo:
 
     def inject_faults(self) -> None:
         """Three sandbox faults, then wait until Prometheus has scraped the XID (the sweep reads it there)."""
-        query = f"count(DCGM_FI_DEV_XID_ERRORS == {XID}) or vector(0)"  # the label layout does not matter
-        before = self._query_number(query)
-        faults = [("xid", XID_NODE, XID_GPU, XID), ("hot-gpu", HOT_NODE, HOT_GPU, HOT_C),
-                  ("node-not-ready", NOT_READY_NODE, None, None)]
-        for kind, number, gpu, value in faults:
-            node = self.gpu_node(number)
-            applied = self.sandbox.fault(kind, node, gpu, value)
-            log(f"fault injected: {kind} on {node}" + (f" GPU {gpu}" if gpu is not None else "")
-                + f" ({json.dumps(applied)})")
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self._query_number(query) > before:
-                return
-            time.sleep(1)
-        log("Prometheus has not scraped the XID within 90 s: the sweep may not show it")
+        from tasks.prometheus import query_vector
 
-    def _query_number(self, query: str) -> float:
-        r = httpx.get(f"{self.sandbox.urls['prometheus']}/api/v1/query", params={"query": query}, timeout=10)
-        result = r.json()["data"]["result"] if r.status_code == 200 else []
-        return float(result[0]["value"][1]) if result else 0.0
+        query = f"count(DCGM_FI_DEV_XID_ERRORS == {XID}) or vector(0)"  # the label layout does not matter
+        with httpx.Client() as client:
+
+            def xids() -> float:
+                result, _ = query_vector(client, self.sandbox.urls["prometheus"], query, timeout_s=10)
+                return float(result[0]["value"][1]) if result else 0.0
+
+            before = xids()
+            faults = [("xid", XID_NODE, XID_GPU, XID), ("hot-gpu", HOT_NODE, HOT_GPU, HOT_C),
+                      ("node-not-ready", NOT_READY_NODE, None, None)]
+            for kind, number, gpu, value in faults:
+                node = self.gpu_node(number)
+                applied = self.sandbox.fault(kind, node, gpu, value)
+                log(f"fault injected: {kind} on {node}" + (f" GPU {gpu}" if gpu is not None else "")
+                    + f" ({json.dumps(applied)})")
+            try:
+                wait_for(lambda: xids() > before, "the XID in Prometheus", 90)
+            except SandboxError:
+                log("Prometheus has not scraped the XID within 90 s: the sweep may not show it")
 
     def check_sweep(self, run: Any) -> tuple[str | None, str]:
         """(what is wrong or None, what the run shows)."""
