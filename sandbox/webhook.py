@@ -48,6 +48,12 @@ def start_webhook(sb: SandboxLike) -> None:
     sb.config["notifications"] = {"webhook_url": {"env": URL_ENV}}
 
 
+def received(sb: SandboxLike) -> list[dict]:
+    """Every POST the receiver recorded, oldest first: {"path", "body"} (the body as sent, a string)."""
+    out = Path(sb.extra["webhook_log"])
+    return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)

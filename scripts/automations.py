@@ -83,7 +83,7 @@ def build(automations: list[dict], notifier_id: str | None) -> list[Any]:
                 action = {"type": "send-notification", "block_document_id": notifier_id,
                           "subject": action.get("subject", "Prefect automated notification"), "body": action["body"]}
             actions.append(action)
-        out.append(AutomationCore.model_validate({**spec, "enabled": spec.get("enabled", True), "actions": actions}))
+        out.append(AutomationCore.model_validate({**spec, "actions": actions}))
     return out
 
 

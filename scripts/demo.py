@@ -37,6 +37,7 @@ import httpx
 
 from sandbox._common import (
     STOP_SIGNALS,
+    SandboxError,
     StopRequested,
     holding_stop_signals,
     on_stop_signal,
@@ -45,8 +46,15 @@ from sandbox._common import (
     read_secrets,
     spawn,
     stop_process,
+    wait_for,
 )
-from scripts.prefect_server import ServerNotHealthy, wait_until_healthy
+from scripts.automations import load_file
+from scripts.prefect_server import (
+    RunStateTimeout,
+    run_artifacts,
+    wait_for_state,
+    wait_until_healthy,
+)
 from scripts.work_pools import LOCAL_POOL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +83,7 @@ DEMO_RUNS: list[tuple[str, dict]] = [
 # The interesting paths, after the runs above: sandbox faults (`python -m sandbox fault KIND`), then a GPU
 # sweep that finds them (findings, heatmap marks, a cordon plan: dry run), a health check below full marks
 # naming the failing check, and one run left Paused for approval in the UI.
-# (GPU node number, GPU, value): sandbox/cluster.py names GPU nodes gpu-node-NNNN (plus the node domain)
+# (GPU node number, GPU, value): the GPU nodes of sandbox/cluster.py node_names, counted from 1
 XID_NODE, XID_GPU, XID = 3, 2, 79  # a critical XID (79: fallen off the bus): a cordon
 HOT_NODE, HOT_GPU, HOT_C = 6, 1, 93.0  # a hot GPU: a warning and a heatmap mark
 NOT_READY_NODE = 9  # its kubelet stops posting status: the health check's `nodes` turns critical
@@ -102,7 +110,7 @@ def _pid_files(home: Path) -> list[Path]:
 def stop_recorded(home: Path) -> list[str]:
     """Stop every process the pid files under `home` name (and their groups), then the sandbox the
     demo started there; returns what was running. A pid now used by another process is left alone."""
-    from sandbox.platform import Sandbox, SandboxError
+    from sandbox.platform import Sandbox
 
     stopped = []
     for pid_file in _pid_files(home):
@@ -137,7 +145,8 @@ class Demo:
             "AI_PLATFORM_OPS_HOME": str(REPO),
             "AI_PLATFORM_OPS_POOL": POOL,
             "AI_PLATFORM_OPS_PLATFORM": "sandbox",
-            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",  # the zombie automation's heartbeat_s (automations.yaml)
+            # the heartbeat the zombie automation expects (configs/prefect/automations.yaml settings)
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(load_file()[0]["heartbeat_s"]),
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         })
 
@@ -194,8 +203,8 @@ class Demo:
         proc = self._spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start",
                                               "--host", "127.0.0.1", "--port", str(self.port)])
         try:
-            wait_until_healthy(self.api_url, proc, 180, where=str(self.home / "prefect-server.log"))
-        except ServerNotHealthy as e:
+            wait_until_healthy(self.api_url, proc, 180, log=self.home / "prefect-server.log")
+        except SandboxError as e:
             raise SystemExit(f"[demo] {e}") from None
 
     def start_sandbox(self) -> None:
@@ -256,7 +265,10 @@ class Demo:
         name, params = APPROVAL
         log(f"running {name} {params}: it pauses for approval, and is left waiting in the UI")
         run = run_deployment(name, parameters=params, timeout=0)
-        run = self.wait_for_state(run.id, {"PAUSED", "COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 300)
+        try:
+            run = wait_for_state(run.id, {"Paused", "Completed", "Failed", "Crashed", "Cancelled"}, 300)
+        except RunStateTimeout as e:
+            run = e.run  # shown below as not paused
         paused = run.state is not None and run.state.is_paused()
         out.append((name, run, "Paused, waiting for approval in the UI (Resume and answer the form)",
                     None if paused else "not paused", "the prune plan, and the approval form under Resume"))
@@ -274,61 +286,41 @@ class Demo:
         return out
 
     def gpu_node(self, number: int) -> str:
-        """The sandbox's GPU node `number` (the last one on a smaller sandbox)."""
-        return f"gpu-node-{min(number, self.sandbox.gpu_nodes):04d}{self.sandbox.extra.get('node_domain', '')}"
+        """The sandbox's GPU node `number` (the last one on a smaller sandbox), named as the sandbox names it."""
+        from sandbox.cluster import node_names
+
+        gpus = node_names(self.sandbox.gpu_nodes, self.sandbox.extra.get("node_domain", ""))[2]
+        return gpus[min(number, len(gpus)) - 1]
 
     def inject_faults(self) -> None:
         """Three sandbox faults, then wait until Prometheus has scraped the XID (the sweep reads it there)."""
+        from tasks.prometheus import query_vector
+
         query = f"count(DCGM_FI_DEV_XID_ERRORS == {XID}) or vector(0)"  # the label layout does not matter
-        before = self._query_number(query)
-        faults = [("xid", XID_NODE, XID_GPU, XID), ("hot-gpu", HOT_NODE, HOT_GPU, HOT_C),
-                  ("node-not-ready", NOT_READY_NODE, None, None)]
-        for kind, number, gpu, value in faults:
-            node = self.gpu_node(number)
-            applied = self.sandbox.fault(kind, node, gpu, value)
-            log(f"fault injected: {kind} on {node}" + (f" GPU {gpu}" if gpu is not None else "")
-                + f" ({json.dumps(applied)})")
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self._query_number(query) > before:
-                return
-            time.sleep(1)
-        log("Prometheus has not scraped the XID within 90 s: the sweep may not show it")
+        with httpx.Client() as client:
 
-    def _query_number(self, query: str) -> float:
-        r = httpx.get(f"{self.sandbox.urls['prometheus']}/api/v1/query", params={"query": query}, timeout=10)
-        result = r.json()["data"]["result"] if r.status_code == 200 else []
-        return float(result[0]["value"][1]) if result else 0.0
+            def xids() -> float:
+                result, _ = query_vector(client, self.sandbox.urls["prometheus"], query, timeout_s=10)
+                return float(result[0]["value"][1]) if result else 0.0
 
-    def wait_for_state(self, run_id: Any, types: set[str], timeout_s: float) -> Any:
-        from prefect import get_client
-
-        deadline = time.monotonic() + timeout_s
-        with get_client(sync_client=True) as client:
-            while True:
-                run = client.read_flow_run(run_id)
-                if (run.state and run.state.type.value in types) or time.monotonic() > deadline:
-                    return run
-                time.sleep(1)
-
-    def artifacts(self, run: Any) -> dict[str, Any]:
-        """key -> data of the run's artifacts."""
-        from prefect import get_client
-        from prefect.client.schemas.filters import (
-            ArtifactFilter,
-            ArtifactFilterFlowRunId,
-        )
-
-        with get_client(sync_client=True) as client:
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-                any_=[run.id])))
-        return {a.key: a.data for a in found if a.key}
+            before = xids()
+            faults = [("xid", XID_NODE, XID_GPU, XID), ("hot-gpu", HOT_NODE, HOT_GPU, HOT_C),
+                      ("node-not-ready", NOT_READY_NODE, None, None)]
+            for kind, number, gpu, value in faults:
+                node = self.gpu_node(number)
+                applied = self.sandbox.fault(kind, node, gpu, value)
+                log(f"fault injected: {kind} on {node}" + (f" GPU {gpu}" if gpu is not None else "")
+                    + f" ({json.dumps(applied)})")
+            try:
+                wait_for(lambda: xids() > before, "the XID in Prometheus", 90)
+            except SandboxError:
+                log("Prometheus has not scraped the XID within 90 s: the sweep may not show it")
 
     def check_sweep(self, run: Any) -> tuple[str | None, str]:
         """(what is wrong or None, what the run shows)."""
         if not (run.state and run.state.is_completed()):
             return "did not complete", ""
-        arts = self.artifacts(run)
+        arts = {a.key: a.data for a in run_artifacts(run.id) if a.key}
         table = next((v for k, v in arts.items() if k.startswith("gpu-findings-")), None)
         summary = next((v for k, v in arts.items() if k.startswith("gpu-sweep-")), "")
         rows = json.loads(table) if isinstance(table, str) else table or []

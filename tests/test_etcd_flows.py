@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.webhook import received as _received
 from tests.conftest import need_binary, run_flow_sync
 
 
@@ -29,11 +30,6 @@ def _store(platform: str):
     from blocks.connections import BackupStore
 
     return BackupStore.load(platform).get_store()
-
-
-def _received(sb) -> list[dict]:
-    p = sb.path("webhook", "received.jsonl")
-    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 
 def _follower_first(sb) -> str:

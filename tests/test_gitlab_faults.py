@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
+from sandbox.webhook import received
 from tests.conftest import run_flow_sync
 from tests.test_gitlab_backup import _attempts, _files, _objects, _ran, _root, _s3, _task_runs
 
@@ -30,13 +31,6 @@ def _disarm(sb) -> None:
 def _armed(sb, command: str) -> bool:
     """Whether a fault is still armed for `command` (the stand-in consumes one per run it fails)."""
     return (_root(sb) / "faults" / f"{command}.json").exists()
-
-
-def _notices(sb) -> list[dict]:
-    from pathlib import Path
-
-    log = Path(sb.extra.get("webhook_log", "/nonexistent"))
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 @pytest.fixture
@@ -142,13 +136,13 @@ def test_a_running_backup_blocks_a_second_one_on_the_host(snapshot, sandbox_plat
 
 
 def test_disk_full_fails_notifies_and_deletes_nothing(snapshot, sandbox_platform):
-    notices, ran = len(_notices(snapshot)), _ran(snapshot, CREATE)
+    notices, ran = len(received(snapshot)), _ran(snapshot, CREATE)
     _arm(snapshot, "gitlab-backup-create", "disk-full", times=2)
     state = _backup(sandbox_platform)
     assert state.is_failed() and "No space left on device" in state.message
     assert _ran(snapshot, CREATE) - ran == 1 and _attempts(state, "gitlab-backup-create") == [1]  # not retried
     assert _armed(snapshot, "gitlab-backup-create")  # the second armed failure was never reached
-    new = _notices(snapshot)[notices:]
+    new = received(snapshot)[notices:]
     assert len(new) == 1 and "FAILED" in new[0]["body"] and "No space left on device" in new[0]["body"]
     assert not list((_root(snapshot) / "var/opt/gitlab/backups").glob("*.partial"))
     assert "delete-host-backups" not in _task_runs(state)  # retention never ran

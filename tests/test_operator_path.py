@@ -39,12 +39,14 @@ import psutil
 import pytest
 import yaml
 
-from scripts.prefect_server import ServerNotHealthy, wait_until_healthy
+from sandbox._common import free_port, spawn, stop_process
+from sandbox.webhook import received
+from scripts.prefect_server import run_artifacts, wait_for_state, wait_until_healthy
+from scripts.work_pools import LOCAL_POOL
 from tests.conftest import REPO, need_binary
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.timeout(600)]
 
-POOL = "platform-local"
 HEARTBEAT_S = 30  # Prefect's minimum
 ZOMBIE_WITHIN_S = 40
 PAUSED_WITHIN_S = 10
@@ -64,19 +66,13 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
-def _free_port() -> int:
-    from sandbox._common import free_port
-
-    return free_port()
-
-
 class OpsServer:
     """What the module's set-up started, and the environment an operator's shell would have."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.pg_port = _free_port()
-        self.port = _free_port()
+        self.pg_port = free_port()
+        self.port = free_port()
         self.ui_url = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.ui_url}/api"
         self.db_url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.pg_port}/prefect"
@@ -92,36 +88,31 @@ class OpsServer:
         return proc.stdout
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
-                                start_new_session=True)
+        proc = spawn(argv, self.root / f"{name}.log", env=self.env, cwd=REPO)
         self.procs[name] = proc
         return proc
 
     def start_worker(self, name: str) -> subprocess.Popen:
-        return self.spawn(name, [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
+        return self.spawn(name, [sys.executable, "-m", "prefect", "worker", "start", "--pool", LOCAL_POOL,
                                  "--work-queue", "default", "--limit", "4"])
 
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
-
-def kill_tree(proc: subprocess.Popen | psutil.Process, sig: int = signal.SIGKILL) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a process, its process group and every descendant (the flow runs a worker started run
-    in sessions of their own): what an OOM kill or a node reboot does to a worker."""
+    in sessions of their own) at once, with no SIGTERM first: what an OOM kill or a node reboot does to a
+    worker."""
     try:
         root = psutil.Process(proc.pid)
         family = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
     try:
-        os.killpg(proc.pid, sig)
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     for p in family:
         try:
-            p.send_signal(sig)
+            p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(family, timeout=10)
@@ -178,7 +169,7 @@ def ops(sandbox):
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_LOGGING_LEVEL": "INFO",
         "AI_PLATFORM_OPS_HOME": str(REPO),
-        "AI_PLATFORM_OPS_POOL": POOL,
+        "AI_PLATFORM_OPS_POOL": LOCAL_POOL,
         "AI_PLATFORM_OPS_PLATFORM": "sandbox",
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     })
@@ -191,15 +182,12 @@ def ops(sandbox):
         t = time.monotonic()
         server = ops.spawn("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                       "--port", str(ops.port)])
-        try:
-            wait_until_healthy(ops.api_url, server, 180)
-        except ServerNotHealthy as e:
-            pytest.fail(f"{e}:\n{ops.log('server')}")
+        wait_until_healthy(ops.api_url, server, 180, log=root / "server.log")
         timings["server"] = time.monotonic() - t
         t = time.monotonic()
         py = sys.executable
         ops.run("blocks-load", [py, "-m", "blocks.load", str(sandbox.platform_yaml)])
-        ops.run("work-pool", [py, "-m", "prefect", "work-pool", "create", POOL, "--type", "process", "--overwrite"])
+        ops.run("work-pool", [py, "-m", "scripts.work_pools", "create", "--only", LOCAL_POOL])
         ops.run("automations", [py, "-m", "scripts.automations", "apply", "--platform", "sandbox",
                                 "--set", f"heartbeat_s={HEARTBEAT_S}", "--set", f"zombie_within_s={ZOMBIE_WITHIN_S}",
                                 "--set", f"paused_within_s={PAUSED_WITHIN_S}"])
@@ -212,8 +200,7 @@ def ops(sandbox):
         yield ops
     finally:
         for proc in reversed(list(ops.procs.values())):
-            kill_tree(proc, signal.SIGTERM)
-            kill_tree(proc)
+            stop_process(proc.pid)
         _stop_postgres(ops)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -236,7 +223,7 @@ def _schedule_late_probe(ops: OpsServer):
     late-runs service marks it Late 15 s after its start time, and the webhook must hear of it."""
     from prefect.client.orchestration import get_client
 
-    ops.run("late-queue", [sys.executable, "-m", "prefect", "work-queue", "create", "late-probe", "--pool", POOL])
+    ops.run("late-queue", [sys.executable, "-m", "prefect", "work-queue", "create", "late-probe", "--pool", LOCAL_POOL])
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name("cluster-inventory/cluster-inventory")
         run = client.create_flow_run_from_deployment(dep.id, work_queue_name="late-probe")
@@ -247,15 +234,12 @@ def _schedule_late_probe(ops: OpsServer):
 
 
 def webhook_notices(sandbox) -> list[dict]:
-    """Every notice the sandbox's webhook receiver got: {"subject", "body", "platform"}."""
-    path = Path(sandbox.extra["webhook_log"])
-    if not path.exists():
-        return []
+    """Every notice the sandbox's webhook receiver got, its body decoded: {"subject", "body", "platform"}."""
     out = []
-    for line in path.read_text().splitlines():
+    for post in received(sandbox):
         try:
-            out.append(json.loads(json.loads(line)["body"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            out.append(json.loads(post["body"]))
+        except json.JSONDecodeError:
             continue  # the receiver records raw bodies; the flows' own notices use the same block
     return out
 
@@ -280,18 +264,6 @@ def read_run(run_id):
 
     with get_client(sync_client=True) as client:
         return client.read_flow_run(run_id)
-
-
-def wait_for_state(run_id, names: set[str], timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    run = read_run(run_id)
-    while time.monotonic() < deadline:
-        run = read_run(run_id)
-        if run.state and run.state.name in names:
-            return run
-        time.sleep(0.5)
-    raise AssertionError(f"run {run_id} is {run.state.name if run.state else None}, not {names}, "
-                         f"after {timeout_s} s")
 
 
 def heartbeats_of(ops: OpsServer, run_id) -> int:
@@ -358,7 +330,7 @@ def test_server_runs_on_postgresql(api):
     assert {d["name"] for d in spec["deployments"]} == deployments
     # the API answers from it: an object made through the API is a row there (the admin settings
     # endpoint masks the connection URL, so the database itself is the witness)
-    assert psql(api, "select count(*) from work_pool where name = 'platform-local'") == "1"
+    assert psql(api, f"select count(*) from work_pool where name = '{LOCAL_POOL}'") == "1"
     print(f"set-up times (s): { {k: round(v, 1) for k, v in api.timings.items()} }")
 
 
@@ -387,7 +359,7 @@ def test_every_deployment_exists_with_schedule_and_parameters(api):
             assert d["name"] in listed
             want = {k: ("sandbox" if v == "{{ $AI_PLATFORM_OPS_PLATFORM }}" else v) for k, v in d["parameters"].items()}
             assert dep.parameters == want, d["name"]
-            assert dep.work_pool_name == POOL and set(dep.tags) == set(d["tags"])
+            assert dep.work_pool_name == LOCAL_POOL and set(dep.tags) == set(d["tags"])
             assert dep.description and dep.description.split()[0] in d["description"]
             schedules = d.get("schedules", [])
             assert len(dep.schedules) == len(schedules), d["name"]
@@ -402,17 +374,12 @@ def test_every_deployment_exists_with_schedule_and_parameters(api):
 
 
 def test_health_check_by_name_completes_and_its_report_reads_back(api):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.deployments import run_deployment
 
     run = run_deployment("platform-health-check/platform-health-check", timeout=300, poll_interval=1)
     assert run.state.is_completed(), run.state.message
     assert run.state.message.startswith("grade ")
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-            any_=[run.id])))
-    report = [a for a in artifacts if a.key == "platform-health-sandbox"]
+    report = [a for a in run_artifacts(run.id) if a.key == "platform-health-sandbox"]
     assert report and report[0].type == "markdown"
     assert "Score" in report[0].data and "kube-api" in report[0].data
     # it ran on PostgreSQL: the run is a row there

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 
+from sandbox.webhook import received
 from tasks import health
 from tasks.health import Check, build_report, grade_of, score, transitions
 
@@ -247,11 +248,6 @@ def health_platform(sandbox, sandbox_platform, gitlab_sandbox, training_platform
     return sandbox_platform
 
 
-def _webhook_lines(sb) -> list[dict]:
-    path = Path(sb.extra["webhook_log"])
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 @pytest.mark.sandbox
 @pytest.mark.prefect
 def test_health_check_against_the_sandbox(health_platform, clean_sandbox):
@@ -265,18 +261,18 @@ def test_health_check_against_the_sandbox(health_platform, clean_sandbox):
         "prometheus-targets", "registry", "gitlab-backup-age", "certificates", "gpu-sweep"}
     assert "fewest days left: 90" in checks["certificates"]["summary"]
     assert _latest_report(health_platform).startswith(f"# Platform health: {health_platform}")
-    before = len(_webhook_lines(sb))
+    before = len(received(sb))
 
     # a node NotReady
     sb.fault("node-not-ready", node=_first_node(sb))
     res = _run(health_platform)
     assert res["critical"] == ["nodes"] and res["grade"] > clean["grade"]  # a later letter: a lower grade
     assert res["score"] <= health.CRITICAL_CAP and not res["healthy"]
-    heard = _webhook_lines(sb)[before:]
+    heard = received(sb)[before:]
     assert heard and "nodes is CRITICAL" in json.dumps(heard)
     sb.heal()
     res = _run(health_platform)
-    assert res["grade"] == "A" and "nodes recovered" in json.dumps(_webhook_lines(sb)[before:])
+    assert res["grade"] == "A" and "nodes recovered" in json.dumps(received(sb)[before:])
 
     # Prometheus down: Prometheus critical, its targets unknown (never ok)
     sb.fault("prometheus-down")
