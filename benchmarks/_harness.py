@@ -7,6 +7,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -24,7 +25,14 @@ def timed(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> tuple[floa
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
+    """Peak resident set size of this process so far, in MB: Linux's `VmHWM` (/proc/self/status), since
+    `getrusage`'s ru_maxrss keeps the parent's peak across fork and exec, so a child started from a big
+    process (pytest) would report its parent's; ru_maxrss (KiB on Linux) where there is no /proc."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024.0, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 

@@ -32,15 +32,6 @@ from benchmarks._harness import emit, peak_rss_mb
 VALUE = 512 * 1024
 
 
-def _peak_rss_mb() -> float:
-    """This process' own peak RSS (`VmHWM`): `getrusage`'s ru_maxrss keeps the parent's peak across fork and
-    exec, so a child started from a big process (pytest) would report its parent's."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024.0, 1)
-    return peak_rss_mb()
-
-
 def child(state_json: str, snap: str, offsite: str) -> None:
     """The project side, in its own process: one snapshot, verified, copied off-site."""
     from blocks.connections import BackupStore
@@ -85,7 +76,7 @@ def child(state_json: str, snap: str, offsite: str) -> None:
     start = time.perf_counter()
     copied = asyncio.run(go())
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "steps": steps, **copied}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "steps": steps, **copied}))
 
 
 def _load(info: dict, member: str, size_mb: int) -> int:

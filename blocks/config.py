@@ -574,14 +574,16 @@ class CertificatesConfig(_Model):
 
 # --- etcd lifecycle (issue 16) ---------------------------------------------------------------------
 
-_ETCD_ENDPOINT_RE = r"^https://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$"
-_FILE_TEMPLATE_RE = r"^[A-Za-z0-9_.\-]*(\{host\})?[A-Za-z0-9_.\-]*$"
+# also what `tasks.etcd` checks before building an etcdctl command line (one definition each)
+ETCD_ENDPOINT_RE = r"^https://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$"
+ETCD_FILE_TEMPLATE_RE = r"^[A-Za-z0-9_.\-]*(\{host\})?[A-Za-z0-9_.\-]*$"
+ETCD_HOST_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,62}$"
 
 
 class EtcdHost(SSHTarget):
     """An etcd host `etcdctl` runs on, over SSH (kubespray's etcd role runs etcdctl on the member hosts)."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,62}$",
+    name: str = Field(..., pattern=ETCD_HOST_NAME_RE,
                       description="the host's inventory name: its client certificate is admin-<name>.pem")
     root: str = Field("/", pattern=_HOST_PATH_RE, description="prefix of every host path ('/' on a real host)")
 
@@ -600,7 +602,7 @@ class EtcdClusterEndpoints(_Model):
     """One etcd cluster: `main` (Kubernetes' objects) or `events` (kubespray `etcd_events_cluster_setup`)."""
 
     name: Name
-    endpoints: list[Annotated[str, Field(pattern=_ETCD_ENDPOINT_RE)]] = Field(
+    endpoints: list[Annotated[str, Field(pattern=ETCD_ENDPOINT_RE)]] = Field(
         ..., min_length=1, description="client URLs (kubespray: https://<ip>:2379, events :2383)")
     quota_bytes: int = Field(8 * 1024 ** 3, ge=1, description="--quota-backend-bytes (the guide: 8 GiB)")
 
@@ -609,12 +611,16 @@ class EtcdCerts(_Model):
     """kubespray's etcd client certificates (`etcd_cert_dir`, `roles/etcd/files/make-ssl-etcd.sh`)."""
 
     dir: str = Field("/etc/ssl/etcd/ssl", pattern=_HOST_PATH_RE)
-    ca: str = Field("ca.pem", pattern=_FILE_TEMPLATE_RE)
-    cert: str = Field("admin-{host}.pem", pattern=_FILE_TEMPLATE_RE, description="{host}: the host's name")
-    key: str = Field("admin-{host}-key.pem", pattern=_FILE_TEMPLATE_RE)
+    ca: str = Field("ca.pem", pattern=ETCD_FILE_TEMPLATE_RE)
+    cert: str = Field("admin-{host}.pem", pattern=ETCD_FILE_TEMPLATE_RE, description="{host}: the host's name")
+    key: str = Field("admin-{host}-key.pem", pattern=ETCD_FILE_TEMPLATE_RE)
 
 
 class EtcdHealthThresholds(_Model):
+    """What `tasks.etcd_rules` judges a cluster by (its defaults too). kubespray's guide sets an 8 GiB quota;
+    etcd's docs advise defragmenting when much of the file is free pages. 80% of the quota is critical (the
+    issue), 60% a warning."""
+
     quota_warning: float = Field(0.6, gt=0, le=1, description="db size / quota for a warning")
     quota_critical: float = Field(0.8, gt=0, le=1, description="db size / quota for critical (compact, defragment)")
     fragmented_share: float = Field(0.5, gt=0, le=1, description="in use / size below this: defragment")

@@ -145,10 +145,14 @@ class Platform:
                 for h in (*cfg.control_plane, *cfg.etcd)]
 
     def _cluster_host(self, cluster: str, host) -> Any:
-        from blocks.connections import SSHHost
         from blocks.load import cluster_host_name
 
-        doc = cluster_host_name(self.name, cluster, host.label)
+        return self._ssh_host(cluster_host_name(self.name, cluster, host.label))
+
+    def _ssh_host(self, doc: str) -> Any:
+        """The `SSHHost` block named `doc` (a cluster's or an etcd host's), loaded once."""
+        from blocks.connections import SSHHost
+
         key = f"ssh-host:{doc}"
         if key not in self._blocks:
             try:
@@ -173,17 +177,9 @@ class Platform:
         return self._etcd_host(etcd.scratch.name)
 
     def _etcd_host(self, label: str) -> Any:
-        from blocks.connections import SSHHost
         from blocks.load import etcd_host_name
 
-        doc = etcd_host_name(self.name, label)
-        if f"ssh-host:{doc}" not in self._blocks:
-            try:
-                self._blocks[f"ssh-host:{doc}"] = SSHHost.load(doc, _sync=True)
-            except ValueError as exc:
-                raise LookupError(f"no cluster-ssh-host block named {doc!r}: run `python -m blocks.load "
-                                  "<platform.yaml>`") from exc
-        return self._blocks[f"ssh-host:{doc}"]
+        return self._ssh_host(etcd_host_name(self.name, label))
 
     def argo(self):
         return self._part("argo")

@@ -39,7 +39,7 @@ from blocks.config import parse_duration
 from blocks.platform import Platform
 from tasks.etcd import (
     EtcdClient,
-    connect_first,
+    connect_etcd,
     host_path,
     make_dir,
     read_cluster_status,
@@ -84,7 +84,8 @@ def etcd_section(plat: Platform) -> Any:
 
 @task(name="etcd-snapshot", cache_policy=NONE)
 async def snapshot_cluster(conn: Any, client: EtcdClient, cluster: Any, snap_dir: str, store: Any, redactor: Redactor,
-                           *, snapshot_timeout_s: int, sample: int, started: datetime) -> dict:
+                           *, snapshot_timeout_s: int, sample: int, started: datetime,
+                           transfer_timeout_s: int | None = None) -> dict:
     """Snapshot one cluster from the first member that gives a verified snapshot, copy it off-site, write the
     manifest. Returns the manifest and every attempt. A store error is raised at once (not another member)."""
     logger = get_run_logger()
@@ -102,7 +103,8 @@ async def snapshot_cluster(conn: Any, client: EtcdClient, cluster: Any, snap_dir
             key = f"{store_kind(cluster.name)}/{bid}/snapshot.db"
             taken = await take_verified_snapshot(conn, client, m.endpoint, path, store, key, redactor,
                                                  revision_before=m.revision, sample=sample,
-                                                 timeout_s=snapshot_timeout_s)
+                                                 timeout_s=snapshot_timeout_s,
+                                                 transfer_timeout_s=transfer_timeout_s)
             check = taken["check"]
             if not check.ok:
                 attempts.append({"member": who, "leader": m.is_leader, "result": "not verified: "
@@ -179,16 +181,15 @@ async def etcd_backup(platform: str = "main", clusters: list[str] | None = None)
     errors: list[str] = []
     rows: list[dict] = []
     try:
-        async with connect_first(hosts) as (conn, host):
-            hc = next(h for h in etcd.hosts if h.name == host.label)
-            client = EtcdClient.from_config(etcd, hc)
+        async with connect_etcd(etcd, hosts) as (conn, client, hc):
             snap_dir = host_path(hc.root, etcd.snapshot_dir)
             await make_dir(conn, snap_dir, redactor)
             for cl in selected:
                 try:
                     done[cl.name] = await snapshot_cluster(
                         conn, client, cl, snap_dir, store, redactor, started=started, sample=etcd.sample_keys,
-                        snapshot_timeout_s=parse_duration(etcd.timeouts.snapshot))
+                        snapshot_timeout_s=parse_duration(etcd.timeouts.snapshot),
+                        transfer_timeout_s=parse_duration(etcd.timeouts.transfer))
                 except Exception as exc:  # noqa: BLE001 - the other cluster still gets its snapshot; reported below
                     errors.append(f"{cl.name}: {redactor.error(exc)}")
                     logger.error("etcd %s snapshot failed: %s", cl.name, errors[-1])

@@ -35,12 +35,12 @@ from tasks.approval import aask_approval
 from tasks.etcd import (
     EtcdClient,
     compact,
-    connect_first,
+    connect_etcd,
     defragment,
     disarm_alarms,
     read_cluster_status,
 )
-from tasks.etcd_rules import EtcdThresholds, defrag_plan, space_is_back
+from tasks.etcd_rules import defrag_plan, space_is_back
 from tasks.gitlab_rules import human_bytes
 from tasks.notify import notify
 from tasks.redact import Redactor
@@ -51,9 +51,15 @@ class DefragFailed(RuntimeError):
     pass
 
 
-def _thresholds(etcd: Any) -> EtcdThresholds:
-    t = etcd.thresholds
-    return EtcdThresholds(t.quota_warning, t.quota_critical, t.fragmented_share, t.fragmented_min_bytes)
+async def _plans(conn: Any, client: EtcdClient, selected: list[Any], redactor: Redactor) -> dict[str, dict]:
+    """Each selected cluster's status now and its plan (`defrag_plan`: the order, and the refusals)."""
+    plans: dict[str, dict] = {}
+    for cl in selected:
+        s = await read_cluster_status(conn, client, cl.name, list(cl.endpoints), redactor)
+        steps, refusals = defrag_plan(s)
+        plans[cl.name] = {"steps": steps, "refusals": refusals, "alarms": s.alarms, "revision": s.revision,
+                          "quota": cl.quota_bytes, "endpoints": list(cl.endpoints), "status": s}
+    return plans
 
 
 def _plan_markdown(platform: str, plans: dict[str, dict], compact_first: bool) -> str:
@@ -82,40 +88,43 @@ async def etcd_defrag(platform: str = "main", clusters: list[str] | None = None,
     etcd = etcd_section(plat)
     redactor = Redactor.of(await plat.asecrets())
     hosts = await asyncio.to_thread(plat.etcd_hosts)
-    t = _thresholds(etcd)
+    t = etcd.thresholds
     selected = [c for c in etcd.clusters if clusters is None or c.name in clusters]
     defrag_s = parse_duration(etcd.timeouts.defrag)
     rows: list[dict] = []
     result: dict = {"dry_run": dry_run, "approved": None, "approver": None, "steps": rows, "clusters": {}}
-    async with connect_first(hosts) as (conn, host):
-        client = EtcdClient.from_config(etcd, next(h for h in etcd.hosts if h.name == host.label))
-        plans: dict[str, dict] = {}
-        for cl in selected:
-            s = await read_cluster_status(conn, client, cl.name, list(cl.endpoints), redactor)
-            steps, refusals = defrag_plan(s)
-            plans[cl.name] = {"steps": steps, "refusals": refusals, "alarms": s.alarms, "revision": s.revision,
-                              "quota": cl.quota_bytes, "endpoints": list(cl.endpoints)}
-        plan_md = _plan_markdown(platform, plans, compact_first)
-        result["plan"] = {n: {"order": [s.member for s in p["steps"]], "refusals": p["refusals"],
-                              "alarms": [a["alarm"] for a in p["alarms"]]} for n, p in plans.items()}
-        await apublish_markdown(f"etcd-defrag-plan-{platform}", plan_md, description="etcd defragmentation plan")
-        if dry_run:
-            return result
-        refused = {n: p["refusals"] for n, p in plans.items() if p["refusals"]}
-        if refused:
-            raise DefragFailed(f"refused: {refused}")
-        answer = await aask_approval(plan_md, approval_timeout_s or parse_duration(etcd.timeouts.approval),
-                                     poll_interval_s)
-        result["approved"], result["approver"] = answer.approve, answer.who()
-        if not answer.approve:
-            logger.info("etcd defragmentation declined by %s", answer.who())
-            return result
-        error = None
-        try:
+    async with connect_etcd(etcd, hosts) as (conn, client, _):  # closed again before the approval's wait
+        plans = await _plans(conn, client, selected, redactor)
+    plan_md = _plan_markdown(platform, plans, compact_first)
+    result["plan"] = {n: {"order": [s.member for s in p["steps"]], "refusals": p["refusals"],
+                          "alarms": [a["alarm"] for a in p["alarms"]]} for n, p in plans.items()}
+    await apublish_markdown(f"etcd-defrag-plan-{platform}", plan_md, description="etcd defragmentation plan")
+    if dry_run:
+        return result
+    refused = {n: p["refusals"] for n, p in plans.items() if p["refusals"]}
+    if refused:
+        raise DefragFailed(f"refused: {refused}")
+    # no SSH connection is held while the approval waits (up to etcd.timeouts.approval)
+    answer = await aask_approval(plan_md, approval_timeout_s or parse_duration(etcd.timeouts.approval),
+                                 poll_interval_s)
+    result["approved"], result["approver"] = answer.approve, answer.who()
+    if not answer.approve:
+        logger.info("etcd defragmentation declined by %s", answer.who())
+        return result
+    error = None
+    try:
+        async with connect_etcd(etcd, hosts) as (conn, client, _):
+            # the approved plan may be an hour old: read the clusters again and plan from what they are now;
+            # a member that went down meanwhile refuses the run as it would have before the approval
+            plans = await _plans(conn, client, selected, redactor)
+            refused = {n: p["refusals"] for n, p in plans.items() if p["refusals"]}
+            if refused:
+                raise DefragFailed(f"refused after the approval, the clusters changed meanwhile: {refused}")
             for name, p in plans.items():
                 if compact_first and p["revision"]:
                     await compact(conn, client, p["endpoints"], p["revision"], redactor)
                     rows.append({"cluster": name, "step": f"compact to {p['revision']}", "status": "ok"})
+                s = p["status"]
                 for step in p["steps"]:
                     t0 = time.monotonic()
                     await defragment(conn, client, step.endpoint, redactor, defrag_s)
@@ -127,7 +136,7 @@ async def etcd_defrag(platform: str = "main", clusters: list[str] | None = None,
                                  "db size": f"{human_bytes(step.db_size)} -> {human_bytes(m.db_size)}"})
                     if unhealthy:
                         raise DefragFailed(f"{name}: after defragmenting {step.member}, not healthy: {unhealthy}")
-                s = await read_cluster_status(conn, client, name, p["endpoints"], redactor)
+                # `s`: the status read after the last member's defragmentation
                 if any(a["alarm"] == "NOSPACE" for a in s.alarms):
                     if not space_is_back(s, p["quota"], t):
                         raise DefragFailed(f"{name}: NOSPACE kept: a member is still above "
@@ -141,9 +150,9 @@ async def etcd_defrag(platform: str = "main", clusters: list[str] | None = None,
                         raise DefragFailed(f"{name}: alarms still raised after disarm: {s.alarms}")
                 result["clusters"][name] = {"alarms": s.alarms,
                                             "db_sizes": {m.name or m.endpoint: m.db_size for m in s.members}}
-        except Exception as exc:  # noqa: BLE001 - reported, notified, then raised
-            error = redactor.error(exc)
-            rows.append({"step": "stopped", "status": error[:300]})
+    except Exception as exc:  # noqa: BLE001 - reported, notified, then raised
+        error = redactor.error(exc)
+        rows.append({"step": "stopped", "status": error[:300]})
     summary = plan_md + "\n## Done\n\n" + f"Approved by {result['approver']}.\n\n" + md_table(rows)
     await apublish_markdown(f"etcd-defrag-{platform}", summary, description="etcd defragmentation: what was done")
     if error:

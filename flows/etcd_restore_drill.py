@@ -5,13 +5,14 @@ Source: etcd v3.4 docs *Disaster recovery* (https://etcd.io/docs/v3.4/op-guide/r
 For each cluster (`etcd.clusters[]`), on the scratch host (`etcd.scratch`), never on a production member:
 
 1. the newest verified manifest off-site (`etcd-<cluster>/<id>/manifest.json`, written by etcd-backup);
-2. the snapshot streamed from the store onto the scratch host (SFTP, SHA-256 on the way) and compared with
-   the manifest, then `etcdctl snapshot status` (hash, revision, totalKey) against the manifest;
+2. the snapshot streamed from the store onto the scratch host (SFTP, SHA-256 on the way; a copy whose SHA-256
+   is not the manifest's is refused before anything is restored), then `etcdctl snapshot status` (hash,
+   revision, totalKey) against the manifest;
 3. `etcdctl snapshot restore` into a fresh data dir as a new one-member cluster (etcd v3.4 docs *Disaster
    recovery*, "Restoring a cluster": `--name`, `--initial-cluster`, `--initial-cluster-token`,
    `--initial-advertise-peer-urls`), then one `etcd` on that data dir listening on 127.0.0.1 only;
 4. the restored member's revision and key count against the manifest, and the manifest's sample of keys
-   read back (SHA-256 of each value);
+   read back in one read of the same first keys at the manifest's revision (SHA-256 of each value);
 5. the member stopped and the data dir removed, whatever happened.
 
 RTO: from the start of the download to the restored member answering with the checks passed. RPO: the age
@@ -37,20 +38,19 @@ from tasks.etcd import (
     host_path,
     key_count,
     make_dir,
-    read_key_sha256,
     remove_path,
     restore_snapshot,
+    sample_keys,
     snapshot_status,
     start_drill_member,
     stop_drill_member,
-    upload_from_store,
 )
 from tasks.etcd_rules import check_snapshot, compare_drill, newest_verified
 from tasks.gitlab_rules import human_bytes, human_duration
 from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, md_table
-from tasks.ssh import RemoteCommandError, connect
+from tasks.ssh import RemoteCommandError, connect, upload_chunks
 from tasks.storage import list_offsite_manifests
 
 
@@ -62,12 +62,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _wait_serving(conn: Any, argv: list[str], redactor: Redactor, timeout_s: float) -> None:
+async def _wait_serving(conn: Any, argv: list[str], redactor: Redactor, timeout_s: float) -> tuple[int, int]:
+    """The restored member's (key count, revision), read as soon as it answers."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            await key_count(conn, argv, redactor)
-            return
+            return await key_count(conn, argv, redactor)
         except (RemoteCommandError, TimeoutError):
             if time.monotonic() > deadline:
                 raise DrillFailed(f"the restored member did not answer within {timeout_s:.0f}s") from None
@@ -87,15 +87,24 @@ async def drill_cluster(scratch: Any, scratch_cfg: Any, etcdctl: str, store: Any
     async with connect(scratch.connect_kwargs()) as conn:
         try:
             await make_dir(conn, run_dir, redactor)
-            downloaded = await upload_from_store(conn, store, manifest["store_key"], snapshot)
+            async with conn.start_sftp_client() as sftp:  # a copy unlike the manifest's: refused, never restored
+                size, sha256 = await upload_chunks(sftp, snapshot, store.chunks(manifest["store_key"]),
+                                                   expected_sha256=manifest["sha256"],
+                                                   name=store.describe(manifest["store_key"]))
+            downloaded = {"size": size, "sha256": sha256}
             status = check_snapshot(await snapshot_status(conn, drill, snapshot, redactor), revision_before=0,
                                     revision_after=manifest["revision"], file_size=downloaded["size"])
             await restore_snapshot(conn, etcdctl, snapshot, data_dir, peer_url, redactor)
             pid = await start_drill_member(conn, scratch_cfg.etcd, data_dir, client_url, peer_url,
                                            f"{run_dir}/etcd.log", redactor)
-            await _wait_serving(conn, argv, redactor, 60)
-            count, revision = await key_count(conn, argv, redactor)
-            sample = {s["key"]: await read_key_sha256(conn, argv, s["key"]) for s in manifest.get("sample", [])}
+            count, revision = await _wait_serving(conn, argv, redactor, 60)
+            # the manifest's sample is the first N keys at its revision: one read of the same range there shows
+            # a key missing (absent from the answer) or changed (another SHA-256); a member short of that
+            # revision (reported below) is read as it is
+            wanted = manifest.get("sample", [])
+            at = min(revision, manifest["revision"])
+            read = {k["key"]: k["sha256"] for k in await sample_keys(conn, argv, at, len(wanted))}
+            sample = {k["key"]: read.get(k["key"]) for k in wanted}
             problems = compare_drill(manifest, downloaded=downloaded, status=status, revision=revision,
                                      key_count=count, sample_read=sample)
             rto = time.monotonic() - t0

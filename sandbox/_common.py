@@ -69,6 +69,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, *, below_ephemeral: bool = False) -> list[int]:
+    """`count` different ports nothing listens on at 127.0.0.1 right now (`free_port()` may hand out the same
+    one twice in a row). `below_ephemeral`: from 20000-32000, under Linux's ephemeral range (`ip_local_port_range`
+    32768-60999, kernel docs *ip-sysctl*): a stopped server's port is then never taken by some connection's
+    source port before it starts again (an etcd member's peers keep dialling it), which an ephemeral one can be."""
+    import random
+
+    ports: set[int] = set()
+    for _ in range(200 * count):
+        if len(ports) == count:
+            return sorted(ports)
+        if not below_ephemeral:
+            ports.add(free_port())
+            continue
+        port = random.randint(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.add(port)
+    if len(ports) == count:
+        return sorted(ports)
+    raise RuntimeError(f"no {count} free ports" + (" in 20000-32000" if below_ephemeral else ""))
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     """True when something listens on host:port (a connect succeeds)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -42,7 +42,7 @@ from sandbox._common import (
     PYTHON,
     SandboxLike,
     client_key_pair,
-    free_port,
+    free_ports,
     start_key_only_sshd,
     wait_for,
     write_secret_file,
@@ -287,7 +287,7 @@ def start_control_plane(sb: SandboxLike) -> None:
     key_path, public_key = client_key_pair(sb, CLIENT_KEY, sb.path("control-plane", f"{CLIENT_KEY}.pub"),
                                             "ai-platform-ops-sandbox-control-plane")
     cas = _cas()
-    fresh = _unique_ports(3 * 2 + 2 + 2 + 2)
+    fresh = free_ports(3 * 2 + 2 + 2 + 2)
     ports = {n: {"api": fresh.pop(), "etcd": fresh.pop()} for n in CONTROL_PLANE}
     ports["etcd-1"] = {"etcd": fresh.pop(), "events": fresh.pop()}
     ports[DOWN_HOST] = {"ssh": fresh.pop(), "etcd": fresh.pop()}
@@ -347,14 +347,6 @@ def start_control_plane(sb: SandboxLike) -> None:
         "timeouts": {"source_s": 60, "ssh_s": 20, "endpoint_s": 3, "kubeadm_s": 120, "static_pod_wait_s": 1,
                      "readyz_s": 20, "approval": "10m"},
     }
-
-
-def _unique_ports(count: int) -> list[int]:
-    """`count` different free ports (free_port() may hand out the same one twice in a row)."""
-    ports: set[int] = set()
-    while len(ports) < count:
-        ports.add(free_port())
-    return sorted(ports)
 
 
 def _tcp_open(port: int):

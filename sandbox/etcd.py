@@ -37,6 +37,7 @@ from sandbox import pki
 from sandbox._common import (
     SandboxLike,
     client_key_pair,
+    free_ports,
     require_binary,
     start_key_only_sshd,
     wait_for,
@@ -102,7 +103,9 @@ def start_etcd(sb: SandboxLike, quota_bytes: int | None = None) -> None:
             write_etcd_host(root, h, ca)
         (root / "var" / "backups").mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(parents=True, exist_ok=True)
-    ports = {n: (_member_port(), _member_port()) for n in (*MAIN, *EVENTS)}
+    # below the ephemeral range: a stopped member's port stays free for its restart (`free_ports`)
+    fresh = free_ports(2 * len((*MAIN, *EVENTS)), below_ephemeral=True)
+    ports = {n: (fresh.pop(), fresh.pop()) for n in (*MAIN, *EVENTS)}
     members: dict[str, dict[str, Any]] = {}
     main_quota = quota_bytes or QUOTA_BYTES
     for group, names, token, quota, sub in (("main", MAIN, INITIAL_CLUSTER_NAME, main_quota, "etcd"),
@@ -137,19 +140,14 @@ def start_etcd(sb: SandboxLike, quota_bytes: int | None = None) -> None:
     sb.config["etcd"] = platform_section(info)
 
 
-def _ssh_target(h: dict) -> dict:
-    return {"name": h["name"], "host": h["host"], "port": h["port"], "user": h["user"],
-            "private_key_path": h["private_key_path"], "known_hosts": h["known_hosts"],
-            "connect_timeout_s": h["connect_timeout_s"], "root": h["root"]}
-
-
 def platform_section(info: dict) -> dict:
     """The platform config's `etcd` section (blocks/config.py `EtcdConfig`) for this sandbox: etcdctl on `etcd1`,
     the two clusters with their small quotas, the scratch host for drills, short time limits."""
     def eps(cluster: str) -> list[str]:
         return [f"https://127.0.0.1:{m['client_port']}" for m in info["members"].values() if m["cluster"] == cluster]
+    drill_ports = free_ports(2, below_ephemeral=True)  # the members listen on theirs: never handed out here
     return {
-        "hosts": [_ssh_target(info["ssh"]["etcd1"])],
+        "hosts": [dict(info["ssh"]["etcd1"])],
         "clusters": [{"name": "main", "endpoints": eps("main"), "quota_bytes": info["quota_bytes"]["main"]},
                      {"name": "events", "endpoints": eps("events"), "quota_bytes": EVENTS_QUOTA_BYTES}],
         "etcdctl": "etcdctl",
@@ -159,8 +157,8 @@ def platform_section(info: dict) -> dict:
         "timeouts": {"dial": "2s", "command": "5s", "snapshot": "20s", "transfer": "5m", "defrag": "1m",
                      "drill": "5m", "approval": "10m"},
         "retention": {"keep_days": 7, "keep_count": 4},
-        "scratch": {**_ssh_target(info["ssh"]["etcd-scratch"]), "etcd": "etcd", "work_dir": "/var/lib/etcd-drill",
-                    "client_port": _member_port(), "peer_port": _member_port()},
+        "scratch": {**info["ssh"]["etcd-scratch"], "etcd": "etcd", "work_dir": "/var/lib/etcd-drill",
+                    "client_port": drill_ports[0], "peer_port": drill_ports[1]},
     }
 
 
@@ -190,24 +188,6 @@ def _fault_wrappers(host_dir: Path, root: Path) -> Path:
     w.write_text(_ETCDCTL_WRAPPER.format(real=shutil.which("etcdctl")))
     w.chmod(0o755)
     return bin_dir
-
-
-def _member_port() -> int:
-    """A free port below Linux's ephemeral range (ip_local_port_range 32768-60999): a stopped member's port
-    must not be taken by some connection's source port before the member starts again (its peers keep
-    dialling it), which a port from `free_port()` (an ephemeral one) can be."""
-    import random
-    import socket
-
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000 for an etcd member")
 
 
 def client_cert(info: dict, host: str = "etcd1") -> tuple[str, str, str]:

@@ -16,6 +16,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from blocks.config import (
+    ETCD_ENDPOINT_RE,
+    ETCD_FILE_TEMPLATE_RE,
+    ETCD_HOST_NAME_RE,
+    parse_duration,
+)
 from tasks.etcd_rules import (
     ClusterStatus,
     SnapshotCheck,
@@ -25,11 +31,12 @@ from tasks.etcd_rules import (
 from tasks.redact import Redactor
 from tasks.ssh import RemoteCommandError, run_command
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,62}\Z")
+# the config's patterns (`blocks.config`), applied with fullmatch: no trailing newline gets through
+_HOST_RE = re.compile(ETCD_HOST_NAME_RE)
 _PATH_RE = re.compile(r"^/[A-Za-z0-9_.@/\-]+\Z")
-_ENDPOINT_RE = re.compile(r"^https://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}\Z")
+_ENDPOINT_RE = re.compile(ETCD_ENDPOINT_RE)
 _LOOPBACK_RE = re.compile(r"^http://127\.0\.0\.1:[0-9]{1,5}\Z")
-_FILE_RE = re.compile(r"^[A-Za-z0-9_.\-]*(\{host\})?[A-Za-z0-9_.\-]*\Z")
+_FILE_RE = re.compile(ETCD_FILE_TEMPLATE_RE)
 
 
 def host_path(root: str, path: str) -> str:
@@ -52,17 +59,15 @@ class EtcdClient:
     key_file: str = "admin-{host}-key.pem"
 
     def __post_init__(self) -> None:
-        if not _HOST_RE.match(self.host) or not _PATH_RE.match(self.cert_dir):
+        if not _HOST_RE.fullmatch(self.host) or not _PATH_RE.match(self.cert_dir):
             raise ValueError(f"bad etcd host {self.host!r} or cert dir {self.cert_dir!r}")
         for f in (self.ca_file, self.cert_file, self.key_file):
-            if not _FILE_RE.match(f):
+            if not _FILE_RE.fullmatch(f):
                 raise ValueError(f"bad certificate file name {f!r}")
 
     @classmethod
     def from_config(cls, etcd: Any, host: Any) -> EtcdClient:
         """The client of one `etcd.hosts[]` entry of the platform config (`blocks.config.EtcdConfig`)."""
-        from blocks.config import parse_duration
-
         return cls(host=host.name, cert_dir=host_path(host.root, etcd.certs.dir), etcdctl=etcd.etcdctl,
                    dial_timeout_s=parse_duration(etcd.timeouts.dial),
                    command_timeout_s=parse_duration(etcd.timeouts.command), ca_file=etcd.certs.ca,
@@ -77,7 +82,7 @@ class EtcdClient:
 
     def argv(self, endpoints: list[str], *args: str, timeout_s: int | None = None) -> list[str]:
         for ep in endpoints:
-            if not _ENDPOINT_RE.match(ep):
+            if not _ENDPOINT_RE.fullmatch(ep):
                 raise ValueError(f"etcd endpoint {ep!r} must look like https://host:port")
         c, h = self.cert_dir, self.host
         return ["env", "ETCDCTL_API=3", self.etcdctl, f"--endpoints={','.join(endpoints)}",
@@ -91,8 +96,6 @@ async def read_cluster_status(conn: Any, client: EtcdClient, cluster: str, endpo
                               redactor: Redactor) -> ClusterStatus:
     """Members, endpoint status and health, alarms of one cluster (4 etcdctl calls, concurrent). An unreachable member
     makes etcdctl exit non-zero while still printing the others' JSON: that output is used, the error kept."""
-    import asyncio
-
     outs, errors = {}, []
     calls = (("members", ["member", "list"]), ("status", ["endpoint", "status"]),
              ("health", ["endpoint", "health"]), ("alarms", ["alarm", "list"]))
@@ -127,10 +130,20 @@ async def snapshot_status(conn: Any, client: EtcdClient, path: str, redactor: Re
 
 
 async def verify_snapshot(conn: Any, client: EtcdClient, path: str, redactor: Redactor, *, revision_before: int,
-                          revision_after: int) -> SnapshotCheck:
-    size = await file_size(conn, path, redactor)
-    text = await snapshot_status(conn, client, path, redactor)
-    return check_snapshot(text, revision_before=revision_before, revision_after=revision_after, file_size=size)
+                          revision_after: int | None = None, endpoint: str | None = None) -> tuple[SnapshotCheck, int]:
+    """`snapshot status` of the file at `path` against the live revisions (`check_snapshot`), and the file's
+    size; the reads run at once. `revision_after` None: `endpoint`'s live revision, read now (after the save).
+    Returns (check, file size)."""
+    async def after() -> int:
+        if revision_after is not None:
+            return revision_after
+        if endpoint is None:
+            raise ValueError("verify_snapshot needs revision_after or the endpoint to read it from")
+        return (await key_count(conn, client.argv([endpoint]), redactor))[1]
+
+    rev_after, text, size = await asyncio.gather(after(), snapshot_status(conn, client, path, redactor),
+                                                 file_size(conn, path, redactor))
+    return check_snapshot(text, revision_before=revision_before, revision_after=rev_after, file_size=size), size
 
 
 async def file_size(conn: Any, path: str, redactor: Redactor) -> int:
@@ -141,14 +154,18 @@ async def file_size(conn: Any, path: str, redactor: Redactor) -> int:
     return int(r.text.strip() or 0)
 
 
-async def copy_snapshot_offsite(conn: Any, path: str, store: Any, store_key: str) -> dict:
+async def copy_snapshot_offsite(conn: Any, path: str, store: Any, store_key: str, *, saving: Any = None,
+                                timeout_s: float | None = None) -> dict:
     """Stream a snapshot from the host into the off-site `Store` over SFTP (never a whole file in memory),
-    hashing it on the way (`tasks.storage.copy_stream_async`; the sink is aborted on any failure)."""
+    hashing it on the way (`tasks.storage.copy_stream_async`; the sink is aborted on any failure). With
+    `saving` (the `save_snapshot` future), the file is followed as etcdctl writes it (`_follow`). The copy as a
+    whole is bounded by `timeout_s` (`etcd.timeouts.transfer`; None: no bound)."""
     from tasks.ssh import sftp_chunks
     from tasks.storage import copy_stream_async
 
-    async with conn.start_sftp_client() as sftp:
-        copied = await copy_stream_async(store_key, sftp_chunks(sftp, path), store.sink(store_key))
+    async with asyncio.timeout(timeout_s), conn.start_sftp_client() as sftp:
+        chunks = _follow(sftp, path, saving) if saving is not None else sftp_chunks(sftp, path)
+        copied = await copy_stream_async(store_key, chunks, store.sink(store_key))
     return {"size": copied.size, "sha256": copied.sha256, "location": copied.location}
 
 
@@ -178,7 +195,7 @@ async def key_count(conn: Any, argv: list[str], redactor: Redactor, revision: in
     return int(d.get("count", 0)), int(d.get("header", {}).get("revision", 0))
 
 
-async def sample_keys(conn: Any, argv: list[str], redactor: Redactor, revision: int, limit: int) -> list[dict]:
+async def sample_keys(conn: Any, argv: list[str], revision: int, limit: int) -> list[dict]:
     """The first `limit` keys at `revision` with the SHA-256 of their values (never the values: a
     Kubernetes Secret lives in etcd): what the restore drill reads back."""
     import base64
@@ -192,17 +209,6 @@ async def sample_keys(conn: Any, argv: list[str], redactor: Redactor, revision: 
     return [{"key": base64.b64decode(kv["key"]).decode("utf-8", "replace"),
              "sha256": hashlib.sha256(base64.b64decode(kv.get("value", ""))).hexdigest(),
              "mod_revision": int(kv.get("mod_revision", 0))} for kv in kvs]
-
-
-async def read_key_sha256(conn: Any, argv: list[str], key: str) -> str | None:
-    """SHA-256 of one key's value now, or None when the key is absent."""
-    import base64
-    import hashlib
-
-    r = await run_command(conn, [*argv, "get", "-w", "json", "--", key], redact=Redactor.of([]), log_output=False,
-                          timeout_s=60, keep=5)
-    kvs = _json_out(r).get("kvs", []) or []
-    return hashlib.sha256(base64.b64decode(kvs[0].get("value", ""))).hexdigest() if kvs else None
 
 
 async def make_dir(conn: Any, path: str, redactor: Redactor) -> None:
@@ -237,24 +243,6 @@ async def disarm_alarms(conn: Any, client: EtcdClient, endpoints: list[str], red
     """`etcdctl alarm disarm` (*Maintenance*, "Space quota": after freeing space, disarm to resume writes)."""
     await run_command(conn, client.argv(endpoints, "alarm", "disarm"), redact=redactor, log_output=False,
                       timeout_s=client.command_timeout_s + 15)
-
-
-async def upload_from_store(conn: Any, store: Any, key: str, path: str) -> dict:
-    """Stream an off-site object onto a host over SFTP (`.part`, renamed when complete), hashing it on
-    the way; returns its size and SHA-256. Never holds the object in memory."""
-    import asyncio
-    import hashlib
-
-    from tasks.ssh import SFTPWriter
-
-    h, size, it = hashlib.sha256(), 0, iter(store.chunks(key))
-    async with conn.start_sftp_client() as sftp, SFTPWriter(sftp, path) as w:
-        while (chunk := await asyncio.to_thread(next, it, None)) is not None:
-            h.update(chunk)
-            size += len(chunk)
-            await w.write(chunk)
-        await w.commit()
-    return {"size": size, "sha256": h.hexdigest()}
 
 
 # --- the restore drill on the scratch host ------------------------------------------------------------
@@ -325,6 +313,15 @@ async def connect_first(hosts: list[Any]) -> AsyncIterator[tuple[Any, Any]]:
     raise TransientError("no etcd host reachable over SSH: " + "; ".join(errors))
 
 
+@asynccontextmanager
+async def connect_etcd(etcd: Any, hosts: list[Any]) -> AsyncIterator[tuple[Any, EtcdClient, Any]]:
+    """(connection, client, `etcd.hosts[]` entry) of the first etcd host that answers (`connect_first`):
+    the `EtcdClient` is built from that host's entry in the platform config's `etcd` section."""
+    async with connect_first(hosts) as (conn, host):
+        entry = next(h for h in etcd.hosts if h.name == host.label)
+        yield conn, EtcdClient.from_config(etcd, entry), entry
+
+
 async def _follow(sftp: Any, path: str, saving: Any, poll_s: float = 0.05, chunk: int = 4 * 1024 * 1024):
     """The bytes of the snapshot `etcdctl snapshot save` is writing, as it writes them. etcdctl 3.4
     (`clientv3/snapshot/v3_snapshot.go` Save) creates `<path>.part`, appends the stream to it, fsyncs and renames
@@ -361,7 +358,7 @@ async def _follow(sftp: Any, path: str, saving: Any, poll_s: float = 0.05, chunk
 
 async def take_verified_snapshot(conn: Any, client: EtcdClient, endpoint: str, path: str, store: Any, store_key: str,
                                  redactor: Redactor, *, revision_before: int, sample: int,
-                                 timeout_s: int) -> dict:
+                                 timeout_s: int, transfer_timeout_s: float | None = None) -> dict:
     """`snapshot save` from `endpoint`, streamed off-site while etcdctl writes it (`_follow`, SHA-256 on the
     way, `tasks.storage.copy_stream_async`), then, while the copy finishes, the verification: the live revision
     after the save, `snapshot status` against it, the live key count and the sampled keys at the snapshot's
@@ -369,29 +366,21 @@ async def take_verified_snapshot(conn: Any, client: EtcdClient, endpoint: str, p
     store again (no manifest is ever written for it); a store error is raised as it is.
 
     Returns {"check", "key_count", "sample", "copied"} ("copied" None when the check failed)."""
-    from tasks.storage import copy_stream_async
-
     saving = asyncio.ensure_future(save_snapshot(conn, client, endpoint, path, redactor, timeout_s=timeout_s))
-
-    async def copy() -> dict:
-        async with conn.start_sftp_client() as sftp:
-            c = await copy_stream_async(store_key, _follow(sftp, path, saving), store.sink(store_key))
-        return {"size": c.size, "sha256": c.sha256, "location": c.location}
 
     async def verify() -> tuple[SnapshotCheck, int, list[dict], int]:
         await saving
-        (_, after), text, size = await asyncio.gather(key_count(conn, client.argv([endpoint]), redactor),
-                                                      snapshot_status(conn, client, path, redactor),
-                                                      file_size(conn, path, redactor))
-        check = check_snapshot(text, revision_before=revision_before, revision_after=after, file_size=size)
+        check, size = await verify_snapshot(conn, client, path, redactor, revision_before=revision_before,
+                                            endpoint=endpoint)
         if not check.ok:
             return check, 0, [], size
         (count, _), keys = await asyncio.gather(
             key_count(conn, client.argv([endpoint]), redactor, revision=check.revision),
-            sample_keys(conn, client.argv([endpoint]), redactor, check.revision, sample))
+            sample_keys(conn, client.argv([endpoint]), check.revision, sample))
         return check, count, keys, size
 
-    copying = asyncio.ensure_future(copy())
+    copying = asyncio.ensure_future(copy_snapshot_offsite(conn, path, store, store_key, saving=saving,
+                                                          timeout_s=transfer_timeout_s))
     verified, copied, saved = await asyncio.gather(verify(), copying, saving, return_exceptions=True)
     if isinstance(saved, BaseException):  # the save failed: nothing was committed (the copy raised too)
         raise saved

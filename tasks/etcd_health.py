@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tasks.etcd import EtcdClient, connect_first, read_cluster_status
-from tasks.etcd_rules import EtcdThresholds, Finding, health_findings
+from tasks.etcd import connect_etcd, read_cluster_status
+from tasks.etcd_rules import Finding, health_findings
 from tasks.health import Check
 from tasks.redact import Redactor
 
@@ -47,18 +47,15 @@ async def etcd_checks(platform: str, etcd: Any, hosts: list[Any], redactor: Reda
     """Read every cluster of `etcd` (the platform config's section) and judge it against the last run."""
     from prefect.variables import Variable
 
-    t = etcd.thresholds
-    thresholds = EtcdThresholds(t.quota_warning, t.quota_critical, t.fragmented_share, t.fragmented_min_bytes)
     previous = await Variable.aget(state_variable(platform), default=None)
     previous = previous if isinstance(previous, dict) else {}
     checks, state = [], {}
-    async with connect_first(hosts) as (conn, host):
-        client = EtcdClient.from_config(etcd, next(h for h in etcd.hosts if h.name == host.label))
+    async with connect_etcd(etcd, hosts) as (conn, client, _):
         for cl in etcd.clusters:
             s = await read_cluster_status(conn, client, cl.name, list(cl.endpoints), redactor)
             last = previous.get(cl.name)
             last = {**last, "leader_id": int(last.get("leader_id") or 0)} if isinstance(last, dict) else None
-            checks.append(check_of(cl.name, health_findings(s, cl.quota_bytes, thresholds, last)))
+            checks.append(check_of(cl.name, health_findings(s, cl.quota_bytes, etcd.thresholds, last)))
             if s.leader is not None:  # member ids are uint64: kept as text (a JSON store may hold int64 only)
                 state[cl.name] = {"leader_id": str(s.leader.member_id), "raft_term": s.leader.raft_term,
                                   "revision": s.revision}

@@ -21,19 +21,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from blocks.config import EtcdHealthThresholds
+
 Severity = Literal["ok", "info", "warning", "critical", "unknown"]
 ALARMS = ("NOSPACE", "CORRUPT")
-
-
-@dataclass(frozen=True)
-class EtcdThresholds:
-    """Defaults: kubespray's guide sets an 8 GiB quota; etcd's docs advise defragmenting when much of the
-    file is free pages. 80% of the quota is critical (the issue), 60% a warning."""
-
-    quota_warning: float = 0.6
-    quota_critical: float = 0.8
-    fragmented_share: float = 0.5  # in-use below half of the file: defragment
-    fragmented_min_bytes: int = 64 * 1024 * 1024  # never nag about small files
+DEFAULT_THRESHOLDS = EtcdHealthThresholds()  # the platform config's defaults (`etcd.thresholds`)
 
 
 @dataclass
@@ -140,7 +132,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def health_findings(s: ClusterStatus, quota_bytes: int, t: EtcdThresholds = EtcdThresholds(),
+def health_findings(s: ClusterStatus, quota_bytes: int, t: EtcdHealthThresholds = DEFAULT_THRESHOLDS,
                     previous: dict | None = None) -> list[Finding]:
     """The findings of one cluster; `previous` is the last run's `{"leader_id", "raft_term", "revision"}`."""
     f: list[Finding] = []
@@ -300,7 +292,7 @@ def defrag_plan(s: ClusterStatus) -> tuple[list[DefragStep], list[str]]:
     return steps, refusals
 
 
-def space_is_back(s: ClusterStatus, quota_bytes: int, t: EtcdThresholds = EtcdThresholds()) -> bool:
+def space_is_back(s: ClusterStatus, quota_bytes: int, t: EtcdHealthThresholds = DEFAULT_THRESHOLDS) -> bool:
     """Every member's db below the critical share of the quota: a NOSPACE alarm may be disarmed."""
     return bool(s.members) and all(m.reachable and m.db_size < quota_bytes * t.quota_critical for m in s.members)
 

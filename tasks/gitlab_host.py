@@ -23,7 +23,6 @@ Tasks receive the `GitLabHost` block (production's or scratch's: the flow's choi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import posixpath
 import re
@@ -53,9 +52,16 @@ from tasks.gitlab_rules import (
 )
 from tasks.redact import Redactor
 from tasks.reports import run_logger
-from tasks.ssh import SFTPWriter, Supervision, connect, run_command, run_supervised, sftp_chunks
+from tasks.ssh import (
+    SFTPWriter,
+    Supervision,
+    connect,
+    run_command,
+    run_supervised,
+    sftp_chunks,
+    upload_chunks,
+)
 from tasks.storage import (
-    ChecksumMismatch,
     CopyResult,
     NullSink,
     Store,
@@ -443,29 +449,13 @@ async def fetch_to_host(host: GitLabHost, store: Store, store_key: str, remote_p
     if owner is not None and not _OWNER_RE.match(owner):
         raise ValueError(f"bad owner {owner!r}")
     verifier = TarStreamVerifier() if archive else None
-    sha, size = hashlib.sha256(), 0
     total = await asyncio.to_thread(store.size, store_key) or 1
-    iterator = store.chunks(store_key)
     async with connect(host.connect_kwargs()) as conn:
-        async with conn.start_sftp_client() as sftp, SFTPWriter(sftp, path) as w, \
+        async with conn.start_sftp_client() as sftp, \
                 _Feed(progress_key, f"{posixpath.basename(path)}: bytes fetched") as feed:
-            while True:
-                chunk = await asyncio.to_thread(next, iterator, None)
-                if chunk is None:
-                    break
-                sha.update(chunk)
-                size += len(chunk)
-                feed.value = size / total
-                if verifier:
-                    verifier.feed(chunk)
-                await w.write(chunk)
-            if verifier:
-                verifier.finish()
-            if sha.hexdigest() != expected_sha256:
-                raise ChecksumMismatch(f"off-site copy {store.describe(store_key)} has sha256 "
-                                       f"{sha.hexdigest()[:16]}..., the manifest says {expected_sha256[:16]}...: "
-                                       "it is corrupt; nothing was written to the host")
-            await w.commit()
+            size, _ = await upload_chunks(sftp, path, store.chunks(store_key), expected_sha256=expected_sha256,
+                                          name=store.describe(store_key), verifier=verifier,
+                                          on_progress=lambda n: setattr(feed, "value", n / total))
         if owner is not None:
             await hand_to(conn, path, owner)
     get_run_logger().info("fetched %s to %s (%d bytes, sha256 verified%s)", store.describe(store_key), path, size,

@@ -211,6 +211,37 @@ class SFTPWriter:
                     pass
 
 
+async def upload_chunks(sftp: Any, path: str, chunks: Iterable[bytes], *, expected_sha256: str | None = None,
+                        name: str = "", verifier: Any = None,
+                        on_progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """Stream `chunks` (a blocking iterator, e.g. a `Store`'s `chunks`: each read on a worker thread) into
+    `path` over SFTP (`SFTPWriter`: `.part`, 0600, renamed only when complete), never the whole object in
+    memory, hashing it on the way; each chunk is fed to `verifier` (`tasks.storage.TarStreamVerifier`) and the
+    bytes so far to `on_progress` when given. With `expected_sha256`, another digest raises `ChecksumMismatch`
+    and nothing is renamed into place. Returns (size, sha256)."""
+    import hashlib
+
+    from tasks.storage import ChecksumMismatch
+
+    it, sha, size = iter(chunks), hashlib.sha256(), 0
+    async with SFTPWriter(sftp, path) as w:
+        while (chunk := await asyncio.to_thread(next, it, None)) is not None:
+            sha.update(chunk)
+            size += len(chunk)
+            if verifier is not None:
+                verifier.feed(chunk)
+            if on_progress is not None:
+                on_progress(size)
+            await w.write(chunk)
+        if verifier is not None:
+            verifier.finish()
+        if expected_sha256 is not None and sha.hexdigest() != expected_sha256:
+            raise ChecksumMismatch(f"off-site copy {name} has sha256 {sha.hexdigest()[:16]}..., the manifest says "
+                                   f"{expected_sha256[:16]}...: it is corrupt; nothing was written to the host")
+        await w.commit()
+    return size, sha.hexdigest()
+
+
 # --- supervised remote commands ----------------------------------------------------------------------
 
 LOCKED_EXIT = 75  # flock --conflict-exit-code: the lock is held, the command was not started

@@ -137,8 +137,9 @@ def test_real_snapshot_from_a_follower_verifies_against_the_live_revision(etcd_s
     async def go(conn, c, r):
         await save_snapshot(conn, c, m.endpoint, path, r)
         return await verify_snapshot(conn, c, path, r, revision_before=s.revision, revision_after=s.revision + 5)
-    check = _run(etcd_sb, go)
+    check, size = _run(etcd_sb, go)
     assert check.ok, check.problems
+    assert size == Path(path).stat().st_size
     assert check.revision >= s.revision and check.total_keys > 200 and check.total_size > 0
 
 
@@ -155,8 +156,8 @@ def test_corrupt_snapshot_is_refused(etcd_sb):
     p = Path(path)
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])  # a truncated copy
 
-    check = _run(etcd_sb, lambda conn, c, r: verify_snapshot(conn, c, path, r, revision_before=s.revision,
-                                                               revision_after=s.revision + 5))
+    check, _ = _run(etcd_sb, lambda conn, c, r: verify_snapshot(conn, c, path, r, revision_before=s.revision,
+                                                                  revision_after=s.revision + 5))
     assert not check.ok and "unreadable" in check.problems[0]
 
 
@@ -208,7 +209,7 @@ def test_snapshot_streams_offsite_with_checksum_manifest_and_retention(etcd_sb, 
 
     async def go(conn, c, r):
         await save_snapshot(conn, c, m.endpoint, path, r)
-        check = await verify_snapshot(conn, c, path, r, revision_before=s.revision, revision_after=s.revision + 5)
+        check, _ = await verify_snapshot(conn, c, path, r, revision_before=s.revision, endpoint=m.endpoint)
         copied = await copy_snapshot_offsite(conn, path, store, key)
         return check, copied
     check, copied = _run(etcd_sb, go)

@@ -139,6 +139,30 @@ def test_restore_drill_restores_the_backup_with_its_revision_and_keys(backup_sta
     assert not list((scratch / "var/lib/etcd-drill").glob("*"))
 
 
+def test_restore_drill_refuses_a_snapshot_changed_offsite_before_restoring_it(backup_state, etcd_platform, sandbox):
+    """One flipped bit in the off-site copy (same size): the download's SHA-256 is not the manifest's, so the
+    drill fails on it and nothing is restored on the scratch host."""
+    import asyncio
+
+    from flows.etcd_restore_drill import etcd_restore_drill
+    from tasks.etcd_rules import newest_verified
+    from tasks.storage import copy_stream, list_offsite_manifests
+
+    store = _store(etcd_platform)
+    m = newest_verified(asyncio.run(list_offsite_manifests(store, "etcd-main")))
+    good = b"".join(store.chunks(m["store_key"]))
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    copy_stream("bad", [bytes(bad)], store.sink(m["store_key"]))
+    try:
+        state = run_flow_sync(etcd_restore_drill, platform=etcd_platform, clusters=["main"])
+    finally:
+        copy_stream("good", [good], store.sink(m["store_key"]))
+    assert state.is_failed() and "corrupt" in state.message and m["sha256"][:16] in state.message
+    scratch = Path(sandbox.extra["etcd"]["roots"]["etcd-scratch"])
+    assert not list((scratch / "var/lib/etcd-drill").glob("*"))
+
+
 def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sandbox):
     """A real NOSPACE on the events cluster (16 MiB quota): the health findings say critical; the operator
     deletes what filled it; the defrag flow's dry run shows the plan, the approved run compacts, defragments
@@ -181,6 +205,37 @@ def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sa
     assert out["clusters"]["events"]["db_sizes"]["etcd1-events"] < info["quota_bytes"]["events"] * 0.8
     put_keys(info, "etcd1-events", 1, prefix="/registry/events/after/")  # writes work again
     assert _health(etcd_platform)["etcd-events"].status == "ok"
+
+
+def test_defrag_replans_after_the_approval_and_refuses_a_member_down_meanwhile(etcd_platform, sandbox):
+    """The plan shown for approval may be an hour old: the approved run reads the cluster again, and a member
+    stopped while the approval waited refuses it before anything is compacted or defragmented."""
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.etcd_defrag import etcd_defrag
+    from sandbox.etcd import start_member, stop_member
+    from tests.test_gitlab_restore import _paused_run_id
+
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("state", run_flow_sync(
+        etcd_defrag, platform=etcd_platform, clusters=["main"], dry_run=False, poll_interval_s=0.5,
+        approval_timeout_s=120)), daemon=True)
+    t.start()
+    run_id = _paused_run_id("etcd-defrag")  # planned with every member healthy: no refusal, asks for approval
+    down = _follower_first(sandbox)
+    stop_member(sandbox, down)
+    try:
+        resume_flow_run(run_id, run_input={"approve": True, "approver": "alice"})
+        t.join(120)
+        assert not t.is_alive(), "the defrag run did not finish"
+    finally:
+        start_member(sandbox, down)
+    state = box["state"]
+    assert state.is_failed(), state.message
+    endpoint = f"https://127.0.0.1:{sandbox.extra['etcd']['members'][down]['client_port']}"
+    assert "refused after the approval" in state.message
+    assert f"{down} is not healthy" in state.message or f"{endpoint} is not healthy" in state.message
+    assert "compact" not in state.message and "after defragmenting" not in state.message
 
 
 def _health(platform: str, previous: dict | None = None) -> dict:
