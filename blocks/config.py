@@ -132,6 +132,26 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _moved_to_operations(values: Any, *fields: str) -> Any:
+    """The per-lifecycle approval and lock timeouts became `operations:` (issue 21): say so by name."""
+    if isinstance(values, dict):
+        for f in fields:
+            if f in values:
+                raise PydanticCustomError(
+                    "moved", "{field} moved to operations.approval_timeout / operations.lock_timeout (one "
+                    "convention for every platform-changing run; the flow's approval_timeout_s overrides it)",
+                    {"field": f})
+    return values
+
+
+class OperationsConfig(_Model):
+    """How every platform-changing run waits (tasks/operation.py): for its approval, then for its lock."""
+
+    approval_timeout: Duration = Field("1h", description="how long a run waits for its approval (the flow's "
+                                                         "approval_timeout_s parameter overrides it)")
+    lock_timeout: Duration = Field("1h", description="how long an approved run waits for its lock")
+
+
 class SecretRef(_Model):
     """Where a secret lives: an environment variable or a Prefect Secret block. Never the value."""
 
@@ -279,6 +299,11 @@ class KubesprayPreflight(_Model):
 class KubesprayConfig(_Model):
     """The cluster as kubespray installs it: the checkout, its hosts and groups, the overrides."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _timeouts_moved(cls, values: Any) -> Any:
+        return _moved_to_operations(values, "approval_timeout", "lock_timeout")
+
     checkout: Path = Field(..., description="the kubespray checkout (cluster.yml, scale.yml, ...)")
     version: str = Field(..., pattern=r"^v\d+\.\d+\.\d+$", description="the checkout's release tag, e.g. v2.26.0")
     kube_version: str | None = Field(None, pattern=r"^v\d+\.\d+\.\d+$",
@@ -292,8 +317,6 @@ class KubesprayConfig(_Model):
     upgrade_serial: str = Field("20%", pattern=r"^(\d+|\d{1,3}%)$", description="kubespray's `serial` for nodes")
     preflight: KubesprayPreflight = KubesprayPreflight()
     playbook_timeout: Duration = "6h"
-    approval_timeout: Duration = "1h"
-    lock_timeout: Duration = "1h"
     unreachable_retries: int = Field(1, ge=0, le=5, description="re-runs limited to the hosts that were unreachable")
 
     @model_validator(mode="after")
@@ -555,7 +578,11 @@ class CertificateTimeouts(_Model):
     static_pod_wait_s: float = Field(20, ge=0, le=600, description="manifests stay out this long (the kubelet's "
                                                                    "fileCheckFrequency is 20s)")
     readyz_s: float = Field(300, gt=0, le=3600, description="the API server's /readyz after a restart")
-    approval: Duration = "1h"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _approval_moved(cls, values: Any) -> Any:
+        return _moved_to_operations(values, "approval")
 
 
 class CertificatesConfig(_Model):
@@ -642,7 +669,11 @@ class EtcdTimeouts(_Model):
     transfer: Duration = Field("1h", description="off-site copy of one snapshot")
     defrag: Duration = Field("10m", description="one member's defragmentation")
     drill: Duration = Field("30m", description="the restore drill as a whole")
-    approval: Duration = "1h"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _approval_moved(cls, values: Any) -> Any:
+        return _moved_to_operations(values, "approval")
 
 
 class EtcdRetention(_Model):
@@ -725,6 +756,7 @@ class PlatformConfig(_Model):
     certificates: CertificatesConfig = CertificatesConfig()
     etcd: EtcdConfig | None = None
     thresholds: Thresholds = Thresholds()
+    operations: OperationsConfig = OperationsConfig()
 
     @field_validator("clusters")
     @classmethod

@@ -345,7 +345,7 @@ def start_control_plane(sb: SandboxLike) -> None:
         "kubeconfigs": [{"path": str(ci_kubeconfig), "refresh_from": "admin.conf"}],
         "layout": {"kubeadm": str(SCRIPTS / "kubeadm")},
         "timeouts": {"source_s": 60, "ssh_s": 20, "endpoint_s": 3, "kubeadm_s": 120, "static_pod_wait_s": 1,
-                     "readyz_s": 20, "approval": "10m"},
+                     "readyz_s": 20},
     }
 
 

@@ -155,7 +155,7 @@ def platform_section(info: dict) -> dict:
         "sample_keys": 10,
         "thresholds": {"fragmented_min_bytes": 4 * 1024 * 1024},
         "timeouts": {"dial": "2s", "command": "5s", "snapshot": "20s", "transfer": "5m", "defrag": "1m",
-                     "drill": "5m", "approval": "10m"},
+                     "drill": "5m"},
         "retention": {"keep_days": 7, "keep_count": 4},
         "scratch": {**info["ssh"]["etcd-scratch"], "etcd": "etcd", "work_dir": "/var/lib/etcd-drill",
                     "client_port": drill_ports[0], "peer_port": drill_ports[1]},

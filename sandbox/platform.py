@@ -138,7 +138,9 @@ class Sandbox:
             self.gpu_nodes = gpu_node_count(self.nodes)
         if self.scrape_interval_s is None:
             self.scrape_interval_s = 2 if self.gpu_nodes <= 200 else (15 if self.gpu_nodes <= 2500 else 60)
-        self.config = {"name": "sandbox", "clusters": [], "thresholds": {}}
+        # a sandbox's runs wait minutes, not an hour, for an approval or a lock (tasks/operation.py)
+        self.config = {"name": "sandbox", "clusters": [], "thresholds": {},
+                       "operations": {"approval_timeout": "10m", "lock_timeout": "10m"}}
         try:
             for start in components if components is not None else COMPONENTS:
                 start(self)

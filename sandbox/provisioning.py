@@ -66,5 +66,5 @@ def start_provisioning(sb: SandboxLike) -> None:
         # the sandbox's hosts share one machine: its real ports are in use by the other stand-ins
         "preflight": {"min_disk_free_gb": 1, "ports_control_plane": [6443, 2380, 10257, 10259],
                       "ports_node": [10250]},
-        "playbook_timeout": "10m", "approval_timeout": "10m", "lock_timeout": "10m",
+        "playbook_timeout": "10m",
     }

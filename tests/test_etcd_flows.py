@@ -187,7 +187,11 @@ def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sa
 
     dry = run_flow_sync(etcd_defrag, platform=etcd_platform, clusters=["events"])
     assert dry.is_completed(), dry.message
-    assert dry.result()["plan"]["events"] == {"order": ["etcd1-events"], "refusals": [], "alarms": ["NOSPACE"]}
+    plan = dry.result()
+    assert plan["facts"]["events"]["order"] == ["etcd1-events"] and plan["facts"]["events"]["alarms"] == ["NOSPACE"]
+    assert plan["refusals"] == [] and plan["steps"] == []
+    assert [s["step"] for s in plan["plan"]] == ["compact events", "defrag etcd1-events", "alarm disarm events"]
+    assert plan["identity"].startswith("events=") and "?" not in plan["identity"]
 
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("state", run_flow_sync(
@@ -200,9 +204,11 @@ def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sa
     state = box["state"]
     assert state.is_completed(), state.message
     out = state.result()
-    assert out["approver"] == "alice" and out["clusters"]["events"]["alarms"] == []
-    assert [r["step"] for r in out["steps"]][1:] == ["defrag etcd1-events", "alarm disarm"]
-    assert out["clusters"]["events"]["db_sizes"]["etcd1-events"] < info["quota_bytes"]["events"] * 0.8
+    assert out["approver"] == "alice"
+    assert [(r["step"], r["status"]) for r in out["steps"]] == [
+        ("compact events", "ok"), ("defrag etcd1-events", "ok"), ("alarm disarm events", "ok")]
+    after = _status(sandbox, "events")  # the cluster itself, read again
+    assert after.alarms == [] and after.members[0].db_size < info["quota_bytes"]["events"] * 0.8
     put_keys(info, "etcd1-events", 1, prefix="/registry/events/after/")  # writes work again
     assert _health(etcd_platform)["etcd-events"].status == "ok"
 
@@ -233,9 +239,9 @@ def test_defrag_replans_after_the_approval_and_refuses_a_member_down_meanwhile(e
     state = box["state"]
     assert state.is_failed(), state.message
     endpoint = f"https://127.0.0.1:{sandbox.extra['etcd']['members'][down]['client_port']}"
-    assert "refused after the approval" in state.message
+    assert "refused, nothing was changed" in state.message and "after the approval" in state.message
     assert f"{down} is not healthy" in state.message or f"{endpoint} is not healthy" in state.message
-    assert "compact" not in state.message and "after defragmenting" not in state.message
+    assert "failed at step" not in state.message and "after defragmenting" not in state.message
 
 
 def _health(platform: str, previous: dict | None = None) -> dict:
