@@ -40,6 +40,7 @@ from tasks.etcd_rules import defrag_plan, space_is_back
 from tasks.gitlab_rules import human_bytes
 from tasks.operation import Operation, Plan, Step, Target, WayBack, approval_timeout, lock_timeout, run_operation
 from tasks.redact import Redactor
+from tasks.ssh import RemoteCommandError
 from tasks.reports import md_table
 
 
@@ -59,7 +60,14 @@ def _cluster_steps(conn: Any, client: EtcdClient, cl: Any, status: Any, order: l
     if compact_first and status.revision:
         async def do_compact() -> str:
             rev = (await read_cluster_status(conn, client, cl.name, endpoints, redactor)).revision
-            await compact(conn, client, endpoints, rev, redactor)
+            try:
+                await compact(conn, client, endpoints, rev, redactor)
+            except RemoteCommandError as exc:
+                # etcd answers ErrCompacted when `rev` is at or below the last compaction (mvcc/kvstore.go
+                # "required revision has been compacted"): nothing was written since, the step's end state holds
+                if "required revision has been compacted" not in str(exc):
+                    raise
+                return f"already compacted at revision {rev}"
             return f"compacted to revision {rev}"
 
         steps.append(Step(f"compact {cl.name}", f"etcd cluster {cl.name}: history before the current revision",

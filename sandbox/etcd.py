@@ -265,3 +265,27 @@ def start_member(sb: SandboxLike, member: str) -> None:
 def pause_member(sb: SandboxLike, member: str, resume: bool = False) -> None:
     """A hung member (SIGSTOP): the kernel still accepts its connections, nothing answers."""
     os.kill(sb.processes[f"etcd-{member}"]["pid"], signal.SIGCONT if resume else signal.SIGSTOP)
+
+
+def compacted_past(info: dict, member: str, revision: int) -> bool:
+    """Whether the history at `revision` was compacted away: a range read at that revision answers
+    "mvcc: required revision has been compacted" (etcd v3.4 *Maintenance*, "History compaction";
+    `POST /v3/kv/range` with `revision`, *gRPC gateway*)."""
+    with _client(info, 10) as c:
+        r = c.post(url(info, member) + "/v3/kv/range", json={"key": _b64("/registry/"), "revision": revision})
+        body = r.json()
+    return "compacted" in str(body.get("error") or body.get("message") or "")
+
+
+def alarm(info: dict, member: str, action: str, alarm_type: str = "NOSPACE") -> dict:
+    """`POST /v3/maintenance/alarm` (etcdserverpb.AlarmRequest: action GET/ACTIVATE/DEACTIVATE, memberID 0 =
+    every member for GET/DEACTIVATE): raise or clear an alarm as etcd does when a member runs out of quota."""
+    with _client(info, 10) as c:
+        status = c.post(url(info, member) + "/v3/maintenance/status", json={}).json()
+        member_id = status["header"]["member_id"]
+        r = c.post(url(info, member) + "/v3/maintenance/alarm",
+                   json={"action": action, "memberID": member_id, "alarm": alarm_type})
+        body = r.json()
+    if r.status_code != 200 or "error" in body:
+        raise RuntimeError(f"etcd alarm {action} refused: {body}")
+    return body

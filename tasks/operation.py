@@ -381,12 +381,12 @@ async def _apply(op: Operation, plan: Plan, record: dict, redactor: Redactor) ->
         except Exception as exc:  # noqa: BLE001 - the state is computed, reported, and the error raised
             error = redactor.error(exc)
             rows.append(_row(index, step, "FAILED", started, error))
-            state = state_after(plan, applied, index, f"failed: {error}")
+            state = state_after(plan, applied, index, f"failed: {_short(error)}")
             wb = plan.way_back_after(index)
             record.update(state=state, way_back=None if wb is None else wb.markdown())
             await _publish_steps(op, rows)
             await _report(op, plan, record, f"failed at step {index}")
-            raise StepFailed(op.name, index, step.name, error, state, wb) from exc
+            raise StepFailed(op.name, index, step.name, _short(error), state, wb) from exc
         except BaseException as exc:
             if not _is_cancellation(exc):
                 raise
@@ -416,6 +416,16 @@ async def _apply(op: Operation, plan: Plan, record: dict, redactor: Redactor) ->
 async def _cancelled_report(op: Operation, plan: Plan, record: dict, rows: list[dict]) -> None:
     await _publish_steps(op, rows)
     await _report(op, plan, record, "cancelled")
+
+
+def _short(error: str, limit: int = 600) -> str:
+    """An error as a state message carries it: its first line and its last lines (a remote command's error
+    names the command first and says why last), at most `limit` characters; the step log keeps it whole."""
+    lines = [x.strip() for x in error.strip().splitlines() if x.strip()]
+    if len(error) <= limit or len(lines) < 2:
+        return error if len(error) <= limit else error[:limit] + "..."
+    head, tail = lines[0][: limit // 2], " / ".join(lines[-2:])[-(limit // 2):]
+    return f"{head} ... {tail}"
 
 
 def _is_cancellation(exc: BaseException) -> bool:

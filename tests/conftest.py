@@ -166,3 +166,19 @@ def fresh_control_plane(cert_sandbox):
     reset_control_plane(cert_sandbox)
     wait_serving(cert_sandbox)
     return cert_sandbox
+
+
+# --- etcd (issue 16) -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def etcd_platform(sandbox, sandbox_platform):
+    need_binary("etcd", "etcd-server")
+    need_binary("etcdctl", "etcd-client")
+    need_binary("sshd", "openssh-server")
+    if "etcd" not in sandbox.config:
+        pytest.fail("the sandbox has no etcd component (sandbox/platform.py COMPONENTS)")
+    from sandbox.etcd import put_keys
+
+    put_keys(sandbox.extra["etcd"], "etcd1", 60, prefix="/registry/flows/")
+    return sandbox_platform

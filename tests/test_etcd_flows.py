@@ -13,19 +13,6 @@ from sandbox.webhook import received as _received
 from tests.conftest import need_binary, run_flow_sync
 
 
-@pytest.fixture(scope="module")
-def etcd_platform(sandbox, sandbox_platform):
-    need_binary("etcd", "etcd-server")
-    need_binary("etcdctl", "etcd-client")
-    need_binary("sshd", "openssh-server")
-    if "etcd" not in sandbox.config:
-        pytest.fail("the sandbox has no etcd component (sandbox/platform.py COMPONENTS)")
-    from sandbox.etcd import put_keys
-
-    put_keys(sandbox.extra["etcd"], "etcd1", 60, prefix="/registry/flows/")
-    return sandbox_platform
-
-
 def _store(platform: str):
     from blocks.connections import BackupStore
 
