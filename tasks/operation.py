@@ -185,6 +185,10 @@ class Operation:
     poll_interval_s: float = 10
     redactor: Redactor | None = None
     key: str = ""
+    # None: a real run pauses for approval (every platform-changing deployment). A reason: it applies WITHOUT
+    # approval, the reason shown in the plan and recorded as the approver in the report; only for a scheduled
+    # drill whose target is a scratch host (e.g. gitlab-restore-drill), never for the platform itself.
+    unattended: str | None = None
 
     def artifact(self, kind: str) -> str:
         return artifact_key(self.name, kind, self.platform, self.key)
@@ -197,6 +201,7 @@ def plan_markdown(op: Operation, plan: Plan, *, dry_run: bool) -> str:
     lines = [f"# {plan.title or op.name}: plan for {op.platform}", "",
              f"- **Target:** {plan.target.markdown()}",
              f"- **Plan digest:** `{plan.digest[:16]}` (the approved run re-plans and refuses if this changes)",
+             f"- **Approval:** none, unattended: {op.unattended}" if op.unattended else
              f"- **Approval:** waits up to {_human_s(op.approval_timeout_s)} (config `operations.approval_timeout`; "
              "the `approval_timeout_s` parameter overrides it); no lock is held while it waits",
              f"- **Lock:** `{op.lock}`, taken after the approval" if op.lock else "- **Lock:** none",
@@ -301,6 +306,11 @@ async def run_operation(op: Operation, *, dry_run: bool = True) -> dict[str, Any
             logger.info("%s: nothing to do", op.name)
         await _report(op, plan, record, "dry run" if dry_run else "nothing to do")
         return record
+
+    if op.unattended:
+        record["approved"], record["approver"] = True, f"nobody (unattended: {op.unattended})"
+        logger.info("%s runs unattended (%s): no approval (plan %s)", op.name, op.unattended, plan.digest[:16])
+        return await _locked_apply(op, plan, record, redactor)
 
     from tasks.approval import aask_approval
 

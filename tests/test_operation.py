@@ -268,6 +268,23 @@ def test_sync_flows_run_the_same_operation(prefect_server, target):
     assert _read()["labels"] == {"zone": "d"}
 
 
+@flow(name="toy-labels-drill")
+async def toy_labels_drill(labels: dict[str, str]):
+    op = Operation("toy-labels-drill", "test", _planner(labels), lock_timeout_s=5, key="toy",
+                   unattended="scheduled drill on a scratch target")
+    return await run_operation(op, dry_run=False)
+
+
+def test_an_unattended_operation_applies_without_approval_and_says_so(prefect_server, target):
+    state = run_flow_sync(toy_labels_drill, labels={"zone": "s"})  # no approval is answered: none is asked
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out["approved"] is True and out["approver"] == "nobody (unattended: scheduled drill on a scratch target)"
+    assert _read()["labels"] == {"zone": "s"}
+    assert "Approval:** none, unattended: scheduled drill" in _artifact("toy-labels-drill-plan-test-toy")
+    assert "nobody (unattended" in _artifact("toy-labels-drill-report-test-toy")
+
+
 def _artifact(key: str) -> str:
     from prefect.client.orchestration import get_client
 
