@@ -53,7 +53,6 @@ from tasks.gitlab_rules import (
     plan_retention,
     space_problem,
 )
-from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import AsyncProgress, apublish_markdown, apublish_table, md_table
 from tasks.storage import (
@@ -64,7 +63,7 @@ from tasks.storage import (
 )
 
 # What a backup run needs from the platform (loaded concurrently, once per run).
-PARTS = ("gitlab_host", "gitlab_api", "backup_store", "notifier")
+PARTS = ("gitlab_host", "gitlab_api", "backup_store")
 
 
 class BackupFailed(RuntimeError):
@@ -203,7 +202,7 @@ async def _run_backup(platform: str, kind: str, options: dict[str, str] | None) 
     started = _now()
     plat = await Platform.aopen(platform, *PARTS)
     redactor = Redactor.of(await plat.asecrets())
-    host, api, store, notifier = plat.gitlab_host(), plat.gitlab_api(), plat.backup_store(), plat.notifier()
+    host, api, store = plat.gitlab_host(), plat.gitlab_api(), plat.backup_store()
     thresholds = plat.config.thresholds.backup
     layout = host_layout(plat.config)
     create_s, transfer_s = step_timeout(plat.config, "backup_create"), step_timeout(plat.config, "transfer")
@@ -279,10 +278,10 @@ async def _run_backup(platform: str, kind: str, options: dict[str, str] | None) 
     if rows:
         await apublish_table(f"gitlab-{kind}-backup-retention-{platform}", rows, description="Retention decisions")
     if error is not None:
-        await notify(notifier, f"{title} FAILED on {platform}",
-                     f"{error}\nNothing was deleted. RPO is now "
-                             f"{human_duration(rpo) if rpo is not None else 'unknown (no verified copy)'}.")
-        raise BackupFailed(error)
+        # the one failure notice is the failed-run automation's (configs/prefect/automations.yaml), whose body
+        # is this message: what failed, that nothing was deleted, the RPO now
+        raise BackupFailed(f"{error}\nNothing was deleted. RPO is now "
+                           f"{human_duration(rpo) if rpo is not None else 'unknown (no verified copy)'}.")
     logger.info("backup %s verified and off-site (%s, %s); RPO %s", manifest.id, human_bytes(manifest.total_size),
                 human_duration(seconds), human_duration(rpo or 0))
     return {"backup_id": manifest.id, "size": manifest.total_size, "seconds": round(seconds, 1),

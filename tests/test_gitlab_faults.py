@@ -135,15 +135,15 @@ def test_a_running_backup_blocks_a_second_one_on_the_host(snapshot, sandbox_plat
     assert _ran(snapshot, CREATE) - ran == 1  # the second never reached gitlab-backup
 
 
-def test_disk_full_fails_notifies_and_deletes_nothing(snapshot, sandbox_platform):
+def test_disk_full_fails_says_what_state_and_deletes_nothing(snapshot, sandbox_platform):
     notices, ran = len(received(snapshot)), _ran(snapshot, CREATE)
     _arm(snapshot, "gitlab-backup-create", "disk-full", times=2)
     state = _backup(sandbox_platform)
     assert state.is_failed() and "No space left on device" in state.message
     assert _ran(snapshot, CREATE) - ran == 1 and _attempts(state, "gitlab-backup-create") == [1]  # not retried
     assert _armed(snapshot, "gitlab-backup-create")  # the second armed failure was never reached
-    new = received(snapshot)[notices:]
-    assert len(new) == 1 and "FAILED" in new[0]["body"] and "No space left on device" in new[0]["body"]
+    assert "Nothing was deleted. RPO is now" in state.message  # the failed-run automation's notice body
+    assert received(snapshot)[notices:] == [], "one notice: the automation's, not the flow's"
     assert not list((_root(snapshot) / "var/opt/gitlab/backups").glob("*.partial"))
     assert "delete-host-backups" not in _task_runs(state)  # retention never ran
 

@@ -21,10 +21,11 @@ def _reset(sb) -> None:
 
 
 def _compacted(sb) -> bool:
-    """Applied: the history at the revision written by `_reset` is compacted away (read from etcd itself)."""
+    """Applied: the history before the last revision written by `_reset` is compacted away (read from etcd
+    itself; a compaction to revision R keeps R readable and drops what is older)."""
     from sandbox.etcd import compacted_past
 
-    return compacted_past(_info(sb), MEMBER, _BASELINE["revision"])
+    return compacted_past(_info(sb), MEMBER, _BASELINE["revision"] - 1)
 
 
 def _change(sb) -> None:
