@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
 from blocks.platform import Platform
+from tasks.findings import Severity, notice_text
 from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, png_data_uri
@@ -135,6 +136,9 @@ async def certificate_check(platform: str = "main", cluster: str | None = None,
     if failing:
         message = (f"{counts['critical']} critical and {counts['unknown']} unknown certificate findings on "
                    f"{platform}/{name}; see the certificate-check report")
-        await notify(plat.notifier(), f"certificate check failed: {platform}/{name}", message)
+        counted = (Severity.CRITICAL, Severity.UNKNOWN) if fail_on == "critical" else (Severity.UNKNOWN,)
+        failed = [f for f in report.findings if f.severity in counted]  # the notice lists them, worst first
+        await notify(plat.notifier(), f"certificate check failed: {platform}/{name}",
+                     redactor.text(f"{message}\n\n{notice_text(failed)}"))
         return Failed(message=message, data=result)
     return Completed(message=f"{len(report.entries)} certificates checked", data=result)

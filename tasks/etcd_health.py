@@ -21,12 +21,10 @@ import asyncio
 from typing import Any
 
 from tasks.etcd import connect_etcd, read_cluster_status
-from tasks.etcd_rules import Finding, health_findings
+from tasks.etcd_rules import health_findings
+from tasks.findings import Finding
 from tasks.health import Check
 from tasks.redact import Redactor
-
-_STATUS = {"ok": "ok", "info": "ok", "warning": "warning", "critical": "critical", "unknown": "unknown"}
-_ORDER = ["ok", "warning", "unknown", "critical"]
 
 
 def state_variable(platform: str) -> str:
@@ -34,13 +32,10 @@ def state_variable(platform: str) -> str:
 
 
 def check_of(cluster: str, findings: list[Finding]) -> Check:
-    """One health `Check` from a cluster's findings: its worst severity (info counts as ok), the problems
-    first in the summary, every finding with its action as evidence."""
-    status = max((_STATUS[f.severity] for f in findings), key=_ORDER.index, default="unknown")
-    bad = [f for f in findings if _STATUS[f.severity] != "ok"]
-    summary = "; ".join(f.message for f in bad) if bad else "; ".join(f.message for f in findings[:3])
-    evidence = [f"{f.severity} {f.check}: {f.message}" + (f" -> {f.action}" if f.action else "") for f in findings]
-    return Check(f"etcd-{cluster}", status, summary[:400], evidence)
+    """One health `Check` from a cluster's findings (`Check.from_findings`): its worst severity (info counts
+    as ok, none at all is unknown), the problems in the summary, every finding with its advice as evidence
+    (`severity check: summary -> advice`; the cluster is the check's name)."""
+    return Check.from_findings(f"etcd-{cluster}", findings, subjects=False)
 
 
 async def etcd_checks(platform: str, etcd: Any, hosts: list[Any], redactor: Redactor) -> list[Check]:

@@ -6,8 +6,9 @@
   quota": a member over `--quota-backend-bytes` raises `NOSPACE` and the cluster accepts only reads and
   deletes until space is freed and the alarm disarmed; `CORRUPT` from the corruption check), database size
   against the quota, size in use against size (what defragmentation gives back: *Maintenance*,
-  "Defragmentation"), leader changes and revision progress since the last run. Each finding has a
-  severity and an action.
+  "Defragmentation"), leader changes and revision progress since the last run. Each is a
+  `tasks.findings.Finding` (the one model): the cluster (`etcd-<name>`) its subject, the check its
+  title, with a severity and advice.
 - `snapshot_candidates`: healthy followers first, the leader last (a snapshot streams the whole db from
   the member: keep that load off the leader; etcd v3.4 *Disaster recovery*, "Snapshotting the keyspace").
 - `check_snapshot`: `etcdctl snapshot status` (hash, revision, totalKey, totalSize) against the live
@@ -19,11 +20,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Literal
 
 from blocks.config import EtcdHealthThresholds
-
-Severity = Literal["ok", "info", "warning", "critical", "unknown"]
+from tasks.findings import Finding, Severity
 ALARMS = ("NOSPACE", "CORRUPT")
 DEFAULT_THRESHOLDS = EtcdHealthThresholds()  # the platform config's defaults (`etcd.thresholds`)
 
@@ -62,15 +61,6 @@ class ClusterStatus:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Finding:
-    cluster: str
-    check: str
-    severity: Severity
-    message: str
-    action: str = ""
 
 
 def _json(text: str) -> object:
@@ -137,58 +127,63 @@ def health_findings(s: ClusterStatus, quota_bytes: int, t: EtcdHealthThresholds 
     """The findings of one cluster; `previous` is the last run's `{"leader_id", "raft_term", "revision"}`."""
     f: list[Finding] = []
     c = s.cluster
+
+    def finding(check: str, severity: Severity | str, summary: str, advice: str = "") -> Finding:
+        return Finding(severity=severity, subject=f"etcd-{c}", title=check, summary=summary, advice=advice)
+
     reachable = [m for m in s.members if m.reachable]
     if not reachable:
-        return [Finding(c, "reachable", "unknown", f"no member answered ({'; '.join(s.errors)[:300]})",
+        return [finding("reachable", "unknown", f"no member answered ({'; '.join(s.errors)[:300]})",
                         "check the etcd hosts and the client certificates")]
     quorum = len(s.members) // 2 + 1
     healthy = [m for m in s.members if m.healthy]
     down = [m for m in s.members if not m.healthy]
     if len(healthy) < quorum:
-        f.append(Finding(c, "quorum", "critical", f"{len(healthy)} of {len(s.members)} members healthy: quorum "
+        f.append(finding("quorum", "critical", f"{len(healthy)} of {len(s.members)} members healthy: quorum "
                          f"({quorum}) lost", "restore quorum (etcd *Disaster recovery*)"))
     elif down:
-        f.append(Finding(c, "members", "warning", "unhealthy: " + ", ".join(m.name or m.endpoint for m in down)
+        f.append(finding("members", "warning", "unhealthy: " + ", ".join(m.name or m.endpoint for m in down)
                          + f"; quorum kept ({len(healthy)}/{len(s.members)})", "bring the member back"))
     else:
-        f.append(Finding(c, "members", "ok", f"{len(s.members)} members healthy"))
+        f.append(finding("members", "ok", f"{len(s.members)} members healthy"))
     leaders = {m.leader_id for m in reachable}
     if s.leader is None or 0 in leaders or len(leaders) > 1:
-        f.append(Finding(c, "leader", "critical", f"no agreed leader (seen: {sorted(leaders)})",
+        f.append(finding("leader", "critical", f"no agreed leader (seen: {sorted(leaders)})",
                          "check network between members"))
     else:
-        f.append(Finding(c, "leader", "ok", f"leader {s.leader.name or s.leader.endpoint}"))
+        f.append(finding("leader", "ok", f"leader {s.leader.name or s.leader.endpoint}"))
     for a in s.alarms:
         who = next((m.name or m.endpoint for m in s.members if m.member_id == a["member_id"]), a["member_id"])
         action = ("free space (compact, defragment every member), then `etcdctl alarm disarm` (etcd *Maintenance*, "
                   "Space quota)" if a["alarm"] == "NOSPACE" else "restore the member from a snapshot (etcd "
                   "*Disaster recovery*); do not disarm blindly")
-        f.append(Finding(c, f"alarm {a['alarm']}", "critical", f"alarm {a['alarm']} raised on {who}", action))
+        f.append(finding(f"alarm {a['alarm']}", "critical", f"alarm {a['alarm']} raised on {who}", action))
     biggest = max(reachable, key=lambda m: m.db_size)
     share = biggest.db_size / quota_bytes if quota_bytes else 0
-    sev: Severity = "critical" if share >= t.quota_critical else ("warning" if share >= t.quota_warning else "ok")
-    f.append(Finding(c, "quota", sev, f"db {biggest.db_size} bytes on {biggest.name or biggest.endpoint} = "
+    sev = (Severity.CRITICAL if share >= t.quota_critical else Severity.WARNING if share >= t.quota_warning
+           else Severity.OK)
+    f.append(finding("quota", sev, f"db {biggest.db_size} bytes on {biggest.name or biggest.endpoint} = "
                      f"{_pct(share)} of the {quota_bytes}-byte quota",
                      "compact and defragment (etcd-defrag), or raise quota-backend-bytes" if sev != "ok" else ""))
     for m in reachable:
         if m.db_size and m.db_size_in_use / m.db_size < t.fragmented_share and m.db_size >= t.fragmented_min_bytes:
-            f.append(Finding(c, "fragmentation", "warning", f"{m.name or m.endpoint}: {_pct(m.db_size_in_use / m.db_size)}"
+            f.append(finding("fragmentation", "warning", f"{m.name or m.endpoint}: {_pct(m.db_size_in_use / m.db_size)}"
                              f" of {m.db_size} bytes in use", "defragment this member (etcd-defrag)"))
     if previous:
         if s.leader and previous.get("leader_id") and previous["leader_id"] != s.leader.member_id:
-            f.append(Finding(c, "leader changes", "warning", f"leader changed since the last run (term "
+            f.append(finding("leader changes", "warning", f"leader changed since the last run (term "
                              f"{previous.get('raft_term')} -> {s.leader.raft_term})", "look for slow disks or network"))
         if previous.get("revision") is not None and s.revision < int(previous["revision"]):
-            f.append(Finding(c, "revision", "critical", f"revision went back: {previous['revision']} -> {s.revision}",
+            f.append(finding("revision", "critical", f"revision went back: {previous['revision']} -> {s.revision}",
                              "a member was restored or replaced: check the cluster"))
         else:
-            f.append(Finding(c, "revision", "info", f"revision {s.revision} (+{s.revision - int(previous.get('revision') or 0)})"))
+            f.append(finding("revision", "info", f"revision {s.revision} (+{s.revision - int(previous.get('revision') or 0)})"))
     return f
 
 
 def overall(findings: list[Finding]) -> Severity:
-    order = ["ok", "info", "warning", "unknown", "critical"]
-    return max((x.severity for x in findings), key=order.index, default="unknown")
+    """The worst severity (the one order of `tasks.findings.Severity`); no findings at all is unknown."""
+    return Severity.worst((x.severity for x in findings), default=Severity.UNKNOWN)
 
 
 def snapshot_candidates(s: ClusterStatus) -> list[MemberStatus]:

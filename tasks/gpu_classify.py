@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tasks.gpu_model import (
     XID_COUNTER,
     XID_GAUGE,
     ExporterPod,
-    Finding,
     FleetSnapshot,
+    GPUFinding,
     GPUNode,
     GPUPod,
     GPUState,
@@ -292,24 +292,24 @@ def classify(fleet: FleetSnapshot, metrics: DCGMSnapshot, th: SweepThresholds, *
     """Join the fleet with its metrics and classify every GPU node and GPU."""
     now = metrics.at if now is None else now
     window = th.window
-    findings: list[Finding] = []
+    findings: list[GPUFinding] = []
     states: list[GPUState] = []
     j = _join(fleet, metrics) if metrics.available else _join(fleet, DCGMSnapshot(window=window, at=now))
     xid_sources: set[str] = set()
     xid_last: dict[str, dict[str, int]] = {}
 
     if not metrics.available:
-        findings.append(Finding(
-            Kind.PROMETHEUS_UNAVAILABLE, Severity.CRITICAL, None,
-            f"Prometheus gave no usable answer: every GPU of {len(fleet.nodes)} nodes is unknown",
-            {"error": metrics.error, "window": window},
+        findings.append(GPUFinding(
+            kind=Kind.PROMETHEUS_UNAVAILABLE, severity=Severity.CRITICAL, node=None,
+            summary=f"Prometheus gave no usable answer: every GPU of {len(fleet.nodes)} nodes is unknown",
+            evidence={"error": metrics.error, "window": window},
         ))
     elif metrics.detail_error is not None:
-        findings.append(Finding(
-            Kind.DETAILS_MISSING, Severity.WARNING, None,
-            "the follow-up query failed: the findings below stand, but UUIDs, idleness and which GPU is missing "
-            "are unknown for the GPUs that needed them",
-            {"error": metrics.detail_error, "window": window},
+        findings.append(GPUFinding(
+            kind=Kind.DETAILS_MISSING, severity=Severity.WARNING, node=None,
+            summary="the follow-up query failed: the findings below stand, but UUIDs, idleness and which GPU is "
+                    "missing are unknown for the GPUs that needed them",
+            evidence={"error": metrics.detail_error, "window": window},
         ))
 
     gpus_expected = gpus_reporting = 0
@@ -322,17 +322,17 @@ def classify(fleet: FleetSnapshot, metrics: DCGMSnapshot, th: SweepThresholds, *
         held_refs = [p.ref for p in holders]
 
         if node.ready is not True:
-            findings.append(Finding(
-                Kind.NODE_NOT_READY, Severity.CRITICAL if holders else Severity.WARNING, node.name,
-                f"node is {'NotReady' if node.ready is False else 'Unknown'}"
+            findings.append(GPUFinding(
+                kind=Kind.NODE_NOT_READY, severity=Severity.CRITICAL if holders else Severity.WARNING, node=node.name,
+                summary=f"node is {'NotReady' if node.ready is False else 'Unknown'}"
                 + (f" while {len(holders)} pod(s) hold {held} GPU(s)" if holders else ""),
-                {"ready": node.ready if node.ready is not None else "Unknown", "gpu_pods": held_refs},
+                evidence={"ready": node.ready if node.ready is not None else "Unknown", "gpu_pods": held_refs},
             ))
         if node.unschedulable and holders:
-            findings.append(Finding(
-                Kind.CORDONED_HELD, Severity.WARNING, node.name,
-                f"node is cordoned while {len(holders)} pod(s) hold {held} GPU(s)",
-                {"unschedulable": True, "gpu_pods": held_refs},
+            findings.append(GPUFinding(
+                kind=Kind.CORDONED_HELD, severity=Severity.WARNING, node=node.name,
+                summary=f"node is cordoned while {len(holders)} pod(s) hold {held} GPU(s)",
+                evidence={"unschedulable": True, "gpu_pods": held_refs},
             ))
         if not metrics.available:
             states += [GPUState(node.name, str(i), GPUStatus.UNKNOWN) for i in range(expected)]
@@ -353,15 +353,15 @@ def classify(fleet: FleetSnapshot, metrics: DCGMSnapshot, th: SweepThresholds, *
         series = sum(int(u["series"]) for u in j.unmapped.values())
         names = sorted(j.unmapped)
         no_hostname = [h for h in names if h.startswith("@")]
-        findings.append(Finding(
-            Kind.UNMAPPED_EXPORTER, Severity.WARNING, None,
-            f"dcgm series of {len(names)} exporter(s) ({gpus} GPUs, {series} series) match no node of this cluster"
-            + (f"; {len(no_hostname)} without a Hostname label and no exporter pod at their target's address"
-               if no_hostname else ""),
-            {"exporters": len(names), "gpus": gpus, "series": series, "examples": names[:5]},
+        findings.append(GPUFinding(
+            kind=Kind.UNMAPPED_EXPORTER, severity=Severity.WARNING, node=None,
+            summary=f"dcgm series of {len(names)} exporter(s) ({gpus} GPUs, {series} series) match no node of this "
+                    "cluster" + (f"; {len(no_hostname)} without a Hostname label and no exporter pod at their target's "
+                                 "address" if no_hostname else ""),
+            evidence={"exporters": len(names), "gpus": gpus, "series": series, "examples": names[:5]},
         ))
     _name_workflows(findings, j)
-    findings.sort(key=lambda f: (f.severity.rank, f.kind.value, f.node or "", gpu_sort(f.gpu or "")))
+    findings.sort(key=lambda f: (-f.severity.rank, f.kind.value, f.node or "", gpu_sort(f.gpu or "")))
     gpus_held = sum(p.gpus_held for p in fleet.pods if p.node and not p.daemonset)
     source = "none" if not xid_sources else (xid_sources.pop() if len(xid_sources) == 1 else "mixed: "
                                               + ", ".join(sorted(xid_sources)))
@@ -376,7 +376,7 @@ def classify(fleet: FleetSnapshot, metrics: DCGMSnapshot, th: SweepThresholds, *
 
 
 def _exporter_unknown(node: GPUNode, j: _Join, th: SweepThresholds, now_count: int, window: str,
-                      gpus_in_window: int) -> Finding | None:
+                      gpus_in_window: int) -> GPUFinding | None:
     targets = j.targets_on.get(node.name, [])
     down = [t for t in targets if _finite(t.up) and t.up < 1]
     stale = [t for t in targets if _finite(t.age_s) and t.age_s > th.stale_after_s]
@@ -384,37 +384,40 @@ def _exporter_unknown(node: GPUNode, j: _Join, th: SweepThresholds, now_count: i
     exporter_ref = ", ".join(f"{e.namespace}/{e.name}" for e in j.exporters_on.get(node.name, [])) or None
     expected = node.capacity
     if down:
-        return Finding(
-            Kind.EXPORTER_DOWN, Severity.WARNING, node.name,
-            f"dcgm-exporter is down (up=0): the node's {expected} GPU(s) are unknown",
-            {"up": 0, "instance": ",".join(t.instance for t in down), "exporter_pod": exporter_ref},
+        return GPUFinding(
+            kind=Kind.EXPORTER_DOWN, severity=Severity.WARNING, node=node.name,
+            summary=f"dcgm-exporter is down (up=0): the node's {expected} GPU(s) are unknown",
+            evidence={"up": 0, "instance": ",".join(t.instance for t in down), "exporter_pod": exporter_ref},
         )
     if stale:
         age = max(t.age_s for t in stale)
-        return Finding(
-            Kind.EXPORTER_STALE, Severity.WARNING, node.name,
-            f"dcgm-exporter last scraped {age:.0f}s ago (over {th.stale_after_s:.0f}s): the node's GPUs are unknown",
-            {"last_scrape_age_s": round(age, 1), "stale_after_s": th.stale_after_s, "exporter_pod": exporter_ref},
+        return GPUFinding(
+            kind=Kind.EXPORTER_STALE, severity=Severity.WARNING, node=node.name,
+            summary=f"dcgm-exporter last scraped {age:.0f}s ago (over {th.stale_after_s:.0f}s): the node's GPUs are "
+                    "unknown",
+            evidence={"last_scrape_age_s": round(age, 1), "stale_after_s": th.stale_after_s,
+                      "exporter_pod": exporter_ref},
         )
     if now_count == 0 and exporter_ref is None and not targets:
-        return Finding(
-            Kind.NO_EXPORTER, Severity.WARNING, node.name,
-            f"no dcgm-exporter pod and no current dcgm metrics for this GPU node: its {expected} GPU(s) are "
-            "unknown", {"exporter_pods": 0, "gpus_reporting": 0, "window": window},
+        return GPUFinding(
+            kind=Kind.NO_EXPORTER, severity=Severity.WARNING, node=node.name,
+            summary=f"no dcgm-exporter pod and no current dcgm metrics for this GPU node: its {expected} GPU(s) are "
+                    "unknown", evidence={"exporter_pods": 0, "gpus_reporting": 0, "window": window},
         )
     if now_count == 0:
-        return Finding(
-            Kind.EXPORTER_STALE, Severity.WARNING, node.name,
-            f"no current dcgm metrics from {exporter_ref or ', '.join(t.instance for t in targets)}"
+        return GPUFinding(
+            kind=Kind.EXPORTER_STALE, severity=Severity.WARNING, node=node.name,
+            summary=f"no current dcgm metrics from {exporter_ref or ', '.join(t.instance for t in targets)}"
             + (" (it answers its scrapes but serves no GPU)" if empty else "")
             + f": the node's {expected} GPU(s) are unknown",
-            {"exporter_pod": exporter_ref, "gpus_reporting": 0, "gpus_in_window": gpus_in_window, "window": window},
+            evidence={"exporter_pod": exporter_ref, "gpus_reporting": 0, "gpus_in_window": gpus_in_window,
+                      "window": window},
         )
     return None
 
 
 def _classify_node(node: GPUNode, holders: list[GPUPod], held: int, j: _Join, metrics: DCGMSnapshot,
-                   th: SweepThresholds, now: float, findings: list[Finding], baseline_kind: str,
+                   th: SweepThresholds, now: float, findings: list[GPUFinding], baseline_kind: str,
                    xid_sources: set[str], xid_last: dict[str, dict[str, int]]
                    ) -> tuple[dict[str, GPUState], int, tuple[float, int] | None]:
     window = th.window
@@ -443,17 +446,17 @@ def _classify_node(node: GPUNode, holders: list[GPUPod], held: int, j: _Join, me
         slots = {g for g, (_, v) in gpu_data.items() if "util_avg" in v or "util" in v} | {
             str(i) for i in range(expected)}
         gone = sorted(slots - present, key=gpu_sort) if present is not None else []
-        f = Finding(
-            Kind.GPU_MISSING, Severity.CRITICAL, node.name,
-            f"{now_count} of {expected} GPUs report: {expected - now_count} missing"
+        f = GPUFinding(
+            kind=Kind.GPU_MISSING, severity=Severity.CRITICAL, node=node.name,
+            summary=f"{now_count} of {expected} GPUs report: {expected - now_count} missing"
             + (f" (GPU {', '.join(gone)})" if gone else ""),
-            {"gpus_reporting": now_count, "capacity": expected, "allocatable": node.allocatable,
-             "missing_gpus": gone or ("unknown (the follow-up query failed)" if metrics.detail_error
-                                      else "unknown (not seen in the window)"), "window": window},
+            evidence={"gpus_reporting": now_count, "capacity": expected, "allocatable": node.allocatable,
+                      "missing_gpus": gone or ("unknown (the follow-up query failed)" if metrics.detail_error
+                                               else "unknown (not seen in the window)"), "window": window},
             gpu=",".join(gone) or None, cordon_reason="gpu-missing",
         )
         if len(gone) == 1 and gone[0] in gpu_data:
-            f.uuid = (metrics.labels.get(gpu_data[gone[0]][0]) or {}).get("UUID")
+            f = replace(f, uuid=(metrics.labels.get(gpu_data[gone[0]][0]) or {}).get("UUID"))
         findings.append(f)
         for g in gone:
             node_states[g] = GPUState(node.name, g, GPUStatus.MISSING)
@@ -466,10 +469,12 @@ def _classify_node(node: GPUNode, holders: list[GPUPod], held: int, j: _Join, me
                 unnamed -= 1
     if node_unknown is None and util_count != temp_count and now_count:
         which = "DCGM_FI_DEV_GPU_UTIL" if util_count < temp_count else "DCGM_FI_DEV_GPU_TEMP"
-        findings.append(Finding(
-            Kind.METRIC_MISSING, Severity.WARNING, node.name,
-            f"{which} is missing for {abs(util_count - temp_count)} GPU(s) in the window: those checks are unknown",
-            {"missing": [which], "gpus_with_util": util_count, "gpus_with_temp": temp_count, "window": window},
+        findings.append(GPUFinding(
+            kind=Kind.METRIC_MISSING, severity=Severity.WARNING, node=node.name,
+            summary=f"{which} is missing for {abs(util_count - temp_count)} GPU(s) in the window: those checks are "
+                    "unknown",
+            evidence={"missing": [which], "gpus_with_util": util_count, "gpus_with_temp": temp_count,
+                      "window": window},
         ))
 
     baseline = xid_baseline(node, baseline_kind)
@@ -511,10 +516,10 @@ def _classify_node(node: GPUNode, holders: list[GPUPod], held: int, j: _Join, me
         critical = [c for c in x.counted if c in th.critical_xids]
         other = [c for c in x.counted if c not in th.critical_xids]
         if critical:
-            findings.append(Finding(
-                Kind.CRITICAL_XID, Severity.CRITICAL, node.name, f"XID {xid_text(critical)}",
-                {x.source: critical, "source": x.source, "window": window,
-                 **({"before_last_repair": x.before_repair} if x.before_repair else {})},
+            findings.append(GPUFinding(
+                kind=Kind.CRITICAL_XID, severity=Severity.CRITICAL, node=node.name, summary=f"XID {xid_text(critical)}",
+                evidence={x.source: critical, "source": x.source, "window": window,
+                          **({"before_last_repair": x.before_repair} if x.before_repair else {})},
                 cordon_reason=f"xid-{critical[0]}", **common,
             ))
             state.status = _worse(state.status, GPUStatus.FAULTY)
@@ -526,51 +531,52 @@ def _classify_node(node: GPUNode, holders: list[GPUPod], held: int, j: _Join, me
             if stale:
                 summary.append(f"XID {xid_text(stale)} still shown from before the last repair"
                                + (" (cordon)" if baseline_kind == "cordon" else "") + ": not counted")
-            findings.append(Finding(
-                Kind.XID, Severity.INFO, node.name, "; ".join(summary),
-                {x.source: other + stale, "source": x.source, "window": window,
-                 **({"repaired_at": baseline.at} if baseline and stale else {})}, **common,
+            findings.append(GPUFinding(
+                kind=Kind.XID, severity=Severity.INFO, node=node.name, summary="; ".join(summary),
+                evidence={x.source: other + stale, "source": x.source, "window": window,
+                          **({"repaired_at": baseline.at} if baseline and stale else {})}, **common,
             ))
         rows = v.get("rows_max", 0.0)
         row_fail = v.get("row_fail_max", 0.0)
         pending = v.get("row_pending_max", 0.0)
         if (row_fail != 0 and row_fail == row_fail) or (rows > 0 and math.isinf(rows)):
-            findings.append(Finding(
-                Kind.ROW_REMAP, Severity.CRITICAL, node.name,
-                f"row remapping FAILED: the GPU's memory cannot be repaired ({_fmt(rows)} uncorrectable remapped rows)",
-                {"DCGM_FI_DEV_ROW_REMAP_FAILURE": row_fail, "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": _fmt(rows),
-                 "window": window},
+            findings.append(GPUFinding(
+                kind=Kind.ROW_REMAP, severity=Severity.CRITICAL, node=node.name,
+                summary=f"row remapping FAILED: the GPU's memory cannot be repaired ({_fmt(rows)} uncorrectable "
+                        "remapped rows)",
+                evidence={"DCGM_FI_DEV_ROW_REMAP_FAILURE": row_fail,
+                          "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": _fmt(rows), "window": window},
                 cordon_reason="row-remap-failure", **common,
             ))
             state.status = _worse(state.status, GPUStatus.FAULTY)
         elif _finite(pending) and pending > 0:
-            findings.append(Finding(
-                Kind.ROW_REMAP_PENDING, Severity.WARNING, node.name,
-                "a row remap is pending: the GPU needs a reset for it to take effect",
-                {"DCGM_FI_DEV_ROW_REMAP_PENDING": pending, "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": _fmt(rows),
-                 "window": window}, **common,
+            findings.append(GPUFinding(
+                kind=Kind.ROW_REMAP_PENDING, severity=Severity.WARNING, node=node.name,
+                summary="a row remap is pending: the GPU needs a reset for it to take effect",
+                evidence={"DCGM_FI_DEV_ROW_REMAP_PENDING": pending,
+                          "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": _fmt(rows), "window": window}, **common,
             ))
             state.status = _worse(state.status, GPUStatus.WARNING)
         elif _finite(rows) and rows > 0:
-            findings.append(Finding(
-                Kind.REMAPPED_ROWS, Severity.INFO, node.name,
-                f"{rows:g} rows remapped for uncorrectable errors; the remap succeeded",
-                {"DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": rows, "window": window}, **common,
+            findings.append(GPUFinding(
+                kind=Kind.REMAPPED_ROWS, severity=Severity.INFO, node=node.name,
+                summary=f"{rows:g} rows remapped for uncorrectable errors; the remap succeeded",
+                evidence={"DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": rows, "window": window}, **common,
             ))
         temp_max = v.get("temp_max")
         if _finite(temp_max) and temp_max > th.temp_c:
-            findings.append(Finding(
-                Kind.GPU_HOT, Severity.WARNING, node.name,
-                f"GPU temperature reached {temp_max:g} C, over {th.temp_c:g} C",
-                {"DCGM_FI_DEV_GPU_TEMP_max": temp_max, "threshold_c": th.temp_c, "window": window}, **common,
+            findings.append(GPUFinding(
+                kind=Kind.GPU_HOT, severity=Severity.WARNING, node=node.name,
+                summary=f"GPU temperature reached {temp_max:g} C, over {th.temp_c:g} C",
+                evidence={"DCGM_FI_DEV_GPU_TEMP_max": temp_max, "threshold_c": th.temp_c, "window": window}, **common,
             ))
             state.status = _worse(state.status, GPUStatus.WARNING)
         mem_max = v.get("memory_temp_max")
         if _finite(mem_max) and mem_max > th.memory_temp_c:
-            findings.append(Finding(
-                Kind.MEMORY_HOT, Severity.WARNING, node.name,
-                f"GPU memory temperature reached {mem_max:g} C, over {th.memory_temp_c:g} C",
-                {"DCGM_FI_DEV_MEMORY_TEMP_max": mem_max, "threshold_c": th.memory_temp_c, "window": window},
+            findings.append(GPUFinding(
+                kind=Kind.MEMORY_HOT, severity=Severity.WARNING, node=node.name,
+                summary=f"GPU memory temperature reached {mem_max:g} C, over {th.memory_temp_c:g} C",
+                evidence={"DCGM_FI_DEV_MEMORY_TEMP_max": mem_max, "threshold_c": th.memory_temp_c, "window": window},
                 **common,
             ))
             state.status = _worse(state.status, GPUStatus.WARNING)
@@ -580,9 +586,10 @@ def _classify_node(node: GPUNode, holders: list[GPUPod], held: int, j: _Join, me
                        "memory_temp_max": "DCGM_FI_DEV_MEMORY_TEMP"}[m]
                       for m in ("util_avg", "temp_max", *_FAULT_KEYS) if m in v and math.isnan(v[m]))
         if nans:
-            findings.append(Finding(
-                Kind.METRIC_NAN, Severity.WARNING, node.name,
-                f"NaN for {', '.join(nans)}: those checks are unknown", {"nan": nans, "window": window}, **common,
+            findings.append(GPUFinding(
+                kind=Kind.METRIC_NAN, severity=Severity.WARNING, node=node.name,
+                summary=f"NaN for {', '.join(nans)}: those checks are unknown",
+                evidence={"nan": nans, "window": window}, **common,
             ))
             state.status = _worse(state.status, GPUStatus.UNKNOWN)
         if node_unknown is not None or state.status is GPUStatus.MISSING:
@@ -597,11 +604,11 @@ def _classify_node(node: GPUNode, holders: list[GPUPod], held: int, j: _Join, me
                 continue  # the pod is younger than the window: not judged yet
             who = holder_pod.ref if holder_pod else holder_ref
             owner = holder_pod.owner if holder_pod else None
-            findings.append(Finding(
-                Kind.IDLE_HELD, Severity.WARNING, node.name,
-                f"held by {who} ({owner or 'no owner'}) but idle for the whole window",
-                {**idle, "window": window, "fb_used_mib": _fmt(v.get("fb_used")),
-                 "power_avg_w": _fmt(v.get("power_avg"))}, **common,
+            findings.append(GPUFinding(
+                kind=Kind.IDLE_HELD, severity=Severity.WARNING, node=node.name,
+                summary=f"held by {who} ({owner or 'no owner'}) but idle for the whole window",
+                evidence={**idle, "window": window, "fb_used_mib": _fmt(v.get("fb_used")),
+                          "power_avg_w": _fmt(v.get("power_avg"))}, **common,
             ))
             state.status = _worse(state.status, GPUStatus.IDLE)
         else:
@@ -614,13 +621,13 @@ def _classify_node(node: GPUNode, holders: list[GPUPod], held: int, j: _Join, me
         free = max(0, expected - held)
         if judged and len(unattributed_idle) > free:
             pod = judged[0] if len(judged) == 1 else None
-            findings.append(Finding(
-                Kind.IDLE_HELD, Severity.WARNING, node.name,
-                f"{len(unattributed_idle)} GPUs idle for the whole window but only {free} free: "
-                f"held idle by {', '.join(p.ref for p in judged)}",
-                {"idle_gpus": unattributed_idle, "free_gpus": free, "gpu_pods": [p.ref for p in judged],
-                 "owners": sorted({p.owner or "none" for p in judged}), "window": window,
-                 "attribution": "node (dcgm-exporter has no pod labels)"},
+            findings.append(GPUFinding(
+                kind=Kind.IDLE_HELD, severity=Severity.WARNING, node=node.name,
+                summary=f"{len(unattributed_idle)} GPUs idle for the whole window but only {free} free: "
+                        f"held idle by {', '.join(p.ref for p in judged)}",
+                evidence={"idle_gpus": unattributed_idle, "free_gpus": free, "gpu_pods": [p.ref for p in judged],
+                          "owners": sorted({p.owner or "none" for p in judged}), "window": window,
+                          "attribution": "node (dcgm-exporter has no pod labels)"},
                 gpu=",".join(unattributed_idle), pod=pod.name if pod else None,
                 namespace=pod.namespace if pod else None, owner=pod.owner if pod else None,
             ))
@@ -638,16 +645,16 @@ def _classify_node(node: GPUNode, holders: list[GPUPod], held: int, j: _Join, me
     return node_states, reporting, util_total
 
 
-def _name_workflows(findings: list[Finding], j: _Join) -> None:
+def _name_workflows(findings: list[GPUFinding], j: _Join) -> None:
     """A critical finding on a node running Argo workflow pods names their workflows."""
-    for f in findings:
+    for i, f in enumerate(findings):
         if f.severity is not Severity.CRITICAL or f.node is None:
             continue
         pod = j.pods_by_ref.get((f.namespace or "", f.pod or "")) if f.pod else None
         pods = [pod] if pod is not None else j.holders_on.get(f.node, [])
         workflows = sorted({f"{p.namespace}/{p.workflow}" for p in pods if p.workflow})
         if workflows:
-            f.workflow = ", ".join(workflows)
+            findings[i] = replace(f, workflow=", ".join(workflows))  # findings are frozen (tasks.findings)
 
 
 def _idle(v: dict[str, float], th: SweepThresholds) -> dict[str, Any] | None:

@@ -3,7 +3,8 @@
 Pure data, no network, no Prefect. The sweep reads two systems: Kubernetes (`FleetSnapshot`:
 GPU nodes, the pods holding GPUs, the dcgm-exporter pods) and Prometheus
 (`tasks.prometheus.DCGMSnapshot`); `tasks.gpu_classify` joins them into a `SweepResult` of
-`Finding`s, `tasks.gpu_plans` turns those into cordon plans, `tasks.gpu_pictures` into a heatmap.
+`GPUFinding`s (the one finding model, `tasks.findings`, with the GPU's kind, node and index; `Severity`
+is that model's), `tasks.gpu_plans` turns those into cordon plans, `tasks.gpu_pictures` into a heatmap.
 
 **Critical XIDs.** Which XIDs are critical is the platform config's `thresholds.gpu.critical_xids`;
 its default (`blocks.config.CRITICAL_XIDS`, here `DEFAULT_CRITICAL_XIDS`) is the project's one list,
@@ -25,25 +26,15 @@ Other XIDs (13, 31, 43, 45 ...) are usually the application's own faults: report
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
 from blocks.config import CRITICAL_XIDS, parse_duration
+from tasks.findings import Finding, Severity, counts, format_evidence
 
 # --- vocabulary ------------------------------------------------------------------------------
-
-
-class Severity(str, Enum):
-    CRITICAL = "critical"
-    WARNING = "warning"
-    INFO = "info"
-
-    @property
-    def rank(self) -> int:
-        return {"critical": 0, "warning": 1, "info": 2}[self.value]
 
 
 class Kind(str, Enum):
@@ -382,13 +373,14 @@ def xid_baseline(node: GPUNode, kind: str = "repair") -> XIDBaseline | None:
 # --- results ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Finding:
+@dataclass(frozen=True, kw_only=True)
+class GPUFinding(Finding):
+    """A finding of the sweep: `tasks.findings.Finding` with the GPU's domain (its kind, node, GPU index,
+    UUID, the pod holding it). Its title is the kind, its subject the node and GPU (`(fleet)` for none),
+    its advice the kind's `ACTIONS`; severity, summary and evidence as given."""
+
     kind: Kind
-    severity: Severity
     node: str | None
-    summary: str
-    evidence: dict[str, Any] = field(default_factory=dict)
     gpu: str | None = None
     uuid: str | None = None
     pod: str | None = None
@@ -396,30 +388,26 @@ class Finding:
     owner: str | None = None
     cordon_reason: str | None = None  # the taint value when this finding warrants a cordon
     workflow: str | None = None  # "namespace/name" of the Argo Workflow running the pod
+    subject: str = field(init=False, default="")
+    title: str = field(init=False, default="")
+    advice: str = field(init=False, default="")
 
-    @property
-    def action(self) -> str:
-        return ACTIONS[self.kind]
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        where = self.node or "(fleet)"
+        object.__setattr__(self, "subject", f"{where} gpu {self.gpu}" if self.gpu is not None else where)
+        object.__setattr__(self, "title", self.kind.value)
+        object.__setattr__(self, "advice", ACTIONS[self.kind])
 
     def row(self) -> dict[str, Any]:
+        """The sweep's findings table (the health check reads its `severity`, `node`, `gpu`, `finding`)."""
         return {
             "severity": self.severity.value, "finding": self.kind.value, "node": self.node or "(fleet)",
             "gpu": self.gpu if self.gpu is not None else "", "uuid": self.uuid or "",
             "pod": f"{self.namespace}/{self.pod}" if self.pod else "", "owner": self.owner or "",
             "workflow": self.workflow or "",
-            "summary": self.summary, "evidence": format_evidence(self.evidence), "action": self.action,
+            "summary": self.summary, "evidence": format_evidence(self.evidence), "action": self.advice,
         }
-
-
-def format_evidence(evidence: dict[str, Any]) -> str:
-    parts = []
-    for key, value in evidence.items():
-        if isinstance(value, float):
-            value = "NaN" if math.isnan(value) else f"{value:g}"
-        elif isinstance(value, (list, tuple, set)):
-            value = ",".join(str(v) for v in value)
-        parts.append(f"{key}={value}")
-    return "; ".join(parts)
 
 
 @dataclass(slots=True)
@@ -436,7 +424,7 @@ class SweepResult:
     cluster: str
     window: str
     at: float
-    findings: list[Finding]
+    findings: list[GPUFinding]
     gpus: list[GPUState]
     gpu_nodes: int
     gpus_expected: int
@@ -455,10 +443,7 @@ class SweepResult:
 
     @property
     def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in Severity}
-        for f in self.findings:
-            out[f.severity.value] += 1
-        return out
+        return counts(self.findings, (Severity.CRITICAL, Severity.WARNING, Severity.INFO))
 
     @property
     def gpus_unknown(self) -> int:
@@ -470,7 +455,7 @@ class SweepResult:
         anything is, else (a minority unknown) the worst severity, else 'ok'."""
         if self.metrics_error is not None:
             return "unknown"
-        worst = next((s.value for s in Severity if any(f.severity is s for f in self.findings)), "ok")
+        worst = Severity.worst(f.severity for f in self.findings).value
         if worst == "critical":
             return worst
         if self.gpus_expected and self.gpus_unknown > self.unknown_share * self.gpus_expected:
@@ -484,5 +469,5 @@ class SweepResult:
             out[g.status.value] = out.get(g.status.value, 0) + 1
         return out
 
-    def findings_on(self, node: str) -> list[Finding]:
+    def findings_on(self, node: str) -> list[GPUFinding]:
         return [f for f in self.findings if f.node == node]

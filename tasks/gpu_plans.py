@@ -15,7 +15,7 @@ from typing import Any
 from tasks.gpu_model import (
     CORDON_KINDS,
     FINDING_ANNOTATION,
-    Finding,
+    GPUFinding,
     GPUNode,
     Kind,
     Severity,
@@ -87,7 +87,7 @@ def plan_cordon(result: SweepResult, nodes: Iterable[GPUNode], max_share: float)
         raise ValueError(f"max_share: expected a share in (0, 1], got {max_share!r}")
     by_name = {n.name: n for n in nodes}
     cap = max(1, math.floor(max_share * len(by_name) + 1e-9))
-    reasons: dict[str, list[Finding]] = defaultdict(list)
+    reasons: dict[str, list[GPUFinding]] = defaultdict(list)
     for f in result.findings:
         if f.cordon_reason and f.node in by_name and f.severity is Severity.CRITICAL:
             reasons[f.node].append(f)

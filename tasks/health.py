@@ -1,7 +1,10 @@
 """The platform health check's pure side: what each answer means, the score, the grade, the transitions.
 
 Every function here takes plain data (what the probes in `tasks.health_probes` fetched) and returns a
-`Check`: a status (ok, warning, critical, unknown) and its evidence. No Prefect, no network.
+`Check`: a status (ok, warning, critical, unknown: a `tasks.findings.Severity`, info reading as ok) and
+its evidence. A component whose analysis gives findings (etcd, the certificates, the GPU sweep) gets its
+check from them (`Check.from_findings`): its status is their worst severity in the one `Severity` order
+(ok < info < warning < unknown < critical). No Prefect, no network.
 
 Scoring, in Popeye's style (a 0-100 score over every linter, a letter grade; popeye `pkg/report`):
 each check has a weight (`WEIGHTS`: the API server, etcd and the nodes weigh most); a check earns its
@@ -15,13 +18,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
-Status = Literal["ok", "warning", "critical", "unknown"]
-_RANK = {"ok": 0, "unknown": 1, "warning": 2, "critical": 3}
-_EARN = {"ok": 1.0, "warning": 0.5, "critical": 0.0, "unknown": 0.0}
+from tasks.findings import Finding, Severity
+
+STATUSES = (Severity.OK, Severity.WARNING, Severity.UNKNOWN, Severity.CRITICAL)  # what a check can show
+_EARN = {Severity.OK: 1.0, Severity.WARNING: 0.5, Severity.CRITICAL: 0.0, Severity.UNKNOWN: 0.0}
 CRITICAL_CAP = 69
 GRADES = (("A", 90), ("B", 80), ("C", 70), ("D", 60), ("E", 50), ("F", 0))
 WEIGHTS: dict[str, int] = {
@@ -33,14 +38,37 @@ WEIGHTS: dict[str, int] = {
 
 @dataclass
 class Check:
+    """One component's verdict. `status` is always a `Severity` (text is read as one, info as ok)."""
+
     name: str
-    status: Status
+    status: Severity
     summary: str
     evidence: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "status":
+            value = Severity(value).status  # a typo raises; info reads as ok; unknown stays unknown
+        object.__setattr__(self, key, value)
+
+    @classmethod
+    def from_findings(cls, name: str, findings: Sequence[Finding], *, summary: str | None = None,
+                      evidence: list[str] | None = None, subjects: bool = True,
+                      empty: Severity = Severity.UNKNOWN) -> Check:
+        """The check of a component from its findings: the worst severity (no findings at all: `empty`,
+        unknown unless said otherwise); by default the unhealthy findings' summaries (else the first
+        three) as summary and one line per finding (`Finding.line`, without the subject when
+        `subjects` is False) as evidence."""
+        status = Severity.worst((f.severity for f in findings), default=empty)
+        if summary is None:
+            bad = [f for f in findings if not f.severity.healthy]
+            summary = "; ".join(f.summary for f in (bad or findings[:3]))[:400]
+        if evidence is None:
+            evidence = [f.line(subject=subjects) for f in findings]
+        return cls(name, status, summary, evidence)
+
     def row(self) -> dict[str, Any]:
-        return {"check": self.name, "status": self.status, "summary": self.summary,
+        return {"check": self.name, "status": self.status.value, "summary": self.summary,
                 "evidence": "; ".join(self.evidence[:8]) + (f" (+{len(self.evidence) - 8} more)"
                                                             if len(self.evidence) > 8 else ""),
                 "seconds": round(self.seconds, 2)}
@@ -51,8 +79,8 @@ def unknown(name: str, error: str) -> Check:
     return Check(name, "unknown", f"could not read the source: {error}", [error])
 
 
-def worst(*statuses: Status) -> Status:
-    return max(statuses, key=_RANK.__getitem__) if statuses else "ok"
+def worst(*statuses: Severity | str) -> Severity:
+    return Severity.worst(statuses)
 
 
 # --- the score --------------------------------------------------------------------------------
@@ -89,22 +117,22 @@ class HealthReport:
         return [c.name for c in self.checks if c.status == "critical"]
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in _RANK}
+        out = {s.value: 0 for s in STATUSES}
         for c in self.checks:
-            out[c.status] += 1
+            out[c.status.value] += 1
         return out
 
     def state(self) -> dict[str, Any]:
         """What the next run compares itself with (kept in a Prefect Variable)."""
-        return {"score": self.score, "grade": self.grade, "checks": {c.name: c.status for c in self.checks}}
+        return {"score": self.score, "grade": self.grade, "checks": {c.name: c.status.value for c in self.checks}}
 
     def result(self) -> dict[str, Any]:
         return {**self.state(), "healthy": self.healthy, "critical": self.critical,
-                "details": [asdict(c) for c in self.checks]}
+                "details": [{**asdict(c), "status": c.status.value} for c in self.checks]}
 
 
 def build_report(checks: list[Check]) -> HealthReport:
-    ordered = sorted(checks, key=lambda c: (-_RANK[c.status], c.name))
+    ordered = sorted(checks, key=lambda c: (-c.status.rank, c.name))
     value = score(ordered)
     return HealthReport(ordered, value, grade_of(value))
 
@@ -223,7 +251,7 @@ def _ts(value: str | None) -> datetime | None:
 
 def pod_problems(pod: dict[str, Any], now: datetime, *, max_restarts: int = 5,
                  restart_window: timedelta = timedelta(hours=1),
-                 pending_for: timedelta = timedelta(minutes=10)) -> list[tuple[Status, str]]:
+                 pending_for: timedelta = timedelta(minutes=10)) -> list[tuple[Severity, str]]:
     """A system pod's problems: CrashLoopBackOff, more than `max_restarts` restarts within the window (the
     last restart inside it: Kubernetes keeps a count, not a history), not ready, Pending too long."""
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
@@ -231,7 +259,7 @@ def pod_problems(pod: dict[str, Any], now: datetime, *, max_restarts: int = 5,
     phase = status.get("phase")
     if phase in ("Succeeded",):
         return []
-    out: list[tuple[Status, str]] = []
+    out: list[tuple[Severity, str]] = []
     if phase == "Pending":
         created = _ts(meta.get("creationTimestamp"))
         if created and now - created > pending_for:
@@ -260,7 +288,7 @@ def analyse_workloads(pods_by_ns: dict[str, list[dict[str, Any]]], now: datetime
         return Check("system-workloads", "ok", f"every system pod healthy ({counts})")
     status = worst(*(s for s, _ in problems))
     return Check("system-workloads", status, f"{len(problems)} problems in system pods ({counts})",
-                 [e for _, e in sorted(problems, key=lambda p: -_RANK[p[0]])])
+                 [e for _, e in sorted(problems, key=lambda p: -Severity(p[0]).rank)])
 
 
 def analyse_pvcs(pvcs: list[dict[str, Any]], now: datetime, pending_for: timedelta = timedelta(minutes=10)) -> Check:
@@ -344,7 +372,7 @@ def analyse_targets(active: list[dict[str, Any]], critical_share: float = 0.5) -
         up = sum(t.get("health") == "up" for t in active)
         return Check("prometheus-targets", "ok", f"{up} targets up" + (f", {len(active) - up} not scraped yet"
                                                                        if up < len(active) else ""))
-    status: Status = "critical" if len(down) >= critical_share * len(active) else "warning"
+    status = Severity.CRITICAL if len(down) >= critical_share * len(active) else Severity.WARNING
     return Check("prometheus-targets", status, f"{len(down)} of {len(active)} targets down", ev)
 
 
@@ -357,36 +385,47 @@ def analyse_backup_age(finished_at: datetime | None, run_name: str | None, now: 
     age = now - finished_at
     hours = age.total_seconds() / 3600
     ev = [f"run {run_name} finished {finished_at:%Y-%m-%d %H:%M} UTC"]
-    status: Status = "critical" if age > critical else "warning" if age > warn else "ok"
+    status = Severity.CRITICAL if age > critical else Severity.WARNING if age > warn else Severity.OK
     return Check("gitlab-backup-age", status, f"newest verified backup is {hours:.1f} h old", ev)
 
 
 def analyse_certificates(rows: list[dict[str, Any]] | None, run_name: str | None, warn_days: float = 30,
                          critical_days: float = 7) -> Check:
-    """The fewest days left on any certificate in the latest certificate-check's table."""
+    """The latest certificate-check's table read as findings (one per certificate, by days left): the status
+    is the worst of them, the one with the fewest days left."""
     if rows is None:
         return Check("certificates", "unknown", "no certificate-check run with a certificate table found")
-    days = [(float(r["days_left"]), r.get("subject", "?")) for r in rows if _number(r.get("days_left"))]
+    days = [(float(r["days_left"]), str(r.get("subject", "?"))) for r in rows if _number(r.get("days_left"))]
     if not days:
         return Check("certificates", "unknown", f"run {run_name} listed no certificates")
+    findings = [Finding(severity=(Severity.CRITICAL if left <= critical_days else Severity.WARNING
+                                  if left <= warn_days else Severity.OK),
+                        subject=subject, title="expiry", summary=f"{left:g} days left", evidence={"days_left": left})
+                for left, subject in days]
     left, subject = min(days)
-    status: Status = "critical" if left <= critical_days else "warning" if left <= warn_days else "ok"
-    return Check("certificates", status, f"fewest days left: {left:g} ({subject})",
-                 [f"run {run_name}: {len(days)} certificates"])
+    return Check.from_findings("certificates", findings, summary=f"fewest days left: {left:g} ({subject})",
+                               evidence=[f"run {run_name}: {len(days)} certificates"])
+
+
+def sweep_finding(row: dict[str, Any]) -> Finding:
+    """A row of the GPU sweep's findings table (`GPUFinding.row`) read back as a finding."""
+    return Finding(severity=Severity.parse(row.get("severity")), subject=f"{row.get('node')} gpu {row.get('gpu')}",
+                   title=str(row.get("finding")), summary=str(row.get("summary") or ""),
+                   advice=str(row.get("action") or ""))
 
 
 def analyse_gpu_sweep(rows: list[dict[str, Any]] | None, run_name: str | None, run_state: str | None) -> Check:
-    """The last GPU sweep's critical findings (its findings table); a sweep that failed reads as unknown."""
+    """The last GPU sweep's critical findings (its findings table); a sweep that failed reads as unknown.
+    Only critical findings count: the sweep's warnings (hot, idle, an exporter down) are its own report's."""
     if rows is None:
         return Check("gpu-sweep", "unknown", "no gpu-monitoring-sweep run with a findings table found")
-    crit = [r for r in rows if r.get("severity") == "critical"]
-    ev = [f"run {run_name} ({run_state})"] + [f"{r.get('node')} gpu {r.get('gpu')}: {r.get('finding')}"
-                                               for r in crit]
+    crit = [f for f in map(sweep_finding, rows) if f.severity is Severity.CRITICAL]
+    ev = [f"run {run_name} ({run_state})"] + [f"{f.subject}: {f.title}" for f in crit]
     if run_state not in ("COMPLETED", "PAUSED"):
         return Check("gpu-sweep", "unknown", f"the last sweep ended {run_state}", ev)
-    if crit:
-        return Check("gpu-sweep", "critical", f"{len(crit)} critical GPU findings", ev)
-    return Check("gpu-sweep", "ok", f"no critical GPU findings ({len(rows)} findings in all)", ev)
+    return Check.from_findings("gpu-sweep", crit, empty=Severity.OK, evidence=ev,
+                               summary=f"{len(crit)} critical GPU findings" if crit else
+                               f"no critical GPU findings ({len(rows)} findings in all)")
 
 
 def _number(value: Any) -> bool:

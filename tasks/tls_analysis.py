@@ -8,14 +8,16 @@ Prefect: tested with real X.509 made in the tests.
 Severities: `critical` (expired, not yet valid, within `critical_days`, a hostname the served
 certificate does not cover, a signature that does not verify against its CA), `warning` (within
 `warn_days`, weak keys and signatures, a self-signed certificate served to clients, the renewal timer
-stale, failed, hung or missing), `unknown` (a source that could not be read: never healthy).
+stale, failed, hung or missing), `unknown` (a source that could not be read: never healthy). Each
+is a `CertFinding`: the one finding model (`tasks.findings`) with where it was found, the certificate's
+fingerprint and days left; its advice comes from `ADVICE`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -23,24 +25,61 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from tasks.findings import Finding, Severity, counts
 from tasks.tls_model import ENDPOINT, CertInfo, Sighting, SourceProblem, TimerState
 
-SEVERITY_ORDER = {"critical": 0, "unknown": 1, "warning": 2, "info": 3, "ok": 4}
 MIN_RSA_BITS = 2048
 MIN_EC_BITS = 256
 WEAK_HASHES = {"sha1", "md5", "md2", "md4"}
 HUNG_AFTER = timedelta(hours=1)  # k8s-certs-renew.service is a oneshot of a few minutes when it works
 
 
-@dataclass(frozen=True)
-class Finding:
-    severity: str  # critical | warning | unknown | info
-    kind: str
-    subject: str
+_RENEW_TIMER = ("check `systemctl status k8s-certs-renew.timer k8s-certs-renew.service` and `journalctl -u "
+                "k8s-certs-renew.service` on the host; until it runs, renew with the certificate-renewal flow")
+# What to do next, by finding title; an unknown finding (a source that could not be read: its title is
+# the SourceProblem's kind) gets _SOURCE_ADVICE.
+ADVICE: dict[str, str] = {
+    "expired": "renew it now (the certificate-renewal flow, or `kubeadm certs renew` on the control plane) and "
+               "restart what serves it",
+    "expires-soon": "renew it before it expires (the certificate-renewal flow, or `kubeadm certs renew`)",
+    "not-yet-valid": "check the clocks (NTP) of the host that issued it and of the hosts that use it",
+    "ca-expired": "rotate the CA (kubeadm: *Manual rotation of CA certificates*) and reissue what it signed",
+    "ca-expires-soon": "plan the CA rotation (kubeadm: *Manual rotation of CA certificates*)",
+    "ca-not-yet-valid": "check the clocks (NTP) of the host that made the CA",
+    "weak-crypto": "reissue it with an RSA key of 2048 bits or more (or EC P-256) and a SHA-256 signature",
+    "bad-signature": "deploy the CA that signed it, or reissue it from the CA deployed beside it",
+    "name-mismatch": "reissue it with the name in its subject alternative names",
+    "self-signed": "serve a certificate issued by the platform's CA (is an ingress default certificate served?)",
+    "renew-timer-missing": "enable kubespray's auto_renew_certificates (or renew with the certificate-renewal flow)",
+    "renew-timer-disabled": _RENEW_TIMER, "renew-timer-inactive": _RENEW_TIMER,
+    "renew-timer-never-ran": _RENEW_TIMER, "renew-timer-stale": _RENEW_TIMER, "renew-service-failed": _RENEW_TIMER,
+    "renew-service-hung": "stop the hung k8s-certs-renew.service, check that the API server answers on "
+                          "127.0.0.1 (its bind address), then start it again",
+}
+_SOURCE_ADVICE = "make the source readable (access, network, timeouts); until then its certificates are unknown"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertFinding(Finding):
+    """A certificate finding: `tasks.findings.Finding` with `name` (the certificate's name, the timer unit
+    or the source that could not be read), `where` it was found, its `fingerprint` and `days_left`. The
+    subject is `name @ where`, the evidence the days left and fingerprint, the advice `ADVICE[title]`."""
+
+    name: str
     where: str
-    message: str
     fingerprint: str | None = None
     days_left: float | None = None
+    subject: str = field(init=False, default="")
+    evidence: Mapping[str, object] = field(init=False, default_factory=dict, hash=False)
+    advice: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        facts = {"days_left": self.days_left, "fingerprint": self.fingerprint[:16] if self.fingerprint else None}
+        object.__setattr__(self, "subject", f"{self.name} @ {self.where}" if self.where else self.name)
+        object.__setattr__(self, "evidence", {k: v for k, v in facts.items() if v is not None})
+        fallback = _SOURCE_ADVICE if self.severity is Severity.UNKNOWN else ""
+        object.__setattr__(self, "advice", ADVICE.get(self.title, fallback))
 
 
 @dataclass
@@ -75,7 +114,7 @@ class CertEntry:
 class CertReport:
     now: datetime
     entries: list[CertEntry]  # sorted by expiry, soonest first
-    findings: list[Finding]  # sorted by severity, then days left
+    findings: list[CertFinding]  # sorted by severity (worst first), then days left
     problems: list[SourceProblem] = field(default_factory=list)
     timers: list[TimerState] = field(default_factory=list)
 
@@ -88,14 +127,11 @@ class CertReport:
         return [e for e in self.entries if e.is_ca]
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in ("critical", "unknown", "warning", "info")}
-        for f in self.findings:
-            out[f.severity] = out.get(f.severity, 0) + 1
-        return out
+        return counts(self.findings, (Severity.CRITICAL, Severity.UNKNOWN, Severity.WARNING, Severity.INFO))
 
-    def worst(self) -> str:
-        counts = self.counts()
-        return next((s for s in ("critical", "unknown", "warning") if counts[s]), "ok")
+    def worst(self) -> Severity:
+        """The worst finding's severity (info reads as ok), ok when there are none."""
+        return Severity.worst(f.severity for f in self.findings).status
 
     def entry(self, fingerprint: str) -> CertEntry | None:
         return next((e for e in self.entries if e.cert.fingerprint == fingerprint), None)
@@ -223,15 +259,15 @@ def verify_chains(unique: dict[str, CertInfo], by_group: dict[str, list[CertInfo
 
 
 def timer_findings(t: TimerState, now: datetime, max_age_days: int, timer: str = "k8s-certs-renew.timer",
-                   service: str = "k8s-certs-renew.service") -> list[Finding]:
+                   service: str = "k8s-certs-renew.service") -> list[CertFinding]:
     """kubespray's `auto_renew_certificates` timer (`roles/kubernetes/control-plane/templates/
     k8s-certs-renew.timer.j2`, first Monday of each month): missing, disabled, not run in `max_age_days`,
     last run failed, or its oneshot service stuck `activating` (the renew script waits forever for
     127.0.0.1:<apiserver port>, which never answers when the API server's bind address was changed)."""
     out = []
 
-    def add(kind: str, message: str, severity: str = "warning") -> None:
-        out.append(Finding(severity, kind, timer, t.host, message))
+    def add(kind: str, message: str, severity: Severity = Severity.WARNING) -> None:
+        out.append(CertFinding(severity=severity, title=kind, name=timer, where=t.host, summary=message))
 
     if t.timer_load and t.timer_load != "loaded":
         add("renew-timer-missing", f"{timer} is {t.timer_load} on {t.host}: kubeadm's leaf certificates are not "
@@ -291,56 +327,58 @@ def analyse(found: Iterable[Sighting], problems: Iterable[SourceProblem] = (), t
     for s in served:
         findings += _served_findings(s, chains)
     for p in problems:
-        findings.append(Finding("unknown", p.kind, p.source, p.where, p.message))
+        findings.append(CertFinding(severity=Severity.UNKNOWN, title=p.kind, name=p.source, where=p.where,
+                                    summary=p.message))
     timers = list(timers)
     for t in timers:
         findings += timer_findings(t, now, timer_max_age_days, timer_unit, service_unit)
     entries.sort(key=lambda e: (e.cert.not_after, e.cert.subject))
-    findings.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), f.days_left if f.days_left is not None else 1e9,
-                                 f.kind, f.where))
+    findings.sort(key=lambda f: (-f.severity.rank, f.days_left if f.days_left is not None else 1e9,
+                                 f.title, f.where))
     return CertReport(now, entries, findings, list(problems), timers)
 
 
-def _cert_findings(e: CertEntry, now: datetime, critical_days: float) -> list[Finding]:
+def _cert_findings(e: CertEntry, now: datetime, critical_days: float) -> list[CertFinding]:
     c = e.cert
     what = ("CA " if c.is_ca else "") + (c.common_name or c.subject)
     where = "; ".join(e.places[:3]) + (f" (+{len(e.places) - 3} more)" if len(e.places) > 3 else "")
     prefix = "ca-" if c.is_ca else ""
     out = []
     days = round(e.days_left, 1)
+
+    def add(severity: Severity, title: str, summary: str) -> None:
+        out.append(CertFinding(severity=severity, title=title, name=what, where=where, summary=summary,
+                               fingerprint=c.fingerprint, days_left=days))
+
     if e.status == "expired":
-        out.append(Finding("critical", prefix + "expired", what, where,
-                           f"expired {-days:g} days ago ({c.not_after:%Y-%m-%d %H:%M} UTC)", c.fingerprint, days))
+        add(Severity.CRITICAL, prefix + "expired", f"expired {-days:g} days ago ({c.not_after:%Y-%m-%d %H:%M} UTC)")
     elif e.status == "not-yet-valid":
-        out.append(Finding("critical", prefix + "not-yet-valid", what, where,
-                           f"not valid before {c.not_before:%Y-%m-%d %H:%M} UTC (clock skew or a wrong date)",
-                           c.fingerprint, days))
+        add(Severity.CRITICAL, prefix + "not-yet-valid",
+            f"not valid before {c.not_before:%Y-%m-%d %H:%M} UTC (clock skew or a wrong date)")
     elif e.status in ("critical", "warning"):
-        out.append(Finding(e.status, prefix + "expires-soon", what, where,
-                           f"expires in {days:g} days ({c.not_after:%Y-%m-%d %H:%M} UTC)", c.fingerprint, days))
+        add(Severity(e.status), prefix + "expires-soon", f"expires in {days:g} days ({c.not_after:%Y-%m-%d %H:%M} UTC)")
     for weak in weak_crypto(c):
         if c.self_signed and weak.startswith("signed with"):
             continue  # a root's self-signature is not checked by clients (RFC 5280 6.1: trust anchor)
-        out.append(Finding("warning", "weak-crypto", what, where, weak, c.fingerprint, days))
+        add(Severity.WARNING, "weak-crypto", weak)
     if e.chain == "bad-signature":
-        out.append(Finding("critical", "bad-signature", what, where,
-                           f"its signature does not verify against the CA named {c.issuer} found beside it "
-                           "(the CA was replaced, or the wrong CA is deployed)", c.fingerprint, days))
+        add(Severity.CRITICAL, "bad-signature", f"its signature does not verify against the CA named {c.issuer} "
+            "found beside it (the CA was replaced, or the wrong CA is deployed)")
     return out
 
 
-def _served_findings(s: Sighting, chains: dict[str, tuple[str, str | None]]) -> list[Finding]:
+def _served_findings(s: Sighting, chains: dict[str, tuple[str, str | None]]) -> list[CertFinding]:
     c = s.cert
     out = []
     what = c.common_name or c.subject
     if s.expected_name and not name_matches(s.expected_name, c):
         names = ", ".join([*c.dns_names, *c.ip_addresses]) or "none"
-        out.append(Finding("critical", "name-mismatch", what, s.where,
-                           f"serves a certificate without {s.expected_name} in its SANs (has: {names})",
-                           c.fingerprint, None))
+        out.append(CertFinding(severity=Severity.CRITICAL, title="name-mismatch", name=what, where=s.where,
+                               summary=f"serves a certificate without {s.expected_name} in its SANs (has: {names})",
+                               fingerprint=c.fingerprint))
     status = chains.get(c.fingerprint, ("n/a", None))[0]
     if status == "self-signed" and not c.is_ca:
-        out.append(Finding("warning", "self-signed", what, s.where,
-                           "serves a self-signed certificate (an ingress controller's default certificate?)",
-                           c.fingerprint, None))
+        out.append(CertFinding(severity=Severity.WARNING, title="self-signed", name=what, where=s.where,
+                               summary="serves a self-signed certificate (an ingress controller's default "
+                               "certificate?)", fingerprint=c.fingerprint))
     return out

@@ -18,8 +18,9 @@ _COLOURS = {"expired": "#c0392b", "not-yet-valid": "#8e44ad", "critical": "#e74c
 
 
 def finding_rows(report: CertReport) -> list[dict[str, Any]]:
-    return [{"severity": f.severity, "finding": f.kind, "subject": f.subject, "where": f.where,
-             "detail": f.message, "days_left": f.days_left} for f in report.findings]
+    """The findings table (the `tasks.findings` model's fields, the certificate's name and place apart)."""
+    return [{"severity": f.severity.value, "finding": f.title, "subject": f.name, "where": f.where,
+             "detail": f.summary, "days_left": f.days_left, "advice": f.advice} for f in report.findings]
 
 
 def certificate_rows(report: CertReport) -> list[dict[str, Any]]:
@@ -40,7 +41,7 @@ def summary_markdown(report: CertReport, title: str, stats: dict[str, Any], pict
     leaves, cas = report.leaves, report.cas
     soonest = next((e for e in leaves if e.status not in ("not-yet-valid",)), None)
     lines = [f"# {title}", "",
-             (f"**{report.worst().upper()}**: {counts['critical']} critical, {counts['unknown']} unknown, "
+             (f"**{report.worst().value.upper()}**: {counts['critical']} critical, {counts['unknown']} unknown, "
              f"{counts['warning']} warning findings; {len(leaves)} leaf certificates and {len(cas)} CAs "
              f"(distinct by SHA-256), found in {sum(len(e.places) for e in report.entries)} places."), "",
              (f"Thresholds: warning within {warn_days:g} days, critical within {critical_days:g} days. "
@@ -51,9 +52,9 @@ def summary_markdown(report: CertReport, title: str, stats: dict[str, Any], pict
     lines += [f"- **Sources:** {', '.join(f'{k}: {v}' for k, v in stats.items())}", ""]
     if picture_uri:
         lines += [f"![certificate expiry timeline]({picture_uri})", ""]
-    worst = [f for f in report.findings if f.severity in ("critical", "unknown")]
-    lines += ["## Critical and unknown", "", md_table([{"severity": f.severity, "finding": f.kind, "subject": f.subject,
-                                                        "where": f.where, "detail": f.message} for f in worst], limit=40)]
+    worst = [r for r in finding_rows(report) if r["severity"] in ("critical", "unknown")]
+    lines += ["## Critical and unknown", "", md_table(worst, ["severity", "finding", "subject", "where", "detail"],
+                                                      limit=40)]
     lines += ["## Leaf certificates (soonest first)", "", md_table(_short(leaves), limit=30)]
     lines += ["## Certificate authorities", "",
               ("CAs last ten years and are renewed by another procedure (kubeadm: *Manual rotation of CA "

@@ -56,7 +56,7 @@ def test_not_yet_valid(ca):
     future = pki.issue("future", issuer=ca, not_before=NOW + dt.timedelta(days=2), not_after=NOW + dt.timedelta(days=300))
     assert expiry_status(cert_info(future.cert), NOW, 30, 7) == "not-yet-valid"
     report = analyse(seen(future), now=NOW)
-    assert [(f.severity, f.kind) for f in report.findings] == [("critical", "not-yet-valid")]
+    assert [(f.severity, f.title) for f in report.findings] == [("critical", "not-yet-valid")]
 
 
 def test_cas_are_reported_apart_with_their_own_findings(ca):
@@ -65,7 +65,7 @@ def test_cas_are_reported_apart_with_their_own_findings(ca):
     report = analyse(seen(ca, "a") + seen(old_ca, "b") + seen(leaf(ca, 200), "c"), now=NOW)
     assert [e.cert.common_name for e in report.cas] == ["front-proxy-ca", "kubernetes"]
     assert [e.cert.common_name for e in report.leaves] == ["leaf"]
-    assert [(f.severity, f.kind) for f in report.findings] == [("critical", "ca-expires-soon")]
+    assert [(f.severity, f.title) for f in report.findings] == [("critical", "ca-expires-soon")]
 
 
 def test_entries_are_sorted_by_expiry_and_deduplicated_by_fingerprint(ca):
@@ -95,8 +95,8 @@ def test_served_certificate_without_the_name_is_critical(ca):
     ok = leaf(ca, 200, "etcd", dns=("cp-2",), ips=("10.0.0.12",))
     report = analyse(seen(served, "endpoint etcd cp-2", ENDPOINT, expected_name="10.0.0.12")
                      + seen(ok, "endpoint etcd cp-2b", ENDPOINT, expected_name="cp-2"), now=NOW)
-    assert [(f.kind, f.where) for f in report.findings] == [("name-mismatch", "endpoint etcd cp-2")]
-    assert "10.0.0.12" in report.findings[0].message
+    assert [(f.title, f.where) for f in report.findings] == [("name-mismatch", "endpoint etcd cp-2")]
+    assert "10.0.0.12" in report.findings[0].summary
 
 
 def test_weak_keys_and_signatures(ca):
@@ -108,7 +108,7 @@ def test_weak_keys_and_signatures(ca):
     sha1 = pki.issue("etcd-admin", issuer=rsa_ca, hash_name="sha1")
     assert weak_crypto(cert_info(sha1.cert)) == ["signed with SHA1"]
     report = analyse(seen(sha1, "s") + seen(rsa_ca, "s"), now=dt.datetime.now(dt.UTC))
-    assert [(f.kind, f.message) for f in report.findings] == [("weak-crypto", "signed with SHA1")]
+    assert [(f.title, f.summary) for f in report.findings] == [("weak-crypto", "signed with SHA1")]
     assert report.entry(cert_info(sha1.cert).fingerprint).chain == "verified"  # SHA-1 checked by hand
 
 
@@ -126,7 +126,7 @@ def test_chain_verified_against_the_ca_found_beside_it(ca):
     leafless = [pki.issue("x", issuer=replaced)]
     report2 = analyse(seen(good, "a", group="g") + seen(replaced, "b", group="g") + seen(leafless[0], "c"), now=NOW)
     assert report2.entry(cert_info(good.cert).fingerprint).chain == "bad-signature"
-    assert any(f.kind == "bad-signature" and f.severity == "critical" for f in report2.findings)
+    assert any(f.title == "bad-signature" and f.severity == "critical" for f in report2.findings)
 
 
 def _timer(**kw) -> TimerState:
@@ -137,7 +137,7 @@ def _timer(**kw) -> TimerState:
 
 
 def test_timer_findings():
-    kinds = lambda t: [f.kind for f in timer_findings(t, NOW, 35)]
+    kinds = lambda t: [f.title for f in timer_findings(t, NOW, 35)]
     assert kinds(_timer()) == []
     assert kinds(_timer(last_trigger=NOW - dt.timedelta(days=34))) == []
     assert kinds(_timer(last_trigger=NOW - dt.timedelta(days=36))) == ["renew-timer-stale"]

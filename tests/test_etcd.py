@@ -74,10 +74,10 @@ def _member(name, leader=False, healthy=True, size=100, in_use=100, rev=10, mid=
 
 def test_quota_share_above_80_percent_is_critical_with_the_action():
     s = ClusterStatus("main", [_member("a", leader=True, size=85, mid=1), _member("b", size=60, mid=2)])
-    f = {x.check: x for x in health_findings(s, quota_bytes=100)}
-    assert f["quota"].severity == "critical" and "defragment" in f["quota"].action
+    f = {x.title: x for x in health_findings(s, quota_bytes=100)}
+    assert f["quota"].severity == "critical" and "defragment" in f["quota"].advice
     s2 = ClusterStatus("main", [_member("a", leader=True, size=50, mid=1)])
-    assert {x.check: x for x in health_findings(s2, quota_bytes=100)}["quota"].severity == "ok"
+    assert {x.title: x for x in health_findings(s2, quota_bytes=100)}["quota"].severity == "ok"
 
 
 def test_nospace_alarm_numbers_and_names_parse_and_are_critical():
@@ -85,14 +85,14 @@ def test_nospace_alarm_numbers_and_names_parse_and_are_critical():
         {"member_id": 7, "alarm": "NOSPACE"}, {"member_id": 8, "alarm": "CORRUPT"}]
     assert parse_alarms("{}") == []
     s = ClusterStatus("main", [_member("a", leader=True, mid=1)], alarms=[{"member_id": 1, "alarm": "NOSPACE"}])
-    f = [x for x in health_findings(s, 1000) if x.check == "alarm NOSPACE"]
-    assert f and f[0].severity == "critical" and "alarm disarm" in f[0].action
+    f = [x for x in health_findings(s, 1000) if x.title == "alarm NOSPACE"]
+    assert f and f[0].severity == "critical" and "alarm disarm" in f[0].advice
     assert overall(health_findings(s, 1000)) == "critical"
 
 
 def test_leader_change_and_revision_going_back_are_reported():
     s = ClusterStatus("main", [_member("a", leader=True, mid=5, rev=40)])
-    f = {x.check: x for x in health_findings(s, 10**9, previous={"leader_id": 4, "raft_term": 2, "revision": 50})}
+    f = {x.title: x for x in health_findings(s, 10**9, previous={"leader_id": 4, "raft_term": 2, "revision": 50})}
     assert f["leader changes"].severity == "warning"
     assert f["revision"].severity == "critical"
 
@@ -169,8 +169,8 @@ def test_member_down_keeps_quorum_and_a_hung_member_does_not_hang(etcd_sb):
         s = _status(etcd_sb)
         down = [m for m in s.members if not m.healthy]
         assert len(down) == 1 and s.leader is not None
-        f = {x.check: x for x in health_findings(s, 10**9)}
-        assert f["members"].severity == "warning" and "quorum kept" in f["members"].message
+        f = {x.title: x for x in health_findings(s, 10**9)}
+        assert f["members"].severity == "warning" and "quorum kept" in f["members"].summary
         assert down[0] not in snapshot_candidates(s) and snapshot_candidates(s)
     finally:
         start_member(etcd_sb, "etcd3")

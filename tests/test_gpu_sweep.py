@@ -187,7 +187,7 @@ def test_each_fault_yields_its_finding(faulted):
     assert idle.evidence["DCGM_FI_DEV_GPU_UTIL_max"] == 0 and idle.evidence["samples"] >= 2
     assert by_kind[Kind.GPU_HOT].evidence["DCGM_FI_DEV_GPU_TEMP_max"] == 93
     assert by_kind[Kind.GPU_MISSING].evidence["gpus_reporting"] == 7
-    assert all(f.action for f in result.findings)
+    assert all(f.advice for f in result.findings)
     unknown = [g for g in result.gpus if g.node == "gpu-node-0007"]
     assert len(unknown) == 8 and {g.status.value for g in unknown} == {"unknown"}
     assert result.status == "critical" and result.round_trips == 8  # 2 listings, rules, 4 queries, 1 for details
