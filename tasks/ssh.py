@@ -111,6 +111,15 @@ async def connect(connect_kwargs: dict[str, Any]) -> AsyncIterator[Any]:
             pass
 
 
+def host_key_fingerprint(conn: Any) -> str:
+    """The SHA-256 fingerprint of the host key the server presented on `conn` (`SHA256:...`, as
+    `ssh-keygen -lf` prints it): what names an SSH host, since a host name can be moved to another machine."""
+    key = conn.get_server_host_key()
+    if key is None:
+        raise RuntimeError("the SSH server presented no host key (a certificate-only or GSS exchange?)")
+    return key.get_fingerprint("sha256")
+
+
 async def run_command(
     conn: Any,
     argv: Sequence[str],

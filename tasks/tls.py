@@ -200,17 +200,24 @@ def _add_b64(out: list[Sighting], problems: list[SourceProblem], value: str, sou
 async def scan_host(block: Any, layout: Any, *, timeout_s: float, redactor: Redactor,
                     with_timer: bool = True) -> HostScan:
     """One host's PKI folders, kubelet certificate, kubeconfigs and renewal timer, over one SSH session."""
-    label = block.label
     async with asyncio.timeout(timeout_s):
         async with connect(block.connect_kwargs()) as conn:
-            r = await run_command(conn, collect_argv(block.root, layout), timeout_s=timeout_s, check=False,
-                                  redact=redactor, keep=1_000_000, log_output=False)
-            scan = parse_collect(label, block.root, r.stdout)
-            if r.exit_status != 0:
-                scan.problems.append(SourceProblem(HOST, label, "error", "the scan script exited with "
-                                                   f"{r.exit_status}: {' '.join(r.stderr[-3:])}"))
-            if with_timer:
-                scan.timer = await read_timer(conn, label, layout, timeout_s, redactor)
+            return await scan_over(conn, block.label, block.root, layout, timeout_s=timeout_s, redactor=redactor,
+                                   with_timer=with_timer)
+
+
+async def scan_over(conn: Any, label: str, root: str, layout: Any, *, timeout_s: float, redactor: Redactor,
+                    with_timer: bool = True) -> HostScan:
+    """`scan_host` over a connection already open (the renewal's session keeps one per host)."""
+    async with asyncio.timeout(timeout_s):
+        r = await run_command(conn, collect_argv(root, layout), timeout_s=timeout_s, check=False,
+                              redact=redactor, keep=1_000_000, log_output=False)
+        scan = parse_collect(label, root, r.stdout)
+        if r.exit_status != 0:
+            scan.problems.append(SourceProblem(HOST, label, "error", "the scan script exited with "
+                                               f"{r.exit_status}: {' '.join(r.stderr[-3:])}"))
+        if with_timer:
+            scan.timer = await read_timer(conn, label, layout, timeout_s, redactor)
     return scan
 
 

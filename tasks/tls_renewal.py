@@ -1,23 +1,22 @@
-"""Renewing a kubeadm control plane's certificates, one node at a time: the plan (pure) and each step (SSH).
+"""Renewing a kubeadm control plane's certificates on one host, and putting a host's backup back: what
+kubeadm renews (pure) and each action on the host, over the SSH connection the operation's session holds.
 
-The steps of one node, as kubeadm documents a manual renewal (kubernetes.io *Certificate Management with
-kubeadm*, "Manual certificate renewal") and kubespray's `k8s-certs-renew.sh.j2` scripts it:
+What one host goes through, as kubeadm documents a manual renewal (kubernetes.io *Certificate Management
+with kubeadm*, "Manual certificate renewal") and kubespray's `k8s-certs-renew.sh.j2` scripts it (the order
+itself is written once, as the steps of the plan in `flows/certificate_renewal.py`):
 
-1. back up the certificate folder, the kubeconfigs and the static pod manifests (`tar -C <root>`, kept on
-   the host under `layout.backup_dir`, 0700);
-2. `kubeadm certs renew all --cert-dir <kube_cert_dir>` (`--rootfs <root>` when the host's files live
-   under a root other than /: kubeadm then chroots);
-3. restart the static control-plane pods: move their manifests out of the manifests folder, wait the
-   kubelet's `fileCheckFrequency` (20 s), move them back (one remote shell that ignores SIGHUP, so a lost
-   session never leaves the manifests out);
-4. wait for the API server's `/readyz` (TLS verified against the cluster CA), within a timeout, and check
-   it now serves the renewed certificate;
-5. read the PKI again: every kubeadm-managed certificate has a new fingerprint and a later expiry;
-6. refresh the kubeconfigs the platform config names (`refresh_from`) with the node's renewed client
-   certificate.
-
-A failure stops the node: its backup is extracted over the PKI, the manifests are put back, the static
-pods restarted again and the PKI read back to prove it is what it was (`restored`).
+- `backup_pki`: the certificate folder, the kubeconfigs and the static pod manifests in one tar (`tar -C
+  <root>`), kept on the host under `layout.backup_dir` (folder 0700, archive 0600);
+- `kubeadm_renew`: `kubeadm certs renew all --cert-dir <kube_cert_dir>` (`--rootfs <root>` when the host's
+  files live under a root other than /: kubeadm then chroots);
+- `restart_static_pods`: move the manifests out of the manifests folder, wait the kubelet's
+  `fileCheckFrequency` (20 s), move them back (one remote shell that ignores SIGHUP, so a lost session
+  never leaves the manifests out);
+- `wait_ready`: the API server's `/readyz` (TLS verified against the cluster CA) answers `ok` and serves
+  the certificate now on disk; `check_renewed`: every certificate planned has a new one expiring later;
+- `refresh_kubeconfig`: a kubeconfig on the worker gets the host's renewed client certificate;
+- `put_back`: a backup extracted over the host's files (the manifests moved back first), and
+  `compare_backup`: `tar --compare` proves the files are the backup's, byte for byte.
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ import os
 import posixpath
 import ssl
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,8 @@ import httpx
 import yaml
 
 from tasks.redact import Redactor
-from tasks.ssh import RemoteCommandError, connect, run_command
-from tasks.tls import HostScan, fetch_served_chain, host_path, scan_host
+from tasks.ssh import connect, run_command
+from tasks.tls import HostScan, fetch_served_chain, host_path
 from tasks.tls_model import CertInfo, parse_der
 
 # What `kubeadm certs renew all` renews (cmd/kubeadm/app/phases/certs/renewal, certlist.go; kubespray's
@@ -49,6 +49,8 @@ KUBEADM_LEAVES = ("apiserver.crt", "apiserver-kubelet-client.crt", "apiserver-et
                   "front-proxy-client.crt", "etcd/server.crt", "etcd/peer.crt", "etcd/healthcheck-client.crt")
 KUBEADM_KUBECONFIGS = ("admin.conf", "super-admin.conf", "controller-manager.conf", "scheduler.conf")
 COMPAT_CERT_DIR = "/etc/kubernetes/pki"  # kubespray's kube_cert_compat_dir, a symlink to kube_cert_dir
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # the backups' names: certificates-<host>-<stamp>.tar
+STAMP_RE = r"^\d{8}T\d{6}Z$"
 
 _RESTART_STATIC_PODS = r'''
 trap '' HUP
@@ -66,10 +68,10 @@ for f in "$away"/*; do [ -e "$f" ] && mv "$f" "$manifests/" && echo "put back ${
 
 
 class StepFailed(RuntimeError):
-    """A renewal step failed; the message says which and why (redacted)."""
+    """A renewal check failed; the message says which and why (redacted)."""
 
 
-# --- what is managed, the plan (pure) ----------------------------------------------------------------
+# --- what is managed (pure) ------------------------------------------------------------------------
 
 
 def managed_certs(scan: HostScan, layout: Any) -> dict[str, CertInfo]:
@@ -85,132 +87,125 @@ def managed_certs(scan: HostScan, layout: Any) -> dict[str, CertInfo]:
         for conf in KUBEADM_KUBECONFIGS:
             if path.startswith(f"{kube_dir}/{conf} ") and "client-certificate-data" in path:
                 out.setdefault(conf, s.cert)
-    return out
+    return dict(sorted(out.items()))
 
 
-@dataclass
-class NodePlan:
-    label: str
-    renew: dict[str, CertInfo]
-    untouched: list[str]  # what stays as it is, and why
+def not_renewed(scan: HostScan, renew: dict[str, CertInfo], now: datetime) -> list[str]:
+    """Every other certificate on the host (CAs, the kubelet's, kubespray's etcd ones), with days left."""
+    managed = {c.fingerprint for c in renew.values()}
+    return sorted({f"{s.where} ({'CA' if s.cert.is_ca else 'leaf'}, {s.cert.days_left(now):.0f} days)"
+                   for s in scan.sightings if s.cert.fingerprint not in managed})
 
 
-def plan_renewal(scans: list[HostScan], layout: Any, now: datetime) -> list[NodePlan]:
-    plans = []
-    for scan in scans:
-        renew = managed_certs(scan, layout)
-        managed_fps = {c.fingerprint for c in renew.values()}
-        untouched = sorted({f"{s.where} ({'CA' if s.cert.is_ca else 'leaf'}, {s.cert.days_left(now):.0f} days)"
-                            for s in scan.sightings if s.cert.fingerprint not in managed_fps})
-        plans.append(NodePlan(scan.host, renew, untouched))
-    return plans
+def cert_facts(certs: dict[str, CertInfo]) -> dict[str, dict[str, str]]:
+    """The exact certificates, as a plan's facts name them: serial, SHA-256 fingerprint, expiry."""
+    return {name: {"serial": c.serial, "fingerprint": c.fingerprint, "not_after": c.not_after.isoformat()}
+            for name, c in sorted(certs.items())}
 
 
-def plan_markdown(platform: str, cluster: str, plans: list[NodePlan], kubeconfigs: list[Any], layout: Any,
-                  timeouts: Any, now: datetime) -> str:
-    lines = [f"# Renew control-plane certificates: {platform} / {cluster}", "",
-             (f"One node at a time, in this order: {', '.join(p.label for p in plans)}. On each: back up "
-             f"`{layout.cert_dir}`, the kubeconfigs and the manifests to `{layout.backup_dir}`; "
-             f"`kubeadm certs renew all`; move the static pod manifests out for {timeouts.static_pod_wait_s:g}s "
-             f"and back; wait for `/readyz` (at most {timeouts.readyz_s:g}s); check every certificate below has "
-             "a new expiry; refresh the kubeconfigs listed. The first failure stops the run: that node's backup "
-             "is put back, the nodes after it are not touched."), ""]
-    for p in plans:
-        lines += [f"## {p.label}: {len(p.renew)} certificates renewed", "",
-                  "| certificate | expires now | days left |", "|---|---|---|"]
-        lines += [f"| {name} | {c.not_after:%Y-%m-%d %H:%M} | {c.days_left(now):.1f} |"
-                  for name, c in sorted(p.renew.items())]
-        if p.untouched:
-            lines += ["", f"Not renewed here ({len(p.untouched)}): CAs (another procedure), the kubelet's rotating "
-                      "client certificate, kubespray's etcd certificates (its etcd role) and any other file: "
-                      + "; ".join(p.untouched[:12]) + (" ..." if len(p.untouched) > 12 else "")]
-        lines.append("")
-    refresh = [f"`{k.path}` from `{k.refresh_from}`" for k in kubeconfigs if k.refresh_from]
-    lines += ["Kubeconfigs refreshed after each node: " + (", ".join(refresh) or "none"), ""]
-    return "\n".join(lines)
+def ca_of(scan: HostScan, label: str, layout: Any) -> CertInfo | None:
+    """The cluster CA (`ca.crt`) a host holds: what its API server's /readyz is verified against."""
+    wanted = {f"{label}:{layout.cert_dir.rstrip('/')}/ca.crt", f"{label}:{COMPAT_CERT_DIR}/ca.crt"}
+    return next((s.cert for s in scan.sightings if s.where in wanted), None)
 
 
-# --- one node ----------------------------------------------------------------------------------------
+def backup_archive(root: str, layout: Any, label: str, stamp: str) -> str:
+    """Where a host's backup of `stamp` lies on the host."""
+    return posixpath.join(host_path(root, layout.backup_dir), f"certificates-{label}-{stamp}.tar")
 
 
-@dataclass
-class NodeResult:
-    label: str
-    ok: bool = False
-    restored: bool | None = None  # after a failure: the PKI is back as it was
-    backup: str | None = None
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    renewed: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {old, new} expiry
-    error: str | None = None
+def pem(cert: CertInfo) -> bytes:
+    body = base64.encodebytes(cert.der).decode().replace("\n", "")
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return ("-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n").encode()
 
 
-class _Steps:
-    def __init__(self, result: NodeResult, redactor: Redactor):
-        self.result, self.redactor = result, redactor
-
-    async def run(self, name: str, coro) -> Any:
-        start = time.monotonic()
-        try:
-            value = await coro
-        except Exception as exc:
-            detail = self.redactor.error(exc)
-            self.result.steps.append({"node": self.result.label, "step": name, "status": "failed",
-                                      "seconds": round(time.monotonic() - start, 1), "detail": detail})
-            raise StepFailed(f"{self.result.label}: {name} failed: {detail}") from exc
-        detail = value if isinstance(value, str) else ""
-        self.result.steps.append({"node": self.result.label, "step": name, "status": "done",
-                                  "seconds": round(time.monotonic() - start, 1), "detail": detail})
-        return value
+# --- on one host, over its open connection ---------------------------------------------------------
 
 
-async def _remote(block: Any, argv: list[str], timeout_s: float, redactor: Redactor, logger=None):
-    async with connect(block.connect_kwargs()) as conn:
-        return await run_command(conn, argv, timeout_s=timeout_s, redact=redactor, logger=logger)
+def _backed_up(layout: Any) -> list[str]:
+    return [r.lstrip("/") for r in (layout.cert_dir, *[posixpath.join(layout.kubeconfig_dir, k)
+                                                         for k in layout.kubeconfigs], layout.manifests_dir)]
 
 
-async def backup_node(block: Any, layout: Any, stamp: str, timeout_s: float, redactor: Redactor) -> str:
-    root = block.root
-    rels = [layout.cert_dir, *[posixpath.join(layout.kubeconfig_dir, k) for k in layout.kubeconfigs],
-            layout.manifests_dir]
-    rels = [r.lstrip("/") for r in rels]
-    backup_dir = host_path(root, layout.backup_dir)
-    archive = posixpath.join(backup_dir, f"certificates-{block.label}-{stamp}.tar")
-    async with connect(block.connect_kwargs()) as conn:
-        await run_command(conn, ["mkdir", "-p", "-m", "0700", backup_dir], timeout_s=timeout_s, redact=redactor)
-        await run_command(conn, ["tar", "--ignore-failed-read", "-C", root, "-cpf", archive, "--", *rels],
-                          timeout_s=timeout_s, redact=redactor, log_output=False)
-        await run_command(conn, ["chmod", "0600", archive], timeout_s=timeout_s, redact=redactor)
-        listing = await run_command(conn, ["tar", "-tf", archive], timeout_s=timeout_s, redact=redactor,
-                                    keep=100_000, log_output=False)
-    members = [m.rstrip("/") for m in listing.stdout]
+async def backup_pki(conn: Any, root: str, layout: Any, archive: str, timeout_s: float, redactor: Redactor) -> str:
+    """The certificate folder, kubeconfigs and manifests in `archive` (0600, in a 0700 folder); checked to
+    hold the certificate folder."""
+    await run_command(conn, ["mkdir", "-p", "-m", "0700", posixpath.dirname(archive)], timeout_s=timeout_s,
+                      redact=redactor)
+    await run_command(conn, ["tar", "--ignore-failed-read", "-C", root, "-cpf", archive, "--", *_backed_up(layout)],
+                      timeout_s=timeout_s, redact=redactor, log_output=False)
+    await run_command(conn, ["chmod", "0600", archive], timeout_s=timeout_s, redact=redactor)
+    members = await archive_members(conn, archive, timeout_s, redactor)
     cert_dir = layout.cert_dir.strip("/")
-    if cert_dir not in members or not any(m.startswith(cert_dir + "/") for m in members):
+    if not any(m.startswith(cert_dir + "/") for m in members):
         raise StepFailed(f"the backup {archive} does not hold {layout.cert_dir}")
-    return archive
+    return f"{archive}: {len(members)} entries"
 
 
-async def kubeadm_renew(block: Any, layout: Any, timeout_s: float, redactor: Redactor, logger=None) -> str:
+async def archive_members(conn: Any, archive: str, timeout_s: float, redactor: Redactor) -> list[str]:
+    r = await run_command(conn, ["tar", "-tf", archive], timeout_s=timeout_s, redact=redactor, keep=100_000,
+                          log_output=False)
+    return [m.rstrip("/") for m in r.stdout]
+
+
+async def archive_digest(conn: Any, archive: str, timeout_s: float, redactor: Redactor) -> str | None:
+    """The SHA-256 of a backup on the host, or None when it is not there."""
+    r = await run_command(conn, ["sha256sum", "--", archive], timeout_s=timeout_s, redact=redactor, check=False,
+                          log_output=False)
+    return r.stdout[0].split()[0] if r.exit_status == 0 and r.stdout else None
+
+
+async def kubeadm_renew(conn: Any, root: str, layout: Any, timeout_s: float, redactor: Redactor,
+                        logger: Any = None) -> str:
     argv = [layout.kubeadm, "certs", "renew", "all", "--cert-dir", layout.cert_dir]
-    if block.root not in ("", "/"):
-        argv += ["--rootfs", block.root]
-    r = await _remote(block, argv, timeout_s, redactor, logger)
+    if root not in ("", "/"):
+        argv += ["--rootfs", root]
+    r = await run_command(conn, argv, timeout_s=timeout_s, redact=redactor, logger=logger)
     renewed = sum(1 for line in r.stdout if line.endswith(" renewed"))
     return f"{renewed} certificates renewed by kubeadm"
 
 
-async def restart_static_pods(block: Any, layout: Any, wait_s: float, timeout_s: float, redactor: Redactor) -> str:
-    manifests = host_path(block.root, layout.manifests_dir)
-    away = manifests.rstrip("/") + "-ai-platform-ops-away"
-    r = await _remote(block, ["sh", "-c", _RESTART_STATIC_PODS, "restart", manifests, away, f"{wait_s:g}",
-                              *layout.static_pods], timeout_s + wait_s, redactor)
+def _away(root: str, layout: Any) -> tuple[str, str]:
+    manifests = host_path(root, layout.manifests_dir)
+    return manifests, manifests.rstrip("/") + "-ai-platform-ops-away"
+
+
+async def restart_static_pods(conn: Any, root: str, layout: Any, wait_s: float, timeout_s: float,
+                              redactor: Redactor) -> str:
+    manifests, away = _away(root, layout)
+    r = await run_command(conn, ["sh", "-c", _RESTART_STATIC_PODS, "restart", manifests, away, f"{wait_s:g}",
+                                 *layout.static_pods], timeout_s=timeout_s + wait_s, redact=redactor)
+    moved_back = [line for line in r.stdout if line.startswith("moved back ")]
+    if len(moved_back) != sum(1 for line in r.stdout if line.startswith("moved out ")):
+        raise StepFailed(f"not every manifest is back in {layout.manifests_dir}: {'; '.join(r.stdout)}")
     return "; ".join(r.stdout)
 
 
-async def put_back_manifests(block: Any, layout: Any, timeout_s: float, redactor: Redactor) -> str:
-    manifests = host_path(block.root, layout.manifests_dir)
-    away = manifests.rstrip("/") + "-ai-platform-ops-away"
-    r = await _remote(block, ["sh", "-c", _PUT_BACK_MANIFESTS, "put-back", manifests, away], timeout_s, redactor)
-    return "; ".join(r.stdout) or "nothing to put back"
+async def put_back(conn: Any, root: str, layout: Any, archive: str, timeout_s: float, redactor: Redactor) -> str:
+    """The manifests a restart left out moved back, then `archive` extracted over the host's files."""
+    manifests, away = _away(root, layout)
+    moved = await run_command(conn, ["sh", "-c", _PUT_BACK_MANIFESTS, "put-back", manifests, away],
+                              timeout_s=timeout_s, redact=redactor)
+    await run_command(conn, ["tar", "-C", root, "-xpf", archive], timeout_s=timeout_s, redact=redactor)
+    return f"extracted {archive}" + (f"; {'; '.join(moved.stdout)}" if moved.stdout else "")
+
+
+async def compare_backup(conn: Any, root: str, archive: str, timeout_s: float, redactor: Redactor) -> str:
+    """`tar --compare`: every file of the backup is on the host as it was backed up (content, mode, owner,
+    time). Raises StepFailed naming what differs."""
+    r = await run_command(conn, ["tar", "-C", root, "--compare", "-f", archive], timeout_s=timeout_s,
+                          redact=redactor, check=False, log_output=False)
+    if r.exit_status != 0:
+        raise StepFailed(f"the host's files differ from {archive}: {'; '.join((r.stdout + r.stderr)[-6:])}")
+    return f"the files are the ones in {archive}"
+
+
+async def read_host_file(conn: Any, path: str, timeout_s: float) -> bytes:
+    """A whole file from the host over SFTP (kept in memory only)."""
+    async with conn.start_sftp_client() as sftp:
+        async with sftp.open(path, "rb") as f:
+            return await asyncio.wait_for(f.read(), timeout_s)
 
 
 async def wait_ready(host: str, port: int, ca_pem: bytes, expect_fingerprint: str | None, timeout_s: float,
@@ -230,7 +225,7 @@ async def wait_ready(host: str, port: int, ca_pem: bytes, expect_fingerprint: st
                     chain = await fetch_served_chain(host, port, None, 5.0)
                     served = parse_der(chain[:1])[0]
                     if served and served[0].fingerprint == expect_fingerprint:
-                        return (f"/readyz ok, serving the renewed certificate, after "
+                        return (f"/readyz ok, serving the certificate on disk, after "
                                 f"{timeout_s - (deadline - time.monotonic()):.1f}s")
                     last = "ready, but still serving the old certificate"
                 else:
@@ -259,12 +254,7 @@ def check_renewed(before: dict[str, CertInfo], after: dict[str, CertInfo], now: 
             for n in sorted(before)}
 
 
-async def read_host_file(block: Any, path: str, timeout_s: float) -> bytes:
-    """A whole file from the host over SFTP (kept in memory only)."""
-    async with connect(block.connect_kwargs()) as conn:
-        async with conn.start_sftp_client() as sftp:
-            async with sftp.open(path, "rb") as f:
-                return await asyncio.wait_for(f.read(), timeout_s)
+# --- kubeconfigs on the worker ---------------------------------------------------------------------
 
 
 def refresh_kubeconfig(path: Path, source_text: str, user: str | None = None) -> str:
@@ -301,88 +291,29 @@ def embedded_client_cert(text: str, user: str | None = None) -> bytes:
     return base64.b64decode(entry["user"]["client-certificate-data"])
 
 
-async def renew_node(block: Any, layout: Any, timeouts: Any, kubeconfigs: list[Any], before: HostScan,
-                     stamp: str, redactor: Redactor, logger=None) -> NodeResult:
-    """Steps 1-6 on one node; on a failure, its backup is put back (`NodeResult.restored`)."""
-    result = NodeResult(block.label)
-    steps = _Steps(result, redactor)
-    old = managed_certs(before, layout)
-    ca = next((s.cert for s in before.sightings
-               if s.where in (f"{block.label}:{layout.cert_dir.rstrip('/')}/ca.crt",
-                              f"{block.label}:{COMPAT_CERT_DIR}/ca.crt")), None)
-    try:
-        result.backup = await steps.run("back up", backup_node(block, layout, stamp, timeouts.ssh_s, redactor))
-        await steps.run("kubeadm certs renew all", kubeadm_renew(block, layout, timeouts.kubeadm_s, redactor, logger))
-        await steps.run("restart static pods", restart_static_pods(block, layout, timeouts.static_pod_wait_s,
-                                                                   timeouts.ssh_s, redactor))
-        after_scan = await scan_host(block, layout, timeout_s=timeouts.ssh_s, redactor=redactor, with_timer=False)
-        new = managed_certs(after_scan, layout)
-        if block.apiserver_port:
-            if ca is None:
-                raise StepFailed(f"no ca.crt found in {layout.cert_dir} on {block.label}: cannot verify /readyz")
-            served = new.get("apiserver.crt")
-            await steps.run("wait for /readyz", wait_ready(block.host, block.apiserver_port, _pem(ca),
-                                                            served.fingerprint if served else None, timeouts.readyz_s))
-        result.renewed = await steps.run("verify new expiry dates", _async(check_renewed, old, new,
-                                                                           datetime.now(UTC)))
-        for k in kubeconfigs:
-            if k.refresh_from:
-                await steps.run(f"refresh {k.path}", _refresh(block, layout, k, timeouts.ssh_s))
-        result.ok = True
-    except Exception as exc:  # noqa: BLE001 - any failure: put the backup back, then report
-        result.error = redactor.error(exc) if not isinstance(exc, StepFailed) else str(exc)
-        if result.backup:
-            result.restored = await _restore(block, layout, timeouts, result, old, redactor, ca)
-        else:
-            result.restored = True  # nothing was changed before the backup
-    return result
-
-
-async def _async(fn, *args):
-    return fn(*args)
-
-
-def _pem(cert: CertInfo) -> bytes:
-    body = base64.encodebytes(cert.der).decode().replace("\n", "")
-    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
-    return ("-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n").encode()
-
-
-async def _refresh(block: Any, layout: Any, k: Any, timeout_s: float) -> str:
-    src = host_path(block.root, posixpath.join(layout.kubeconfig_dir, k.refresh_from))
-    text = (await read_host_file(block, src, timeout_s)).decode()
+async def refresh_from_host(conn: Any, root: str, label: str, layout: Any, k: Any, timeout_s: float) -> str:
+    """The worker's kubeconfig `k.path` gets the client certificate of the host's `k.refresh_from`."""
+    src = host_path(root, posixpath.join(layout.kubeconfig_dir, k.refresh_from))
+    text = (await read_host_file(conn, src, timeout_s)).decode()
     user = await asyncio.to_thread(refresh_kubeconfig, Path(k.path), text, k.user)
     if embedded_client_cert(Path(k.path).read_text(), user) != embedded_client_cert(text):
         raise StepFailed(f"{k.path} does not hold {k.refresh_from}'s client certificate after the refresh")
-    return f"user {user} now uses {block.label}'s {k.refresh_from} client certificate"
+    return f"{k.path}: user {user} now uses {label}'s {k.refresh_from} client certificate"
 
 
-async def _restore(block: Any, layout: Any, timeouts: Any, result: NodeResult, old: dict[str, CertInfo],
-                   redactor: Redactor, ca: CertInfo | None) -> bool:
-    """Put the node's backup back and prove it: the managed certificates are the ones before the run.
-    Whether the API server answers /readyz again is reported as a step of its own."""
-    steps = _Steps(result, redactor)
-    try:
-        await steps.run("restore: put back manifests", put_back_manifests(block, layout, timeouts.ssh_s, redactor))
-        await steps.run("restore: extract backup", _remote(
-            block, ["tar", "-C", block.root, "-xpf", result.backup], timeouts.ssh_s, redactor))
-        await steps.run("restore: restart static pods", restart_static_pods(
-            block, layout, timeouts.static_pod_wait_s, timeouts.ssh_s, redactor))
-        if block.apiserver_port and ca is not None:
+# --- the operation's session -----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_hosts(blocks: list[Any]) -> AsyncIterator[dict[str, Any]]:
+    """One SSH connection per host, opened together and closed together: label -> the connection, or the
+    exception that kept it from opening (the planner refuses on it; unknown is not healthy)."""
+    async with AsyncExitStack() as stack:
+        async def one(b: Any) -> Any:
             try:
-                await steps.run("restore: wait for /readyz", wait_ready(block.host, block.apiserver_port, _pem(ca),
-                                                                         None, timeouts.readyz_s))
-            except StepFailed:
-                pass  # reported in the steps; the files are what `restored` is about
-        scan = await scan_host(block, layout, timeout_s=timeouts.ssh_s, redactor=redactor, with_timer=False)
-        now = managed_certs(scan, layout)
-        differ = sorted(n for n in old if n not in now or now[n].fingerprint != old[n].fingerprint)
-        if differ:
-            raise StepFailed(f"after the restore these differ from before the run: {differ}")
-        result.steps.append({"node": block.label, "step": "restore: verify", "status": "done", "seconds": 0,
-                             "detail": f"{len(old)} certificates are the ones from before the run"})
-        return True
-    except StepFailed:
-        return False
-    except RemoteCommandError:
-        return False
+                return await stack.enter_async_context(connect(b.connect_kwargs()))
+            except Exception as exc:  # noqa: BLE001 - returned, refused by the planner
+                return exc
+
+        conns = await asyncio.gather(*(one(b) for b in blocks))
+        yield {b.label: c for b, c in zip(blocks, conns)}
