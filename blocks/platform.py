@@ -22,13 +22,14 @@ from typing import Any
 
 from blocks.config import PlatformConfig
 
-# The parts a platform can have: (block type import path, document name suffix).
+# The parts a platform can have: (block type import path, document name part after the platform's name,
+# as `blocks.load.block_name` joins them).
 _PARTS: dict[str, tuple[str, str]] = {
     "settings": ("blocks.connections:PlatformSettings", ""),
     "gitlab_host": ("blocks.connections:GitLabHost", ""),
-    "gitlab_host_scratch": ("blocks.connections:GitLabHost", "-scratch"),
+    "gitlab_host_scratch": ("blocks.connections:GitLabHost", "scratch"),
     "gitlab_api": ("blocks.connections:GitLabAPI", ""),
-    "gitlab_api_scratch": ("blocks.connections:GitLabAPI", "-scratch"),
+    "gitlab_api_scratch": ("blocks.connections:GitLabAPI", "scratch"),
     "prometheus": ("blocks.connections:PrometheusServer", ""),
     "argo": ("blocks.connections:ArgoServer", ""),
     "registry": ("blocks.connections:ContainerRegistry", ""),
@@ -65,7 +66,9 @@ class Platform:
     # -- loading --------------------------------------------------------------------------------
 
     def _doc_name(self, part: str) -> str:
-        return f"{self.name}{_PARTS[part][1]}"
+        from blocks.load import block_name
+
+        return block_name(self.name, _PARTS[part][1])
 
     def _missing(self, part: str) -> Exception:
         block_type = _block_type(_PARTS[part][0])
@@ -119,12 +122,15 @@ class Platform:
     def kubernetes(self, cluster: str | None = None):
         """An official `kubernetes` ApiClient for the cluster, built once per run.
 
-        From the cluster's `KubernetesClusterConfig` block (prefect-kubernetes), else its
-        kubeconfig file, else the in-cluster service account.
+        The config decides: a cluster without a `kubeconfig` uses the in-cluster service account
+        and no block is ever read for it; a cluster with one uses the `KubernetesClusterConfig`
+        block `<platform>-<cluster>` that `python -m blocks.load` made from that kubeconfig, or,
+        when that block is not saved, the kubeconfig file itself. No other document is read, so
+        another platform's cluster of the same name or a stale block never answers.
         """
         cfg = self.config.cluster(cluster)
         if cfg.name not in self._kube:
-            self._kube[cfg.name] = _kubernetes_client(cfg)
+            self._kube[cfg.name] = _kubernetes_client(self.name, cfg)
         return self._kube[cfg.name]
 
     def gitlab_host(self, scratch: bool = False):
@@ -251,19 +257,26 @@ def secret_values(block: Any, plain_fields: tuple[str, ...] = ()) -> list[str]:
     return [v for v in out if v]
 
 
-def _kubernetes_client(cluster):
-    """An ApiClient from the cluster's KubernetesClusterConfig block, else its kubeconfig, else in-cluster."""
+def _kubernetes_client(platform: str, cluster):
+    """An ApiClient as the config says: in-cluster credentials, or the cluster's kubeconfig (as the
+    loader saved it in `KubernetesClusterConfig/<platform>-<cluster>`, else the file)."""
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config
     from prefect_kubernetes.credentials import KubernetesClusterConfig
 
+    from blocks.load import kube_config_name
+
+    if cluster.kubeconfig is None:  # in-cluster by the config: a block left by an older config never wins
+        configuration = k8s.Configuration()
+        k8s_config.load_incluster_config(client_configuration=configuration)
+        return k8s.ApiClient(configuration)
+    doc = kube_config_name(platform, cluster.name)
     try:
-        block = KubernetesClusterConfig.load(cluster.name, _sync=True)
-        return k8s_config.new_client_from_config_dict(block.config, context=block.context_name)
-    except ValueError:
-        pass  # no block saved for this cluster: fall back to the file or in-cluster
-    if cluster.kubeconfig is not None:
+        block = KubernetesClusterConfig.load(doc, _sync=True)
+    except ValueError:  # not saved (the loader not run since the kubeconfig was set): read the file itself
+        if not cluster.kubeconfig.is_file():
+            raise LookupError(f"cluster {cluster.name!r} of platform {platform!r}: no kubernetes-cluster-config "
+                              f"block named {doc!r} and no kubeconfig file {str(cluster.kubeconfig)!r} on this "
+                              "machine: run `python -m blocks.load <platform.yaml>`") from None
         return k8s_config.new_client_from_config(str(cluster.kubeconfig), context=cluster.context)
-    configuration = k8s.Configuration()
-    k8s_config.load_incluster_config(client_configuration=configuration)
-    return k8s.ApiClient(configuration)
+    return k8s_config.new_client_from_config_dict(block.config, context=block.context_name)

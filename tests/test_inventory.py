@@ -53,8 +53,8 @@ def test_blocks_load_is_idempotent(sandbox_platform, sandbox):
 
     first = load_blocks(load_platform_config(sandbox.platform_yaml))
     second = load_blocks(load_platform_config(sandbox.platform_yaml))
-    assert first == second
-    assert "platform-settings/sandbox" in first and "kubernetes-cluster-config/sandbox" in first
+    assert first.saved == second.saved and second.removed == []
+    assert "platform-settings/sandbox" in first.saved and "kubernetes-cluster-config/sandbox-sandbox" in first.saved
     platform = Platform(sandbox_platform)
     assert platform.config.cluster().name == "sandbox"
     assert platform.prometheus().url == sandbox.urls["prometheus"]
