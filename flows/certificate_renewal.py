@@ -7,12 +7,11 @@ renewal took put back on the hosts.
 - The facts are, per host, its host key and the certificates `kubeadm certs renew all` would replace, each
   with its serial, fingerprint and expiry: a certificate renewed or replaced after the approval changes
   them, and the run is refused with the difference.
-- The steps (`_renewal_steps`): per host, in the config's order, a backup of its PKI, the renewal, the
-  static pod restart and the check; then the kubeconfigs the config names are refreshed from the last host.
-- A host whose renewal, restart or check fails gets its own backup put back at once (the state says
-  whether that worked); the hosts renewed before it are put back by the way back: this flow again with
-  `restore_backup=<the run's stamp>` and `nodes`, itself an approved operation (`_restore_steps`: a safety
-  backup first, the backup put back and compared, static pods restarted, /readyz).
+- The steps are written once: `_renewal_steps` for each host (the hosts one at a time, in the config's
+  order), and the kubeconfig refresh in `_renewal_planner`.
+- A host whose step fails after its backup gets that backup put back at once (the state says whether that
+  worked); the hosts renewed before it are put back by the way back: this flow again with
+  `restore_backup=<the run's stamp>` and `nodes`, itself an approved operation (`_restore_steps`).
 - Dry run by default; the lock `cert-renewal-<platform>-<cluster>` is taken after the approval.
 """
 
@@ -83,13 +82,16 @@ class _Hosts:
                                with_timer=False)
         return managed_certs(scan, self.layout)
 
-    async def ready(self, b: Any, conn: Any, ca: CertInfo | None) -> str:
+    async def ready(self, b: Any, conn: Any, ca: CertInfo | None, on_disk: dict[str, CertInfo] | None = None) -> str:
         """/readyz answers `ok` and the API server serves the apiserver.crt now on the host's disk."""
         if not b.apiserver_port:
             return "no API server port configured: /readyz not checked"
-        served = (await self.managed(b, conn)).get("apiserver.crt")
+        served = (on_disk if on_disk is not None else await self.managed(b, conn)).get("apiserver.crt")
         return await wait_ready(b.host, b.apiserver_port, pem(ca), served.fingerprint if served else None,
                                 self.t.readyz_s)
+
+    async def read_all(self, blocks: list[Any], conns: dict[str, Any]) -> list[tuple[str, HostScan] | str]:
+        return list(await asyncio.gather(*(self.read(b, conns[b.label]) for b in blocks)))
 
     def restart(self, b: Any, conn: Any) -> Callable[[], Any]:
         return lambda: restart_static_pods(conn, b.root, self.layout, self.t.static_pod_wait_s, self.t.ssh_s,
@@ -144,8 +146,9 @@ def _renewal_steps(h: _Hosts, b: Any, conn: Any, before: dict[str, CertInfo], ca
         return run
 
     async def check() -> str:
-        ready = await h.ready(b, conn, ca)
-        renewed = check_renewed(before, await h.managed(b, conn), datetime.now(UTC))
+        after = await h.managed(b, conn)
+        ready = await h.ready(b, conn, ca, after)
+        renewed = check_renewed(before, after, datetime.now(UTC))
         return f"{ready}; {len(renewed)} certificates renewed, now expiring {min(r['new'] for r in renewed.values())}"
 
     names = ", ".join(before)
@@ -173,8 +176,7 @@ def _renewal_planner(h: _Hosts, blocks: list[Any]) -> Callable[[dict[str, Any]],
         ids, facts, refusals, steps, rows, others = [], {}, [], [], [], []
         renewed_at: list[tuple[int, str]] = []  # (index of a host's renewal step, host)
         last: tuple[Any, Any] | None = None
-        for b in blocks:
-            got = await h.read(b, conns[b.label])
+        for b, got in zip(blocks, await h.read_all(blocks, conns)):
             if isinstance(got, str):
                 refusals.append(f"{b.label}: {got}")
                 ids.append(f"{b.label}=unknown")
@@ -255,9 +257,8 @@ def _restore_planner(h: _Hosts, blocks: list[Any], stamp: str) -> Callable[[dict
         now = datetime.now(UTC)
         ids, facts, refusals, steps, rows = [], {}, [], [], []
         put_at: list[tuple[int, str]] = []
-        for b in blocks:
+        for b, got in zip(blocks, await h.read_all(blocks, conns)):
             conn = conns[b.label]
-            got = await h.read(b, conn)
             if isinstance(got, str):
                 refusals.append(f"{b.label}: {got}")
                 ids.append(f"{b.label}=unknown")
