@@ -9,16 +9,23 @@ A handful of tasks and a constant number of API calls, whatever the fleet's size
 
 The run leaves a markdown summary with a fleet heatmap (nodes x GPUs, utilisation, faulty GPUs
 marked), a table of findings and, when nodes have critical hardware findings, the cordon plan.
-`dry_run=False` pauses for an operator's approval (the plan shown in the UI) and then cordons and
-taints at most `max_share` of the GPU nodes; `drain=True` also evicts their pods, respecting
-PodDisruptionBudgets. `gpu_node_uncordon` returns repaired nodes to service.
+
+The cordon is an operation (`tasks.operation`): the target is the cluster by its `kube-system` namespace
+UID, each planned node is named by its uid, and each node's cordon is one step. A dry run (the default)
+publishes the plan; `dry_run=False` pauses for approval, then sweeps again and refuses when the plan
+changed (a node repaired meanwhile, another node under the same name, a new finding); then it cordons and
+taints at most `max_share` of the GPU nodes, and `drain=True` also evicts their pods, respecting
+PodDisruptionBudgets. The way back is `gpu-node-uncordon` with the cordoned nodes, which is also how
+repaired nodes return to service (`cordon=true` there is the way back of an uncordon).
 
 When Prometheus cannot be asked, every GPU is `unknown`, the report says so, and the run fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +34,10 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
-from prefect.states import Failed
+from prefect.states import State
 
 from blocks.platform import Platform
 from tasks._gc import gc_paused
-from tasks.approval import Approval, ask_approval
 from tasks.events import emit_critical_findings
 from tasks.gpu_classify import classify, needs_detail
 from tasks.gpu_model import (
@@ -46,17 +52,23 @@ from tasks.gpu_pictures import heatmap, render_heatmap_png
 from tasks.gpu_plans import (
     UNHEALTHY_TAINT_KEY,
     CordonPlan,
+    NodeAction,
+    UncordonPlan,
     plan_cordon,
     plan_uncordon,
     repair_note,
 )
 from tasks.kubernetes import (
-    cordon_gpu_nodes,
-    drain_gpu_nodes,
+    cluster_identity,
+    cordon_and_taint,
+    drain_nodes,
     fetch_gpu_fleet,
+    is_cordoned_by_us,
     list_gpu_fleet,
-    uncordon_gpu_nodes,
+    read_node,
+    uncordon_and_untaint,
 )
+from tasks.operation import Operation, Plan, Step, Target, WayBack, approval_timeout, lock_timeout, run_operation_sync
 from tasks.prometheus import (
     DCGMSnapshot,
     fetch_dcgm,
@@ -218,6 +230,80 @@ def _settings(plat: Platform, cluster: str | None, **overrides: Any) -> SweepSet
     return SweepSettings.from_config(cfg, cfg.cluster(cluster), **overrides)
 
 
+def _lock(platform: str, cluster: str) -> str:
+    """The one lock of a cluster's GPU node cordons and uncordons."""
+    return f"gpu-nodes-{platform}-{cluster}"
+
+
+def _node_steps(api: Any, cluster: Any, verb: str, nodes: list[tuple[str, str]], apply: Callable[[str, str], str],
+                changes: Callable[[str], str], undo: str) -> list[Step]:
+    """One step per node (`verb` it, then read it back); each step is one read and one patch of that node."""
+    timeout = cluster.request_timeout_s
+    want = verb == "cordon"
+
+    def check(node: str, uid: str) -> Callable[[Any], str]:
+        def read_back(_: Any) -> str:
+            obj = read_node(api, node, uid, timeout)
+            if is_cordoned_by_us(obj) != want:
+                raise RuntimeError(f"{node} reads back {'schedulable' if want else 'still cordoned'}")
+            return "read back"
+        return read_back
+
+    return [Step(f"{verb} {node}", changes(node), f"the node reads back {'cordoned with' if want else 'without'} "
+                 f"`{UNHEALTHY_TAINT_KEY}`", undo,
+                 lambda n=node, u=uid: asyncio.to_thread(apply, n, u), check(node, uid)) for node, uid in nodes]
+
+
+def cordon_operation(plat: Platform, api: Any, cluster: Any, plan_now: Callable[[], CordonPlan], *, drain: bool,
+                     approval_timeout_s: int | None, poll_interval_s: float, by: str) -> Operation:
+    """The cordon of the nodes `plan_now()` plans (it reads the live nodes and findings each time it is called)."""
+    timeout = cluster.request_timeout_s
+
+    def cordon(action: NodeAction) -> Callable[[str, str], str]:
+        def run(node: str, uid: str) -> str:
+            note = json.dumps({"by": by, "flow_run": _flow_run_id(), "reason": action.reason,
+                               "findings": action.findings, "xids": action.xids,
+                               "at": datetime.now(tz=UTC).isoformat(timespec="seconds")}, sort_keys=True)
+            return cordon_and_taint(api, node, action.reason, note, taint_key=UNHEALTHY_TAINT_KEY,
+                                    annotation_key=FINDING_ANNOTATION, uid=uid, timeout_s=timeout)
+        return run
+
+    async def planner(_: Any) -> Plan:
+        identity = await asyncio.to_thread(cluster_identity, api, timeout)
+        cp = await asyncio.to_thread(plan_now)
+        steps: list[Step] = []
+        for a in cp.actions:
+            steps += _node_steps(api, cluster, "cordon", [(a.node, a.uid)], cordon(a),
+                                 lambda n, a=a: f"node {n} (uid {a.uid}): unschedulable, taint "
+                                                f"`{UNHEALTHY_TAINT_KEY}={a.reason}:NoSchedule`, annotation "
+                                                f"`{FINDING_ANNOTATION}`",
+                                 "gpu-node-uncordon with this node (force: its finding stands)")
+        if drain and cp.actions:
+            async def do_drain() -> str:
+                ev = await asyncio.to_thread(drain_nodes, api, cp.nodes, timeout)
+                blocked = [e for e in ev if e["result"] == "blocked"]
+                return (f"{len(ev) - len(blocked)} evicted, {len(blocked)} blocked by a PodDisruptionBudget (left "
+                        "running: resolve the budget, then drain again)")
+            steps.append(Step(f"drain {len(cp.actions)} node(s)", "the non-DaemonSet pods of " + ", ".join(cp.nodes)
+                              + " are evicted (a PodDisruptionBudget that forbids it is respected)",
+                              "each eviction answered (evicted, gone or blocked)",
+                              "not undone: evicted pods are re-created by their controllers on other nodes",
+                              do_drain))
+
+        def way_back(applied: int) -> WayBack:
+            nodes = cp.nodes[:applied]
+            return WayBack("Return the cordoned nodes to service (their findings still stand, hence force).",
+                           "gpu-node-uncordon", {"nodes": nodes, "cluster": cluster.name, "force": True,
+                                                 "dry_run": False})
+
+        return Plan(Target("Kubernetes cluster", cluster.name, identity), steps, title="GPU node cordon",
+                    details=cp.markdown(dry_run=False), facts={**cp.facts(), "drain": drain}, way_back=way_back)
+
+    return Operation("gpu-monitoring-sweep", plat.name, planner, lock=_lock(plat.name, cluster.name),
+                     approval_timeout_s=approval_timeout(plat.config, approval_timeout_s),
+                     lock_timeout_s=lock_timeout(plat.config), poll_interval_s=poll_interval_s, key=cluster.name)
+
+
 @flow(name="gpu-monitoring-sweep", log_prints=False)
 def gpu_monitoring_sweep(
     platform: str = "main",
@@ -230,13 +316,14 @@ def gpu_monitoring_sweep(
     dry_run: bool = True,
     max_share: float | None = None,
     drain: bool = False,
-    approval_timeout_s: int = 3600,
+    approval_timeout_s: int | None = None,
     metric_selector: str | None = None,
     exporter_jobs: list[str] | None = None,
     exporter_selectors: list[str] | None = None,
     page_size: int | None = None,
     note_training_commits: bool = True,
     metrics_source: Literal["auto", "raw"] | None = None,
+    poll_interval_s: float = 10,
 ) -> Any:
     """Sweep one cluster's GPUs; plan (dry run) or, approved, apply cordons of nodes with critical findings.
 
@@ -245,6 +332,7 @@ def gpu_monitoring_sweep(
     leaves a note on its commit (`note_training_commits`). `metrics_source`: "auto" (default) reads the
     series recorded by the sweep's recording rules where Prometheus has them loaded (`python -m
     tasks.gpu_rules render-sweep`), else runs the raw queries; "raw" always runs the raw queries.
+    Returns the cordon operation's record, with the sweep's summary under `sweep`.
     """
     logger = get_run_logger()
     plat = Platform(platform)
@@ -273,31 +361,28 @@ def gpu_monitoring_sweep(
         "round_trips": result.round_trips, "xid_source": result.xid_source,
         "metrics_source": result.metrics_source, "metrics_source_note": result.metrics_source_note,
         "cordon_plan": plan.nodes, "cordon_over_cap": [a.node for a in plan.over_cap],
-        "cordon_already": plan.already, "dry_run": dry_run, "cordoned": [], "approved_by": None,
-        "training_notes": [],
+        "cordon_already": plan.already, "training_notes": [],
     }
     if note_training_commits and cfg.argo is not None and cfg.gitlab is not None:
         summary["training_notes"] = _note_training_commits(plat, platform, result)
-
-    if not dry_run and plan.actions:
-        approval = pause_for_approval(plan.markdown(dry_run=False), approval_timeout_s)
-        summary["approved_by"] = approval.who()
-        if not approval.approve:
-            logger.warning("cordon plan rejected by %s: nothing changed", approval.who())
-            summary["rejected"] = True
-        else:
-            note = {"by": "ai-platform-ops gpu-monitoring-sweep", "approved_by": approval.who(),
-                    "at": datetime.now(tz=UTC).isoformat(timespec="seconds"), "flow_run": _flow_run_id()}
-            changes = cordon_gpu_nodes(api, cluster_cfg, plan.actions, note)
-            summary["cordoned"] = [c["node"] for c in changes if c["changed"]]
-            evictions = drain_gpu_nodes(api, cluster_cfg, plan.nodes) if drain else []
-            summary["evictions"] = evictions
-            publish_action_report(platform, cluster_cfg.name, "cordon", approval.who(), changes, evictions)
-
     if result.metrics_error is not None:
-        return Failed(message=f"GPU sweep could not read metrics, every GPU is unknown: {result.metrics_error}",
-                      data=summary)
-    return summary
+        raise RuntimeError(f"GPU sweep could not read metrics, every GPU is unknown: {result.metrics_error}")
+
+    swept = [plan]  # the plan just made; after the approval the planner sweeps again (live nodes and findings)
+
+    def plan_now() -> CordonPlan:
+        if swept:
+            return swept.pop()
+        r, f = _flow_sweep(plat, api, settings)
+        return plan_cordon(r, f.nodes, share)
+
+    op = cordon_operation(plat, api, cluster_cfg, plan_now, drain=drain, approval_timeout_s=approval_timeout_s,
+                          poll_interval_s=poll_interval_s, by="ai-platform-ops gpu-monitoring-sweep")
+    record = run_operation_sync(op, dry_run=dry_run)
+    if isinstance(record, State):  # cancelled during the apply
+        return record
+    record["sweep"] = summary
+    return record
 
 
 # --- the training lifecycle: a note on the commit whose training runs on a faulty node ---------------
@@ -366,27 +451,6 @@ def _note_training_commits(plat: Platform, platform: str, result: SweepResult) -
     return state.result()
 
 
-def pause_for_approval(plan_markdown: str, timeout_s: int) -> Approval:
-    """Publish the plan as the pending-approval artifact, then pause until an operator answers in the UI."""
-    publish_markdown("gpu-pending-approval", plan_markdown + "\n\nWaiting for approval: set **approve** and write "
-                     "your name in **approver** in the paused run's form, then resume it.",
-                     description="Waiting for approval")
-    return ask_approval(plan_markdown, timeout_s)
-
-
-@task(name="publish-gpu-action-report", cache_policy=NONE)
-def publish_action_report(platform: str, cluster: str, action: str, approver: str, changes: list[dict],
-                          evictions: list[dict]) -> None:
-    lines = [f"# GPU node {action}: {platform}/{cluster}", "", f"Approved by **{approver}**.", "",
-             md_table(changes, columns=["node", "changed", "detail"])]
-    if evictions:
-        blocked = [e for e in evictions if e["result"] == "blocked"]
-        lines += ["", "## Drain", "", f"{len(evictions) - len(blocked)} evicted, {len(blocked)} blocked by a "
-                  "PodDisruptionBudget (left running: resolve the budget, then drain again)", "",
-                  md_table(evictions, columns=["node", "pod", "result", "detail"])]
-    publish_markdown(f"gpu-{action}-{platform}-{cluster}", "\n".join(lines) + "\n", description=f"GPU node {action}")
-
-
 def _flow_run_id() -> str | None:
     from prefect.context import FlowRunContext
 
@@ -394,42 +458,89 @@ def _flow_run_id() -> str | None:
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 
 
+def uncordon_operation(plat: Platform, api: Any, cluster: Any, plan_now: Callable[[], tuple[UncordonPlan, Any]],
+                       *, approval_timeout_s: int | None, poll_interval_s: float) -> Operation:
+    """Return the nodes `plan_now()` finds repaired to service, one step per node."""
+    timeout = cluster.request_timeout_s
+
+    async def planner(_: Any) -> Plan:
+        identity = await asyncio.to_thread(cluster_identity, api, timeout)
+        up, result = await asyncio.to_thread(plan_now)
+
+        def uncordon(node: str, uid: str) -> str:
+            note = repair_note(result, node, f"gpu-node-uncordon run {_flow_run_id()}",
+                               datetime.now(tz=UTC).isoformat(timespec="seconds"))
+            return uncordon_and_untaint(api, node, taint_key=UNHEALTHY_TAINT_KEY, annotation_key=FINDING_ANNOTATION,
+                                        uid=uid, timeout_s=timeout, repair_note=note)
+
+        steps = _node_steps(api, cluster, "uncordon", [(n, up.uids[n]) for n in up.actions], uncordon,
+                            lambda n: f"node {n} (uid {up.uids[n]}): schedulable, taint `{UNHEALTHY_TAINT_KEY}` and "
+                                      f"annotation `{FINDING_ANNOTATION}` removed, the repair recorded",
+                            "gpu-node-uncordon cordon=true with this node")
+        lines = [f"- **{n}**: remove `{UNHEALTHY_TAINT_KEY}`, the annotation, and uncordon" for n in up.actions]
+        lines += [f"- {n}: already in service, nothing to do" for n in up.in_service]
+        return Plan(Target("Kubernetes cluster", cluster.name, identity), steps, title="GPU node uncordon",
+                    details="\n".join(lines), facts=up.facts(),
+                    refusals=[f"{n}: {why}" for n, why in sorted(up.refused.items())],
+                    way_back=lambda applied: WayBack(
+                        "Put the nodes back out of service.", "gpu-node-uncordon",
+                        {"nodes": up.actions[:applied], "cluster": cluster.name, "cordon": True, "dry_run": False}))
+
+    return Operation("gpu-node-uncordon", plat.name, planner, lock=_lock(plat.name, cluster.name),
+                     approval_timeout_s=approval_timeout(plat.config, approval_timeout_s),
+                     lock_timeout_s=lock_timeout(plat.config), poll_interval_s=poll_interval_s, key=cluster.name)
+
+
+def manual_cordon_plan(requested: list[str], fleet: Any) -> CordonPlan:
+    """`cordon=true`: the named GPU nodes back out of service (the way back of an uncordon), no cap."""
+    by_name = {n.name: n for n in fleet.nodes}
+    unknown = sorted(set(requested) - set(by_name))
+    if unknown:
+        raise ValueError(f"nodes: no GPU node named {unknown}")
+    todo = [n for n in dict.fromkeys(requested) if not (by_name[n].unschedulable and is_tainted(by_name[n]))]
+    return CordonPlan([NodeAction(n, "manual", ["put back out of service by gpu-node-uncordon cordon=true"],
+                                  uid=by_name[n].uid, kinds=["manual"]) for n in todo], [],
+                      sorted(set(requested) - set(todo)), len(todo), len(by_name), 1.0)
+
+
+def is_tainted(node: Any) -> bool:
+    return any(t.get("key") == UNHEALTHY_TAINT_KEY for t in node.taints)
+
+
 @flow(name="gpu-node-uncordon", log_prints=False)
 def gpu_node_uncordon(platform: str = "main", nodes: list[str] | None = None, cluster: str | None = None,
-                      dry_run: bool = True, force: bool = False, window: str | None = None,
-                      approval_timeout_s: int = 3600) -> dict:
+                      dry_run: bool = True, force: bool = False, cordon: bool = False, window: str | None = None,
+                      approval_timeout_s: int | None = None, poll_interval_s: float = 10) -> Any:
     """Return repaired GPU nodes to service: remove the unhealthy taint and annotation, uncordon, and
-    record the repair (`ai-platform-ops.io/gpu-repaired`: when, who, the XIDs dcgm-exporter still shows).
+    record the repair (`ai-platform-ops.io/gpu-repaired`: when, which run, the XIDs dcgm-exporter still shows).
 
     A fresh sweep (the same sweep as `gpu-monitoring-sweep`) must show the node without critical
     findings and with its exporter reporting (`force=True` overrides); an XID that dcgm-exporter's
-    last-value gauge still shows from before the cordon does not count. Only nodes this project
-    cordoned are touched. Dry run by default; a real run pauses for approval.
+    last-value gauge still shows from before the cordon does not count. A node cordoned by someone else
+    refuses the run; a node already in service is left as it is. Dry run by default; a real run pauses for
+    approval, sweeps again and refuses if the plan changed. `cordon=True` does the opposite for the named
+    nodes (cordon and taint them): the way back of an uncordon.
     """
-    logger = get_run_logger()
     plat = Platform(platform)
     cluster_cfg = plat.config.cluster(cluster)
     api = plat.kubernetes(cluster)
     settings = dataclasses.replace(_settings(plat, cluster, window=window), xid_baseline="cordon")
-    result, fleet = _flow_sweep(plat, api, settings)
-    plan = plan_uncordon(nodes or [], fleet.nodes, result, force=force)
-    publish_markdown(f"gpu-uncordon-plan-{platform}-{cluster_cfg.name}", plan.markdown(dry_run),
-                     description="GPU nodes to return to service")
-    summary: dict[str, Any] = {"plan": plan.actions, "refused": plan.refused, "dry_run": dry_run, "uncordoned": [],
-                               "approved_by": None}
-    if dry_run or not plan.actions:
-        return summary
-    approval = pause_for_approval(plan.markdown(dry_run=False), approval_timeout_s)
-    summary["approved_by"] = approval.who()
-    if not approval.approve:
-        logger.warning("uncordon rejected by %s", approval.who())
-        return summary
-    at = datetime.now(tz=UTC).isoformat(timespec="seconds")
-    notes = {n: repair_note(result, n, approval.who(), at) for n in plan.actions}
-    changes = uncordon_gpu_nodes(api, cluster_cfg, plan.actions, notes)
-    summary["uncordoned"] = [c["node"] for c in changes if c["changed"]]
-    publish_action_report(platform, cluster_cfg.name, "uncordon", approval.who(), changes, [])
-    return summary
+    if cordon:
+        def cordon_now() -> CordonPlan:
+            return manual_cordon_plan(nodes or [], list_gpu_fleet(api, settings))
+
+        op = cordon_operation(plat, api, cluster_cfg, cordon_now, drain=False, approval_timeout_s=approval_timeout_s,
+                              poll_interval_s=poll_interval_s, by="ai-platform-ops gpu-node-uncordon cordon=true")
+        op.name = "gpu-node-uncordon"
+        return run_operation_sync(op, dry_run=dry_run)
+
+    def plan_now() -> tuple[UncordonPlan, Any]:
+        result, fleet = _flow_sweep(plat, api, settings)
+        return plan_uncordon(nodes or [], fleet.nodes, result, force=force), result
+
+    op = uncordon_operation(plat, api, cluster_cfg, plan_now, approval_timeout_s=approval_timeout_s,
+                            poll_interval_s=poll_interval_s)
+    return run_operation_sync(op, dry_run=dry_run)
 
 
 __all__ = [

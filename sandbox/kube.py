@@ -243,6 +243,14 @@ class SandboxKubernetes(KubernetesEmulator):
             return _health(request.url.path[1:], self.fail_with is None, "verbose" in request.params)
         if request.url.path == SSAR_PATH and str(request.method).upper().endswith("POST"):
             return _self_subject_access_review(request.data)
+        ns_get = _NAMESPACE_PATH.fullmatch(request.url.path)
+        if ns_get and str(request.method).upper().endswith("GET") and self.fail_with is None:
+            # GET /api/v1/namespaces/NAME: kmock reads the path as a list in namespace NAME. The operations
+            # name a cluster by its kube-system namespace's metadata.uid (API conventions, "Metadata": uid).
+            obj = self.get_object("v1/namespaces", None, ns_get.group(1))
+            if obj is None:
+                return _status(404, "NotFound", f'namespaces "{ns_get.group(1)}" not found')
+            return aiohttp.web.Response(body=_dumps(obj), content_type="application/json")
         if len(self._requests) > REQUEST_LOG_KEEP * 2:
             del self._requests[:-REQUEST_LOG_KEEP]
         if request.resource is not None and request.resource.plural:
@@ -413,6 +421,7 @@ class SandboxKubernetes(KubernetesEmulator):
 
 
 SSAR_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+_NAMESPACE_PATH = re.compile(r"/api/v1/namespaces/([a-z0-9-]+)")
 
 
 def server_version() -> dict[str, str]:

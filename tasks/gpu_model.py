@@ -284,6 +284,7 @@ class GPUNode:
     allocatable: int
     taints: list[dict[str, Any]] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
+    uid: str = ""  # metadata.uid: a node re-created under the same name is another node
 
 
 @dataclass(slots=True)

@@ -1,7 +1,8 @@
 """What to do about the sweep's findings: which nodes to cordon (capped) and which to return to service.
 
 Pure functions over a `SweepResult` and the GPU nodes; the Kubernetes calls that apply a plan are
-`tasks.kubernetes.cordon_gpu_nodes` / `uncordon_gpu_nodes`.
+`tasks.kubernetes.cordon_and_taint` / `uncordon_and_untaint`, one step per node of the operations in
+`flows.gpu_monitoring_sweep`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class NodeAction:
     reason: str  # the taint's value, e.g. xid-79
     findings: list[str]
     xids: dict[str, int] = field(default_factory=dict)  # gpu -> the XID gauge's value when cordoned
+    uid: str = ""  # the node's metadata.uid when planned
+    kinds: list[str] = field(default_factory=list)  # the findings that justify it: "kind gpu N"
 
     def row(self) -> dict[str, Any]:
         return {"node": self.node, "taint": f"{UNHEALTHY_TAINT_KEY}={self.reason}:NoSchedule",
@@ -55,6 +58,13 @@ class CordonPlan:
     @property
     def nodes(self) -> list[str]:
         return [a.node for a in self.actions]
+
+    def facts(self) -> dict[str, Any]:
+        """What an approval of this plan is about: each node (by uid), its taint and the findings behind it;
+        the cap. Not the evidence's values (temperatures, sample counts), which change by themselves."""
+        return {"cordon": [{"node": a.node, "uid": a.uid, "taint": a.reason, "findings": a.kinds}
+                           for a in self.actions],
+                "over_cap": sorted(a.node for a in self.over_cap), "cap": self.cap}
 
     def markdown(self, dry_run: bool) -> str:
         head = "Dry run: would cordon" if dry_run else "Cordon plan"
@@ -102,7 +112,8 @@ def plan_cordon(result: SweepResult, nodes: Iterable[GPUNode], max_share: float)
         candidates.append(NodeAction(
             name, fs[0].cordon_reason or "unhealthy",
             [f"{f.kind.value}" + (f" gpu {f.gpu}" if f.gpu else "") + f": {f.summary}" for f in fs],
-            dict(result.xid_last.get(name, {})),
+            dict(result.xid_last.get(name, {})), uid=node.uid,
+            kinds=[f"{f.kind.value}" + (f" gpu {f.gpu}" if f.gpu else "") for f in fs],
         ))
     candidates.sort(key=lambda a: (-len(a.findings), a.node))
     return CordonPlan(actions=candidates[:cap], over_cap=candidates[cap:], already=sorted(already), cap=cap,
@@ -113,14 +124,12 @@ def plan_cordon(result: SweepResult, nodes: Iterable[GPUNode], max_share: float)
 class UncordonPlan:
     actions: list[str]
     refused: dict[str, str]
+    in_service: list[str] = field(default_factory=list)  # asked for, already schedulable and untainted
+    uids: dict[str, str] = field(default_factory=dict)
 
-    def markdown(self, dry_run: bool) -> str:
-        head = "Dry run: would uncordon" if dry_run else "Uncordon plan"
-        lines = [f"### {head} {len(self.actions)} node(s)", ""]
-        lines += [f"- **{n}**: remove `{UNHEALTHY_TAINT_KEY}`, the annotation, and uncordon" for n in self.actions]
-        if self.refused:
-            lines += ["", "Refused:"] + [f"- **{n}**: {why}" for n, why in sorted(self.refused.items())]
-        return "\n".join(lines) + "\n"
+    def facts(self) -> dict[str, Any]:
+        return {"uncordon": [{"node": n, "uid": self.uids.get(n, "")} for n in self.actions],
+                "in_service": sorted(self.in_service)}
 
 
 def plan_uncordon(requested: Iterable[str], nodes: Iterable[GPUNode], result: SweepResult | None,
@@ -132,14 +141,17 @@ def plan_uncordon(requested: Iterable[str], nodes: Iterable[GPUNode], result: Sw
     XID that dcgm-exporter's gauge still shows from before the cordon does not block it.
     """
     by_name = {n.name: n for n in nodes}
-    actions, refused = [], {}
+    actions, refused, in_service = [], {}, []
     for name in dict.fromkeys(requested):
         node = by_name.get(name)
         if node is None:
             refused[name] = "no such GPU node"
             continue
         if not is_tainted_unhealthy(node) and FINDING_ANNOTATION not in node.annotations:
-            refused[name] = f"not cordoned by this project (no {UNHEALTHY_TAINT_KEY} taint): left as it is"
+            if node.unschedulable:
+                refused[name] = f"cordoned, but not by this project (no {UNHEALTHY_TAINT_KEY} taint): left as it is"
+            else:
+                in_service.append(name)
             continue
         if result is not None and not force:
             if result.metrics_error is not None:
@@ -152,7 +164,7 @@ def plan_uncordon(requested: Iterable[str], nodes: Iterable[GPUNode], result: Sw
                 refused[name] = "still " + "; ".join(f"{f.kind.value}: {f.summary}" for f in blocking[:3])
                 continue
         actions.append(name)
-    return UncordonPlan(actions, refused)
+    return UncordonPlan(actions, refused, in_service, {n: by_name[n].uid for n in actions})
 
 
 def repair_note(result: SweepResult | None, node: str, by: str, at: str) -> str:

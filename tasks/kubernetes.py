@@ -7,7 +7,6 @@ model deserialisation costs seconds for a few thousand nodes and is never used f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from tasks._gc import gc_paused
 from tasks._retry import TRANSIENT_RETRIES
 from tasks.gpu_model import (
     DEFAULT_EXPORTER_SELECTORS,
-    FINDING_ANNOTATION,
     REPAIR_ANNOTATION,
     ExporterPod,
     FleetSnapshot,
@@ -359,7 +357,7 @@ def _gpu_node(obj: dict[str, Any]):
         alloc = 0
     return GPUNode(name=meta.get("name", ""), ready=node_ready(status), unschedulable=bool(spec.get("unschedulable")),
                    capacity=cap, allocatable=alloc, taints=list(spec.get("taints") or []),
-                   annotations=meta.get("annotations") or {})
+                   annotations=meta.get("annotations") or {}, uid=meta.get("uid", ""))
 
 
 def _sweep_pod(obj: dict[str, Any], exporter_terms: list[list[tuple[str, str]]],
@@ -414,54 +412,87 @@ def list_gpu_fleet(api: k8s.ApiClient, settings: Any):
                            resources=settings.resources, page_size=settings.page_size, timeout_s=settings.timeout_s)
 
 
+# --- the cluster's identity ------------------------------------------------------------------------
+
+
+def cluster_identity(api: k8s.ApiClient, timeout_s: float = 15.0) -> str:
+    """The cluster's identity: the `kube-system` namespace's metadata.uid, read through the API.
+
+    A cluster has no ID field of its own; the uid of a namespace every cluster has, and that lives as long as
+    the cluster, is the accepted stand-in (Kubernetes API conventions, "Metadata": a uid is unique in time
+    and space and never reused; kubeadm and Cluster API's clusterctl identify a cluster the same way). A
+    cluster re-created under the same name or server address has another uid."""
+    ns = _read_raw(k8s.CoreV1Api(api).read_namespace, "kube-system", timeout_s)
+    uid = (ns.get("metadata") or {}).get("uid")
+    if not uid:
+        raise LookupError("the kube-system namespace has no metadata.uid: cannot tell which cluster this is")
+    return uid
+
+
 # --- cordon, taint, uncordon, drain ----------------------------------------------------------------
 #
 # Nodes are changed with JSON merge patches (the client's default for a dict body): maps merge,
-# lists replace, so the taint list is always sent whole, built from the node as it is now.
+# lists replace, so the taint list is always sent whole, built from the node as it is now. Each change
+# names the node's uid: a node deleted and re-created under the same name is another node (API
+# conventions: metadata.uid), so a change planned for the old one is refused, and the patch carries the
+# uid too (the API server rejects a patch that would change it: the field is immutable).
 
 
-def _read_node_raw(core: k8s.CoreV1Api, name: str, timeout_s: float) -> dict[str, Any]:
-    response = core.read_node(name, _preload_content=False, _request_timeout=timeout_s)
-    return orjson.loads(response.data)
+def _read_raw(read: Callable[..., Any], name: str, timeout_s: float) -> dict[str, Any]:
+    return orjson.loads(read(name, _preload_content=False, _request_timeout=timeout_s).data)
+
+
+def read_node(api: k8s.ApiClient, name: str, uid: str | None = None, timeout_s: float = 15.0) -> dict[str, Any]:
+    """The node as the API has it now; when `uid` is given, it must be that node (not one re-created)."""
+    obj = _read_raw(k8s.CoreV1Api(api).read_node, name, timeout_s)
+    now = (obj.get("metadata") or {}).get("uid")
+    if uid and now != uid:
+        raise RuntimeError(f"node {name} is another node now (uid {now}, planned {uid}): it was deleted and "
+                           "re-created; nothing changed on it")
+    return obj
 
 
 def cordon_and_taint(api: k8s.ApiClient, node: str, reason: str, annotation: str, *, taint_key: str,
-                     annotation_key: str, timeout_s: float = 15.0) -> dict[str, Any]:
+                     annotation_key: str, uid: str | None = None, timeout_s: float = 15.0) -> str:
     """Cordon `node`, add the taint `taint_key=reason:NoSchedule` and the annotation. Idempotent."""
-    core = k8s.CoreV1Api(api)
-    obj = _read_node_raw(core, node, timeout_s)
+    obj = read_node(api, node, uid, timeout_s)
     spec = obj.get("spec") or {}
     taints = [t for t in spec.get("taints") or []]
     ours = [t for t in taints if t.get("key") == taint_key]
     was_cordoned = bool(spec.get("unschedulable"))
     if was_cordoned and ours:
-        return {"node": node, "changed": False, "detail": "already cordoned and tainted"}
+        return "already cordoned and tainted"
     if not ours:
         taints.append({"key": taint_key, "value": reason, "effect": "NoSchedule"})
     patch = {"spec": {"unschedulable": True, "taints": taints},
-             "metadata": {"annotations": {annotation_key: annotation}}}
-    core.patch_node(node, patch, _request_timeout=timeout_s)
-    return {"node": node, "changed": True,
-            "detail": f"cordoned{' (was already unschedulable)' if was_cordoned else ''}, tainted {taint_key}={reason}"}
+             "metadata": {"uid": obj["metadata"]["uid"], "annotations": {annotation_key: annotation}}}
+    k8s.CoreV1Api(api).patch_node(node, patch, _request_timeout=timeout_s)
+    return f"cordoned{' (was already unschedulable)' if was_cordoned else ''}, tainted {taint_key}={reason}"
 
 
 def uncordon_and_untaint(api: k8s.ApiClient, node: str, *, taint_key: str, annotation_key: str,
-                         timeout_s: float = 15.0, repair_note: str | None = None,
-                         repair_key: str = REPAIR_ANNOTATION) -> dict[str, Any]:
+                         uid: str | None = None, timeout_s: float = 15.0, repair_note: str | None = None,
+                         repair_key: str = REPAIR_ANNOTATION) -> str:
     """Remove our taint and annotation and uncordon `node` (idempotent); record the repair (`repair_note`,
     its time and the XIDs dcgm-exporter still shows) under `repair_key`."""
-    core = k8s.CoreV1Api(api)
-    obj = _read_node_raw(core, node, timeout_s)
+    obj = read_node(api, node, uid, timeout_s)
     spec = obj.get("spec") or {}
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
     taints = [t for t in spec.get("taints") or [] if t.get("key") != taint_key]
     if not spec.get("unschedulable") and len(taints) == len(spec.get("taints") or []) \
             and annotation_key not in annotations:
-        return {"node": node, "changed": False, "detail": "already schedulable and untainted"}
+        return "already schedulable and untainted"
     patch = {"spec": {"unschedulable": None, "taints": taints or None},
-             "metadata": {"annotations": {annotation_key: None, **({repair_key: repair_note} if repair_note else {})}}}
-    core.patch_node(node, patch, _request_timeout=timeout_s)
-    return {"node": node, "changed": True, "detail": f"uncordoned, removed {taint_key}"}
+             "metadata": {"uid": obj["metadata"]["uid"],
+                          "annotations": {annotation_key: None, **({repair_key: repair_note} if repair_note else {})}}}
+    k8s.CoreV1Api(api).patch_node(node, patch, _request_timeout=timeout_s)
+    return f"uncordoned, removed {taint_key}"
+
+
+def is_cordoned_by_us(obj: dict[str, Any], taint_key: str = UNHEALTHY_TAINT_KEY) -> bool:
+    """Read back: the node is unschedulable and carries our taint."""
+    spec = obj.get("spec") or {}
+    return bool(spec.get("unschedulable")) and any(t.get("key") == taint_key for t in spec.get("taints") or [])
 
 
 def evict_pods_on(api: k8s.ApiClient, node: str, timeout_s: float = 15.0) -> list[dict[str, Any]]:
@@ -498,29 +529,6 @@ def evict_pods_on(api: k8s.ApiClient, node: str, timeout_s: float = 15.0) -> lis
     return out
 
 
-@task(name="cordon-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
-def cordon_gpu_nodes(api: k8s.ApiClient, cluster: ClusterConfig, actions: list[Any],
-                     annotation: dict[str, Any]) -> list[dict]:
-    """Cordon and taint each planned node (`tasks.gpu_plans.NodeAction`); idempotent, so safe to retry."""
-    results = []
-    for action in actions:
-        note = json.dumps({**annotation, "reason": action.reason, "findings": action.findings,
-                           "xids": action.xids}, sort_keys=True)
-        results.append(cordon_and_taint(api, action.node, action.reason, note, taint_key=UNHEALTHY_TAINT_KEY,
-                                        annotation_key=FINDING_ANNOTATION, timeout_s=cluster.request_timeout_s))
-    return results
-
-
-@task(name="uncordon-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
-def uncordon_gpu_nodes(api: k8s.ApiClient, cluster: ClusterConfig, nodes: list[str],
-                       repair_notes: dict[str, str] | None = None) -> list[dict]:
-    """Remove the unhealthy taint and annotation and uncordon each node, recording its repair; idempotent."""
-    return [uncordon_and_untaint(api, n, taint_key=UNHEALTHY_TAINT_KEY, annotation_key=FINDING_ANNOTATION,
-                                 timeout_s=cluster.request_timeout_s, repair_note=(repair_notes or {}).get(n))
-            for n in nodes]
-
-
-@task(name="drain-gpu-nodes", cache_policy=NONE, **TRANSIENT_RETRIES)
-def drain_gpu_nodes(api: k8s.ApiClient, cluster: ClusterConfig, nodes: list[str]) -> list[dict]:
+def drain_nodes(api: k8s.ApiClient, nodes: list[str], timeout_s: float = 15.0) -> list[dict]:
     """Evict the non-DaemonSet pods of each node, respecting PodDisruptionBudgets (429: reported, not forced)."""
-    return [r for n in nodes for r in evict_pods_on(api, n, cluster.request_timeout_s)]
+    return [r for n in nodes for r in evict_pods_on(api, n, timeout_s)]

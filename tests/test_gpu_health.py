@@ -515,14 +515,17 @@ def test_warnings_never_cordon():
 
 
 def test_uncordon_only_our_nodes_and_only_when_healthy():
-    f, result = _critical_fleet(3, bad=[0])
+    f, result = _critical_fleet(4, bad=[0])
     for node in f.nodes[:2]:
         node.unschedulable = True
         node.taints = [{"key": UNHEALTHY_TAINT_KEY, "value": "xid-79", "effect": "NoSchedule"}]
         node.annotations = {FINDING_ANNOTATION: "{}"}
-    plan = plan_uncordon(["g0", "g1", "g2", "nope"], f.nodes, result)
-    assert plan.actions == ["g1"]
-    assert set(plan.refused) == {"g0", "g2", "nope"} and "critical-xid" in plan.refused["g0"]
+    f.nodes[3].unschedulable = True  # g3: cordoned by someone else (no taint of ours)
+    plan = plan_uncordon(["g0", "g1", "g2", "g3", "nope"], f.nodes, result)
+    assert plan.actions == ["g1"] and plan.in_service == ["g2"]  # g2 is schedulable already: nothing to do
+    assert set(plan.refused) == {"g0", "g3", "nope"} and "critical-xid" in plan.refused["g0"]
+    assert "not by this project" in plan.refused["g3"]
+    assert plan.facts() == {"uncordon": [{"node": "g1", "uid": ""}], "in_service": ["g2"]}
     assert plan_uncordon(["g0"], f.nodes, result, force=True).actions == ["g0"]
     unknown = classify(f, DCGMSnapshot.unavailable("20s", "down"), TH)
     assert plan_uncordon(["g1"], f.nodes, unknown).actions == []

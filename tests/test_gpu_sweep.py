@@ -237,27 +237,35 @@ def test_recording_rules_give_the_raw_queries_answers(faulted):
     assert whole.metrics_source == "recording rules" and whole.status == "critical"
 
 
+def _markdown(flow_run_id, prefix: str) -> str:
+    return next(a.data for a in _artifacts(flow_run_id) if a.type == "markdown" and (a.key or "").startswith(prefix))
+
+
 def test_dry_run_reports_the_capped_plan_and_changes_nothing(faulted, sandbox_platform):
     sb, _ = faulted
     before = _nodes(sb)
     requests = _api_requests(sb)
     state = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, return_state=True)
     assert state.is_completed()
-    # a handful of tasks, and a constant number of API calls: one page of nodes and one of pods
-    assert _api_requests(sb) - requests == 2
+    # a handful of tasks, and a constant number of API calls: one page of nodes and one of pods, and the
+    # cluster's identity (the kube-system namespace) for the cordon plan
+    assert _api_requests(sb) - requests == 3
     tasks = {"list-gpu-fleet", "query-dcgm-metrics", "query-dcgm-details", "publish-gpu-sweep-report"}
     if "argo" in sb.config and "gitlab" in sb.config:  # critical findings on training pods: a note task
         tasks.add("note-gpu-faults-on-training-commits")
     assert set(_task_runs(state.state_details.flow_run_id, tasks)) == tasks
     out = state.result()
-    assert out["dry_run"] and out["cordoned"] == []
-    assert len(out["cordon_plan"]) == 1 and set(out["cordon_plan"] + out["cordon_over_cap"]) == CRITICAL_NODES
+    assert out["dry_run"] and out["steps"] == [] and out["approved"] is None
+    sweep_out = out["sweep"]
+    assert len(sweep_out["cordon_plan"]) == 1
+    assert set(sweep_out["cordon_plan"] + sweep_out["cordon_over_cap"]) == CRITICAL_NODES
+    assert [f["node"] for f in out["facts"]["cordon"]] == sweep_out["cordon_plan"]
+    assert all(f["uid"] for f in out["facts"]["cordon"])  # each planned node by its uid
     assert _nodes(sb) == before
-    found = _artifacts(state.state_details.flow_run_id)
-    md = [a for a in found if a.type == "markdown"][0].data
+    md = _markdown(state.state_details.flow_run_id, "gpu-sweep-")
     assert "Dry run: would cordon 1 node" in md and "data:image/png;base64," in md
     assert "critical-xid" in md and "idle-but-held" in md
-    table = [a for a in found if a.type == "table"][0].data
+    table = [a for a in _artifacts(state.state_details.flow_run_id) if a.type == "table"][0].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert {r["finding"] for r in rows} >= {"critical-xid", "gpu-missing", "row-remap", "gpu-hot", "idle-but-held",
                                             "exporter-down"}
@@ -266,56 +274,48 @@ def test_dry_run_reports_the_capped_plan_and_changes_nothing(faulted, sandbox_pl
 def test_approved_run_cordons_exactly_the_plan_within_the_cap(faulted, sandbox_platform):
     sb, _ = faulted
     state, _ = _run_and_approve(gpu_monitoring_sweep, {"approve": True, "approver": "alice"},
-                                platform=sandbox_platform, window=WINDOW, dry_run=False, max_share=0.15)
+                                platform=sandbox_platform, window=WINDOW, dry_run=False, max_share=0.15,
+                                poll_interval_s=0.5)
     assert state.is_completed(), state
     out = state.result()
-    assert out["approved_by"] == "alice" and len(out["cordon_plan"]) == 2  # 15% of 16 nodes
-    assert out["cordoned"] == out["cordon_plan"]
+    planned = out["sweep"]["cordon_plan"]
+    assert out["approver"] == "alice" and len(planned) == 2  # 15% of 16 nodes
+    assert [r["step"] for r in out["steps"]] == [f"cordon {n}" for n in planned]
     nodes = _nodes(sb)
     touched = {n for n, obj in nodes.items() if obj["spec"].get("unschedulable") or _ours(obj)}
-    assert touched == set(out["cordon_plan"]) and touched <= CRITICAL_NODES
+    assert touched == set(planned) and touched <= CRITICAL_NODES
     for name in touched:
         node = nodes[name]
         assert node["spec"]["unschedulable"] is True
         assert _ours(node)[0]["effect"] == "NoSchedule" and _ours(node)[0]["value"] in (
             "xid-79", "gpu-missing", "row-remap-failure")
         note = json.loads(node["metadata"]["annotations"][FINDING_ANNOTATION])
-        assert note["approved_by"] == "alice" and note["findings"]
+        assert note["flow_run"] == str(state.state_details.flow_run_id) and note["findings"]
         assert {"key": "disable-node-scheduler", "value": "", "effect": "NoSchedule"} in node["spec"]["taints"]
 
     # idempotent: the next run plans the third critical node only, never the cordoned ones again
-    again = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, max_share=0.15)
+    again = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, max_share=0.15)["sweep"]
     assert set(again["cordon_already"]) == touched and set(again["cordon_plan"]) == CRITICAL_NODES - touched
 
     # uncordon: the XID the gauge still shows from before the cordon does not block it (the repair is
-    # done); the GPU still missing does, until forced
-    refused = gpu_node_uncordon(platform=sandbox_platform, nodes=sorted(touched), window=WINDOW)
-    assert refused["plan"] == ["gpu-node-0003"] and set(refused["refused"]) == touched - {"gpu-node-0003"}
-    assert "gpu-missing" in refused["refused"]["gpu-node-0005"]
+    # done); the GPU still missing does (the whole run is refused, nothing changed), until forced
+    refused = gpu_node_uncordon(platform=sandbox_platform, nodes=sorted(touched), window=WINDOW, return_state=True)
+    assert refused.is_failed() and "refused, nothing was changed" in refused.message
+    assert "gpu-missing" in refused.message and "gpu-node-0003" not in refused.message.split("refused")[1]
     state, _ = _run_and_approve(gpu_node_uncordon, {"approve": True, "approver": "bob"}, platform=sandbox_platform,
-                                nodes=sorted(touched), window=WINDOW, dry_run=False, force=True)
+                                nodes=sorted(touched), window=WINDOW, dry_run=False, force=True, poll_interval_s=0.5)
     assert state.is_completed(), state
-    assert set(state.result()["uncordoned"]) == touched
+    assert [r["step"] for r in state.result()["steps"]] == [f"uncordon {n}" for n in sorted(touched)]
     nodes = _nodes(sb)
     for name in touched:
         assert not nodes[name]["spec"].get("unschedulable") and not _ours(nodes[name])
         assert FINDING_ANNOTATION not in nodes[name]["metadata"].get("annotations", {})
         repair = json.loads(nodes[name]["metadata"]["annotations"][REPAIR_ANNOTATION])
-        assert repair["by"] == "bob" and repair["at"]
+        assert str(state.state_details.flow_run_id) in repair["by"] and repair["at"]
     assert json.loads(nodes["gpu-node-0003"]["metadata"]["annotations"][REPAIR_ANNOTATION])["xids"] == {"2": 79}
     # the next sweep no longer counts the XID the gauge keeps: the repaired node is not planned again
-    after = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, max_share=0.15)
+    after = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, max_share=0.15)["sweep"]
     assert "gpu-node-0003" not in after["cordon_plan"] + after["cordon_over_cap"]
-
-
-def test_rejected_plan_changes_nothing(faulted, sandbox_platform):
-    sb, _ = faulted
-    before = _nodes(sb)
-    state, _ = _run_and_approve(gpu_monitoring_sweep, {"approve": False, "approver": "carol"},
-                                platform=sandbox_platform, window=WINDOW, dry_run=False)
-    assert state.is_completed()
-    assert state.result()["cordoned"] == [] and state.result()["approved_by"] == "carol"
-    assert _nodes(sb) == before
 
 
 # --- drain and Prometheus down ---------------------------------------------------------------------
@@ -340,7 +340,7 @@ def test_prometheus_down_is_unknown_and_fails_the_run(clean_sandbox, sandbox_pla
     assert {g.status.value for g in result.gpus} == {"unknown"}
     state = gpu_monitoring_sweep(platform=sandbox_platform, window=WINDOW, return_state=True)
     assert state.is_failed() and "unknown" in state.message and "cannot reach Prometheus" in state.message
-    md = [a for a in _artifacts(state.state_details.flow_run_id) if a.type == "markdown"][0].data
+    md = _markdown(state.state_details.flow_run_id, "gpu-sweep-")
     assert "Status: UNKNOWN" in md and "prometheus-unavailable" in md
     # a connection refused is transient: the query task ran once and was retried every time allowed
     query = _task_runs(state.state_details.flow_run_id, {"query-dcgm-metrics"})["query-dcgm-metrics"]
