@@ -145,6 +145,7 @@ class NodeImages:
     images: list[NodeImage]
     imagefs: ImageFs | None = None
     stats_error: str | None = None
+    uid: str = ""  # the node's metadata.uid: a node re-created under the same name is another node
 
 
 @dataclass(frozen=True)
@@ -421,14 +422,3 @@ def plan_node_prune(audit: NodeAudit, exclude: Iterable[str] = (), max_share: fl
     cap = max(1, int(total * max_share)) if ranked else 0
     return NodePrunePlan(nodes=[NodePrune(n, imgs) for n, imgs in ranked[:cap]], excluded=excluded,
                          over_cap=[n for n, _ in ranked[cap:]])
-
-
-def still_unused(plan: NodePrunePlan, pods: list[PodImages]) -> tuple[NodePrunePlan, list[dict[str, Any]]]:
-    """The plan minus every image a pod on its node references now (the re-check just before removal)."""
-    fresh = audit_nodes([NodeImages(n.node, [NodeImage((i.id, i.name), i.size) for i in n.images]) for n in plan.nodes],
-                        [p for p in pods if p.node in {n.node for n in plan.nodes}])
-    keep = {(u.node, u.id) for u in fresh.unused}
-    dropped = [{"node": n.node, "image": i.name, "reason": "in use at re-check"}
-               for n in plan.nodes for i in n.images if (n.node, i.id) not in keep]
-    nodes = [NodePrune(n.node, [i for i in n.images if (n.node, i.id) in keep]) for n in plan.nodes]
-    return NodePrunePlan([n for n in nodes if n.images], plan.excluded, plan.over_cap), dropped

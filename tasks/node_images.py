@@ -5,7 +5,7 @@
 - The kubelet summary API per node, through the API server's node proxy
   ``GET /api/v1/nodes/<node>/proxy/stats/summary`` (k8s.io/kubelet/pkg/apis/stats/v1alpha1 ``Summary``:
   ``node.runtime.imageFs``), many nodes at a time in threads; a node without stats is `unknown`.
-- Prune: one ``batch/v1`` Job pinned to each node (``spec.nodeName``) runs `crictl` through the host's
+- Prune (a step of image-prune's operation): one ``batch/v1`` Job pinned to each node (``spec.nodeName``) runs `crictl` through the host's
   CRI socket for exactly the planned image ids, passed as argv (no shell interpolation of values). Just
   before each removal the Job checks ``crictl ps -a --image <id>`` and skips an image a container uses
   (as Eraser's remover skips running images). Each Job prints one JSON line per image; the flow reads
@@ -65,7 +65,7 @@ done
 def _node(obj: dict[str, Any]) -> NodeImages:
     images = [NodeImage(tuple(i.get("names") or ()), int(i.get("sizeBytes") or 0))
               for i in (obj.get("status") or {}).get("images") or []]
-    return NodeImages(obj["metadata"]["name"], images)
+    return NodeImages(obj["metadata"]["name"], images, uid=obj["metadata"].get("uid", ""))
 
 
 def _is_training(obj: dict[str, Any]) -> bool:
@@ -154,12 +154,6 @@ def scan_node_images_task(api: k8s.ApiClient, page_size: int = PAGE_SIZE, timeou
     return fetch_node_images(api, page_size, timeout_s)
 
 
-@task(name="list-pod-images", cache_policy=NONE, **TRANSIENT_RETRIES)
-def list_pod_images_task(api: k8s.ApiClient, page_size: int = PAGE_SIZE, timeout_s: float = 15.0) -> list[PodImages]:
-    """The pods' images now (the prune's re-check)."""
-    return fetch_pods(api, page_size, timeout_s).items
-
-
 # --- pruning -------------------------------------------------------------------------------------
 
 
@@ -236,10 +230,3 @@ def run_prune_jobs(api: k8s.ApiClient, plan: NodePrunePlan, namespace: str, imag
         for node, results in pool.map(read, list(jobs)):
             out[node] = results
     return out
-
-
-@task(name="prune-node-images", cache_policy=NONE)
-def prune_nodes_task(api: k8s.ApiClient, plan: NodePrunePlan, namespace: str, image: str, run_id: str,
-                     timeout_s: float = 900.0) -> dict[str, dict[str, str]]:
-    """The node side of a prune: every node's Job in one task (not retried: a Job may have run)."""
-    return run_prune_jobs(api, plan, namespace, image, run_id, timeout_s)

@@ -7,6 +7,9 @@ Endpoints (distribution/distribution ``docs/spec/api.md``; the OCI distribution-
     GET    /v2/<name>/manifests/<ref>         a manifest, ``Docker-Content-Digest``; Accept decides
                                               whether an index / manifest list comes back as such
     GET    /v2/<name>/blobs/<digest>          the image config (its ``created`` time)
+    HEAD   /v2/<name>/blobs/<digest>          whether a blob is still there (a restore needs every one)
+    PUT    /v2/<name>/manifests/<ref>         the manifest's bytes (Content-Type: its media type): a tag,
+                                              or by digest; its blobs (and an index's manifests) must exist
     DELETE /v2/<name>/manifests/<digest>      202 Accepted; 404 MANIFEST_UNKNOWN; 405 when deletes are off
 
 A 429 (``TOOMANYREQUESTS`` in the spec's error codes) is waited out once per request as its Retry-After
@@ -176,6 +179,19 @@ class RegistryClient:
         except ValueError:
             return None
 
+    def blob_exists(self, repository: str, digest: str) -> bool:
+        r = self.request("HEAD", f"/v2/{repository}/blobs/{digest}")
+        if r.status_code == 404:
+            return False
+        self._check(r, f"HEAD blob {repository}@{digest}")
+        return True
+
+    def put_manifest(self, repository: str, reference: str, body: bytes, media_type: str) -> str:
+        """PUT a manifest's bytes as `reference` (a tag or its digest); returns the digest the registry names."""
+        r = self._check(self.request("PUT", f"/v2/{repository}/manifests/{reference}", content=body,
+                                     headers={"Content-Type": media_type}), f"PUT manifest {repository}:{reference}")
+        return r.headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(body).hexdigest()
+
     def delete_manifest(self, repository: str, digest: str) -> DeleteResult:
         r = self.request("DELETE", f"/v2/{repository}/manifests/{digest}")
         if r.status_code in (200, 202):
@@ -212,7 +228,7 @@ def _read_manifest(client: RegistryClient, repo: str, ref: str, out: dict[tuple[
         return out[(repo, digest)]
     doc = json.loads(body)
     media = doc.get("mediaType") or media
-    m = Manifest(repository=repo, digest=digest, media_type=media, size=len(body))
+    m = Manifest(repository=repo, digest=digest, media_type=media, size=len(body), raw=body)
     out[(repo, digest)] = m
     if media in INDEX_TYPES or "manifests" in doc:
         m.children = [c["digest"] for c in doc.get("manifests") or []]
@@ -288,15 +304,9 @@ def scan_registry_task(registry: Any, repositories: list[str] | None = None, tim
         return scan_registry(client, repositories)
 
 
-@task(name="delete-registry-manifests", cache_policy=NONE, **TRANSIENT_RETRIES)
-def delete_manifests_task(registry: Any, targets: list[tuple[str, str]], timeout_s: float = REGISTRY_TIMEOUT_S
-                          ) -> list[DeleteResult]:
+def delete_manifests(client: RegistryClient, targets: list[tuple[str, str]]) -> list[DeleteResult]:
     """DELETE each (repository, digest), in order; one already gone is `gone`, not an error."""
-    out = []
-    with RegistryClient.of(registry, timeout_s) as client:
-        for repo, digest in targets:
-            out.append(client.delete_manifest(repo, digest))
-    return out
+    return [client.delete_manifest(repo, digest) for repo, digest in targets]
 
 
 # --- garbage collection ------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class Manifest:
     children: list[str] = field(default_factory=list)     # an index's manifests (same repository)
     created: datetime | None = None
     tags: list[str] = field(default_factory=list)
+    raw: bytes = field(default=b"", repr=False, compare=False)  # the manifest as the registry served it
 
     @property
     def is_index(self) -> bool:

@@ -6,7 +6,6 @@ listing and deletion, a node without summary stats, a huge catalog, 429."""
 from __future__ import annotations
 
 import math
-import threading
 from datetime import UTC, datetime
 
 import httpx
@@ -100,7 +99,7 @@ def test_registry_down_is_an_error_worth_retrying_never_an_empty_registry():
 
 def test_manifest_gone_between_listing_and_deletion(training_platform, sandbox):
     from sandbox.registry_seed import seed_audit_images
-    from tasks.registry_api import delete_manifests_task, scan_registry
+    from tasks.registry_api import delete_manifests, scan_registry
     from tasks.registry_retention import Rules, plan_retention
 
     now = datetime.now(UTC)
@@ -110,10 +109,8 @@ def test_manifest_gone_between_listing_and_deletion(training_platform, sandbox):
                               registry_host=_host(sandbox))
         gone = fx.digests["train:v3"]
         assert c.delete_manifest("audit-g/train", gone).outcome == "deleted"  # someone else deleted it
-    from blocks.connections import ContainerRegistry
-
-    block = ContainerRegistry(url=sandbox.config["registry"]["url"])
-    results = delete_manifests_task.fn(block, [(m.repository, m.digest) for m in plan.delete])
+    with _client(sandbox) as c:
+        results = delete_manifests(c, [(m.repository, m.digest) for m in plan.delete])
     assert {r.digest: r.outcome for r in results} == {gone: "gone", fx.digests["train:v2"]: "deleted"}
 
 
@@ -160,12 +157,10 @@ def test_audit_flow_reports_nodes_and_registry(clean_sandbox, sandbox_platform, 
 
 def test_approved_prune_removes_exactly_the_plan_and_gc_frees_the_blobs(clean_sandbox, sandbox_platform,
                                                                         training_platform, monkeypatch):
-    from prefect.flow_runs import resume_flow_run
-
     from flows import image_cleanup
     from sandbox.registry_seed import seed_audit_images
     from tasks.kubernetes import api_client_from_kubeconfig
-    from tests.test_gitlab_restore import _paused_run_id
+    from tests.approvals import APPROVE, run_and_answer
 
     sb = clean_sandbox
     url = sb.config["registry"]["url"]
@@ -184,30 +179,29 @@ def test_approved_prune_removes_exactly_the_plan_and_gc_frees_the_blobs(clean_sa
     nodes = ["gpu-node-0001", "gpu-node-0002"]
     before = {n["metadata"]["name"]: n["status"]["images"] for n in
               _nodes(api) if n["metadata"]["name"] in nodes}
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("state", run_flow_sync(
-        image_cleanup.image_prune, platform=sandbox_platform, dry_run=False, repositories=["audit-p/*"],
-        only_nodes=nodes, approval_timeout_s=120)), daemon=True)
-    t.start()
-    resume_flow_run(_paused_run_id("image-prune"), run_input={"approve": True, "approver": "alice"})
-    t.join(300)
-    assert not t.is_alive()
-    state = box["state"]
+    state = run_and_answer(image_cleanup.image_prune, {
+        "platform": sandbox_platform, "dry_run": False, "repositories": ["audit-p/*"], "only_nodes": nodes,
+        "poll_interval_s": 0.5}, APPROVE)
     assert state.is_completed(), state.message
-    records = state.result()["records"]
-    assert records and all(r["approved_by"] == "alice" for r in records)
-    node_recs = [r for r in records if not r["where"].startswith("registry/")]
-    assert node_recs and all(r["result"] == "removed" for r in node_recs)
+    record = state.result()
+    assert record["approver"] == "alice"
+    assert [r["step"] for r in record["steps"]] == ["remove unused images on 2 node(s)", "delete audit-p/train manifests",
+                                                    "registry garbage collection"]
+    assert all(r["status"] == "ok" for r in record["steps"]) and "error" not in record["steps"][0]["detail"]
+    planned = record["facts"]["nodes"]
+    assert set(planned) == set(nodes) and all(planned[n]["uid"] for n in nodes)
     after = {n["metadata"]["name"]: n["status"]["images"] for n in _nodes(api) if n["metadata"]["name"] in nodes}
     pods_on = {n: {c["image"] for p in _pods(api) if p["spec"].get("nodeName") == n for c in p["spec"]["containers"]}
                for n in nodes}
     for n in nodes:
-        removed = {r["id"] for r in node_recs if r["where"] == n}
-        assert {i["names"][0] for i in before[n]} - {i["names"][0] for i in after[n]} == removed
+        gone = [i for i in before[n] if i not in after[n]]
+        assert sorted(next((x for x in i["names"] if "@sha256:" in x), i["names"][0]) for i in gone) \
+            == planned[n]["images"]
         assert all(set(i["names"]) & pods_on[n] for i in after[n])  # what is left is what pods use
-    # registry: exactly the planned manifests are gone, the rest answer; GC freed the expected blobs
-    reg = {r["what"]: r["result"] for r in records if r["where"].startswith("registry/")}
-    assert reg == {d: "deleted" for d in fx.expect_delete}
+    # registry: exactly the planned manifests are gone (with every tag: v2 and stable), the rest answer;
+    # GC freed the expected blobs
+    assert {m["digest"] for m in record["facts"]["registry"]} == fx.expect_delete
+    assert ["stable", "v2"] in [m["tags"] for m in record["facts"]["registry"]]
     with httpx.Client(base_url=url, trust_env=False) as c:
         for name, digest in fx.digests.items():
             repo = f"audit-p/{name.split(':')[0]}"
@@ -217,7 +211,6 @@ def test_approved_prune_removes_exactly_the_plan_and_gc_frees_the_blobs(clean_sa
             assert code == (404 if digest in fx.expect_delete else 200), name
         for blob in fx.expect_freed_blobs:
             assert c.head(f"/v2/audit-p/train/blobs/{blob}").status_code == 404
-    assert fx.expect_freed_blobs <= set(state.result()["gc"]["blobs"])
 
 
 def _nodes(api):
@@ -243,10 +236,13 @@ def test_prune_dry_run_plans_and_changes_nothing(clean_sandbox, sandbox_platform
     state = run_flow_sync(image_prune, platform=sandbox_platform, repositories=["audit-none/*"],
                           exclude=["*argoexec*"])
     assert state.is_completed(), state.message
-    rows = state.result()["nodes"]
-    assert rows and not any("argoexec" in r["image"] for r in rows)
-    in_use = {(p["spec"]["nodeName"], c["image"]) for p in _pods(api) for c in p["spec"]["containers"]}
-    assert not {(r["node"], r["image"]) for r in rows} & in_use  # an image a pod uses is never planned
-    assert len({r["node"] for r in rows}) <= 10  # prune_max_share 0.5 of 20 nodes
+    planned = state.result()["facts"]["nodes"]
+    ids = {(n, i) for n, p in planned.items() for i in p["images"]}
+    assert ids and not any("argoexec" in i for _, i in ids)
+    in_use = {(p["spec"]["nodeName"], ref) for p in _pods(api)
+              for ref in [c["image"] for c in p["spec"]["containers"]]
+              + [s.get("imageID") for s in (p.get("status") or {}).get("containerStatuses") or []]}
+    assert not ids & in_use  # an image a pod uses is never planned
+    assert len(planned) <= 10  # prune_max_share 0.5 of 20 nodes
     assert {n["metadata"]["name"]: n["status"]["images"] for n in _nodes(api)} == before
     assert not [p for p in _pods(api) if p["metadata"]["name"].startswith("image-prune-")]
