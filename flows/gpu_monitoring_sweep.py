@@ -68,7 +68,17 @@ from tasks.kubernetes import (
     read_node,
     uncordon_and_untaint,
 )
-from tasks.operation import Operation, Plan, Step, Target, WayBack, approval_timeout, lock_timeout, run_operation_sync
+from tasks.operation import (
+    Operation,
+    Plan,
+    Step,
+    Target,
+    WayBack,
+    approval_timeout,
+    approver,
+    lock_timeout,
+    run_operation_sync,
+)
 from tasks.prometheus import (
     DCGMSnapshot,
     fetch_dcgm,
@@ -261,7 +271,7 @@ def cordon_operation(plat: Platform, api: Any, cluster: Any, plan_now: Callable[
 
     def cordon(action: NodeAction) -> Callable[[str, str], str]:
         def run(node: str, uid: str) -> str:
-            note = json.dumps({"by": by, "flow_run": _flow_run_id(), "reason": action.reason,
+            note = json.dumps({"by": by, "approved_by": approver(), "flow_run": _flow_run_id(), "reason": action.reason,
                                "findings": action.findings, "xids": action.xids,
                                "at": datetime.now(tz=UTC).isoformat(timespec="seconds")}, sort_keys=True)
             return cordon_and_taint(api, node, action.reason, note, taint_key=UNHEALTHY_TAINT_KEY,
@@ -468,7 +478,7 @@ def uncordon_operation(plat: Platform, api: Any, cluster: Any, plan_now: Callabl
         up, result = await asyncio.to_thread(plan_now)
 
         def uncordon(node: str, uid: str) -> str:
-            note = repair_note(result, node, f"gpu-node-uncordon run {_flow_run_id()}",
+            note = repair_note(result, node, f"{approver()} (gpu-node-uncordon run {_flow_run_id()})",
                                datetime.now(tz=UTC).isoformat(timespec="seconds"))
             return uncordon_and_untaint(api, node, taint_key=UNHEALTHY_TAINT_KEY, annotation_key=FINDING_ANNOTATION,
                                         uid=uid, timeout_s=timeout, repair_note=note)

@@ -38,6 +38,7 @@ import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,13 @@ from tasks.redact import Redactor
 from tasks.reports import AsyncProgress, apublish_markdown, apublish_table, artifact_key, md_table, run_logger
 
 DIFF_LINES = 60
+_APPROVER: ContextVar[str | None] = ContextVar("operation_approver", default=None)
+
+
+def approver() -> str | None:
+    """Who approved the operation whose steps are running now (for the records a step writes on the target,
+    such as a node annotation); None outside an apply."""
+    return _APPROVER.get()
 
 
 # --- the error family -----------------------------------------------------------------------------
@@ -377,6 +385,14 @@ async def _recheck_and_apply(op: Operation, approved: Plan, record: dict, redact
 
 
 async def _apply(op: Operation, plan: Plan, record: dict, redactor: Redactor) -> Any:
+    token = _APPROVER.set(record.get("approver"))
+    try:
+        return await _apply_steps(op, plan, record, redactor)
+    finally:
+        _APPROVER.reset(token)
+
+
+async def _apply_steps(op: Operation, plan: Plan, record: dict, redactor: Redactor) -> Any:
     logger = run_logger("ai_platform_ops.operation")
     rows: list[dict] = record["steps"]
     progress = await AsyncProgress.start(op.artifact("progress"), len(plan.steps), f"{op.name}: applying")

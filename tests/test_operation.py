@@ -52,6 +52,7 @@ def _planner(labels: dict[str, str]):
             def run(k=k, v=v):
                 data = _read()
                 data["labels"][k] = v
+                data["by"] = operation.approver()  # what a step records on the target (a node annotation)
                 _write(data)
                 return f"{k}={v}"
 
@@ -148,7 +149,8 @@ def test_approved_run_applies_and_logs_each_step(prefect_server, target):
     assert state.is_completed(), state.message
     out = state.result()
     assert out["approver"] == "alice" and [r["status"] for r in out["steps"]] == ["ok"]
-    assert _read()["labels"] == {"zone": "b"}
+    assert _read()["labels"] == {"zone": "b"} and _read()["by"] == "alice"
+    assert operation.approver() is None  # only while the steps run
     assert "applied" in _artifact("toy-labels-report-test-toy")
 
 
