@@ -130,6 +130,9 @@ async def etcd_defrag(platform: str = "main", clusters: list[str] | None = None,
             if other:  # `alarm disarm` clears every alarm (etcdctl's AlarmRequest with no member: all of them)
                 refused.append(f"alarm {', '.join(other)} raised: not a space problem; `alarm disarm` would clear "
                                "it too (etcd *Maintenance*; for CORRUPT see *Data corruption*)")
+            if "," in s.cluster_id:  # kubespray's endpoints of two clusters mixed up in the config
+                refused.append(f"its endpoints answer with different cluster IDs ({s.cluster_id}): fix "
+                               f"etcd.clusters[{cl.name}].endpoints")
             refusals += [f"{cl.name}: {r}" for r in refused]
             ids.append(f"{cl.name}={s.cluster_id}")
             facts[cl.name] = {"order": [d.member for d in order], "alarms": sorted(a["alarm"] for a in s.alarms),

@@ -32,6 +32,9 @@ class MemberStatus:
     endpoint: str
     name: str = ""
     member_id: int = 0
+    # the cluster's ID from the response header (etcdserverpb.ResponseHeader.cluster_id): what identifies an
+    # etcd cluster across renamed hosts and endpoints
+    cluster_id: int = 0
     reachable: bool = False
     healthy: bool = False
     is_leader: bool = False
@@ -58,6 +61,13 @@ class ClusterStatus:
     @property
     def revision(self) -> int:
         return max((m.revision for m in self.members if m.reachable), default=0)
+
+    @property
+    def cluster_id(self) -> str:
+        """The cluster ID the reachable members answer with (hex, as etcdctl prints it), '?' when none answers;
+        members that disagree (an endpoint of another cluster in the list) are all named."""
+        ids = sorted({m.cluster_id for m in self.members if m.reachable and m.cluster_id})
+        return ",".join(f"{i:x}" for i in ids) or "?"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +115,7 @@ def cluster_status(cluster: str, endpoints: list[str], members_text: str, status
             hdr = st.get("header", {})
             m.reachable = True
             m.member_id = int(hdr.get("member_id", 0))
+            m.cluster_id = int(hdr.get("cluster_id", 0))
             m.leader_id = int(st.get("leader", 0))
             m.is_leader = m.member_id != 0 and m.member_id == m.leader_id
             m.revision, m.raft_term = int(hdr.get("revision", 0)), int(hdr.get("raft_term", 0))

@@ -277,6 +277,20 @@ def test_defrag_orders_followers_first_leader_last():
     assert defrag_plan(ClusterStatus("main", ms))[1] == ["a is not healthy (no answer)"]
 
 
+def test_a_cluster_is_named_by_the_id_its_members_answer_with():
+    """etcd's response header carries the cluster ID (etcdserverpb.ResponseHeader): the operations' target."""
+    from tasks.etcd_rules import cluster_status
+
+    status = json.dumps([{"Endpoint": f"https://e{i}", "Status": {"header": {"cluster_id": cid, "member_id": i,
+                                                                              "revision": 5}, "leader": 1}}
+                         for i, cid in ((1, 0xABC), (2, 0xABC))])
+    s = cluster_status("main", ["https://e1", "https://e2", "https://e3"], "", status, "", "")
+    assert s.cluster_id == "abc"  # e3 did not answer: not counted
+    mixed = status.replace(str(0xABC), str(0xDEF), 1)
+    assert cluster_status("main", ["https://e1", "https://e2"], "", mixed, "", "").cluster_id == "abc,def"
+    assert cluster_status("main", ["https://e1"], "", "", "", "").cluster_id == "?"
+
+
 def test_deployments_schedules_and_limits():
     import yaml
 
