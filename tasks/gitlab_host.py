@@ -27,6 +27,7 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
 from prefect import get_run_logger, task
@@ -36,7 +37,9 @@ from tasks._retry import TRANSIENT_RETRIES
 from tasks.gitlab_rules import (
     CONFIG_ARCHIVE_RE,
     COMPONENTS,
+    BackupFile,
     DrillOverlay,
+    Manifest,
     apply_drill_overlay,
     backup_id_from_archive,
     backup_option_args,
@@ -48,7 +51,10 @@ from tasks.gitlab_rules import (
     parse_backup_log,
     parse_ctl_status,
     parse_df,
+    parse_env_info,
+    parse_gitlab_version,
     secrets_copy_name,
+    version_string,
 )
 from tasks.redact import Redactor
 from tasks.reports import run_logger
@@ -110,11 +116,28 @@ class HostLayout:
         return Supervision(self.control_dir, name)
 
 
+def host_limit_name(name: str) -> str:
+    """The name of the global concurrency limit that keeps backups and restores of one GitLab host apart
+    (`name`: the platform for production, `<platform>-scratch` for the drill's host)."""
+    return f"gitlab-host-{name}"
+
+
 async def ensure_host_limit(name: str) -> str:
     """The global concurrency limit that keeps backups and restores of one GitLab host apart."""
     from tasks.concurrency import exclusive_limit
 
-    return await exclusive_limit(f"gitlab-host-{name}")
+    return await exclusive_limit(host_limit_name(name))
+
+
+@task(name="gitlab-host-key", cache_policy=NONE, timeout_seconds=120, **TRANSIENT_RETRIES)
+async def host_key_fingerprint(host: GitLabHost) -> str:
+    """The SHA-256 fingerprint of the SSH host key the host presents (checked against the block's
+    known_hosts by the connection): what names the host and cannot be renamed."""
+    async with connect(host.connect_kwargs()) as conn:
+        key = conn.get_server_host_key()
+    if key is None:
+        raise PermissionError(f"{host.host}:{host.port} presented no SSH host key")
+    return key.get_fingerprint("sha256")
 
 
 def _progress_failed(exc: BaseException) -> None:
@@ -440,6 +463,49 @@ async def host_file_sha256(host: GitLabHost, path: str) -> dict | None:
 # --- restore -----------------------------------------------------------------------------------------
 
 
+async def find_manifest(store: Store, source_host: GitLabHost, backup_id: str) -> Manifest | None:
+    """The backup's manifest off-site, else the one beside it on the (production) host it was taken on
+    (a safety backup's); None when neither exists (the backup was never verified)."""
+    from tasks.storage import read_offsite_manifest
+
+    data = await read_offsite_manifest(store, "data", backup_id)
+    if data is None:
+        on_host = await list_host_backups(source_host)
+        data = next((b["manifest"] for b in on_host["data"] if b["id"] == backup_id and b["manifest"]), None)
+    return None if data is None else Manifest.model_validate(data)
+
+
+async def take_safety_backup(host: GitLabHost, layout: HostLayout, redactor: Redactor, *, platform: str,
+                             pre: dict, create_timeout_s: float, grace_s: float, transfer_s: float,
+                             progress_key: str | None = None) -> Manifest:
+    """A backup of the host as it is, before a restore changes it, complete as `gitlab-backup` writes one:
+    the data archive (verified: GitLab's log against the archive, its version), `gitlab-ctl backup-etc` and
+    the gitlab-secrets.json copy (their SHA-256), and a manifest listing all three beside the archive, so
+    that `gitlab-restore` of its id puts back data, configuration and secrets. It stays on the host."""
+    started = datetime.now(timezone.utc)
+    created = await create_data_backup.with_options(timeout_seconds=create_timeout_s + grace_s + 300)(
+        host, layout, redactor, timeout_s=create_timeout_s, progress_key=progress_key)
+    safety_id = created["backup_id"]
+    archive = parse_backup_id(safety_id).archive
+    path = posixpath.join(_safe_path(host.backup_path), archive)
+    checked = await copy_offsite.with_options(timeout_seconds=transfer_s)(
+        host, path, archive=True, expected_version=pre["gitlab_version"], log=created["log"])
+    files = [BackupFile(role="data", name=archive, host_path=path, size=checked["size"], sha256=checked["sha256"])]
+    cfg = await create_config_backup(host, redactor)
+    for role, name, is_archive in (("config", cfg["config_archive"], True), ("secrets", cfg["secrets_copy"], False)):
+        p = posixpath.join(cfg["directory"], name)
+        c = await copy_offsite(host, p, archive=is_archive)  # verified in place: size and SHA-256
+        files.append(BackupFile(role=role, name=name, host_path=p, size=c["size"], sha256=c["sha256"]))
+    manifest = Manifest(id=safety_id, kind="data", platform=platform, host=pre["host"],
+                        gitlab_version=pre["gitlab_version"], edition=pre["edition"],
+                        components=checked["components"], skipped=checked["skipped"], disabled=checked["disabled"],
+                        files=files, etc_dir=posixpath.dirname(host.secrets_file), started_at=started,
+                        finished_at=datetime.now(timezone.utc), verified=True, safety=True)
+    await write_host_manifest(host, posixpath.join(host.backup_path, f"{safety_id}_gitlab_backup.manifest.json"),
+                              manifest.model_dump(mode="json"))
+    return manifest
+
+
 @task(name="fetch-to-host", cache_policy=NONE, timeout_seconds=6 * 3600, **TRANSIENT_RETRIES)
 async def fetch_to_host(host: GitLabHost, store: Store, store_key: str, remote_path: str, expected_sha256: str,
                         archive: bool = False, owner: str | None = None, progress_key: str | None = None) -> dict:
@@ -545,6 +611,25 @@ def restore_progress(lines: list[str]) -> float:
     """`gitlab-backup restore` progress from its own output: components restored of those in the archive."""
     done = sum(1 for m in log_messages(lines) if re.match(r"Restoring .+ \.\.\. ?(done|\[DISABLED\])$", m))
     return min(0.95, done / len(COMPONENTS))
+
+
+@task(name="gitlab-host-version", cache_policy=NONE, timeout_seconds=900, **TRANSIENT_RETRIES)
+async def host_gitlab_state(host: GitLabHost, redactor: Redactor) -> dict:
+    """What the host itself says while its API is not ready: `gitlab-ctl status` ({service: run|down}) and the
+    installed version from `gitlab-rake gitlab:env:info` (it boots Rails, not puma), as `api_preflight` does."""
+    async with connect(host.connect_kwargs()) as conn:
+        status = await run_command(conn, ["gitlab-ctl", "status"], timeout_s=60, check=False, redact=redactor)
+        info = await run_command(conn, ["gitlab-rake", "gitlab:env:info"], timeout_s=600, check=False,
+                                 redact=redactor)
+    services = parse_ctl_status(status.text)
+    out: dict[str, Any] = {"services": services, "down": sorted(s for s, v in services.items() if v != "run"),
+                           "version": None, "edition": None, "gitlab_version": None}
+    text = parse_env_info(info.text) if info.exit_status == 0 else None
+    if text:
+        version, pre, edition = parse_gitlab_version(text)
+        out.update(version=f"{version}{pre or ''}", edition=edition,
+                   gitlab_version=version_string(f"{version}{pre or ''}", edition))
+    return out
 
 
 @task(name="gitlab-ctl-status", cache_policy=NONE, timeout_seconds=120, **TRANSIENT_RETRIES)

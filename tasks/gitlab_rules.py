@@ -3,7 +3,8 @@
 Backup ids and archive names as GitLab writes them, `backup_information.yml` and GitLab's backup
 log, the archive check, manifests, retention, preflight and restore refusals, the output of
 `gitlab-ctl status`, `gitlab-rake gitlab:check` and `gitlab-rake gitlab:doctor:secrets`, the
-restore drill's overlay for the scratch host's `gitlab.rb`, and what state a failed restore left.
+restore drill's overlay for the scratch host's `gitlab.rb`, and the drill's comparison. (The restore's steps,
+and so the state a failed restore leaves, are written once, in flows/gitlab_restore.py.)
 
 Sources (GitLab's own, quoted where a rule depends on them):
 - `lib/backup/manager.rb` (`backup_file?`, `backup_contents`, `build_backup_information`,
@@ -506,17 +507,24 @@ class HostFile:
     offsite: bool
 
 
+# What a restore stops itself before `gitlab-backup restore` (docs *Restore GitLab*): a host where only these are
+# down (as a failed restore leaves it) can be restored; the rest of GitLab must run.
+STOPPED_BY_RESTORE = ("puma", "sidekiq")
+
+
 def restore_refusals(*, ready: bool, installed_version: str | None, installed_edition: str | None,
                      backup_version: str, files: list[HostFile], has_secrets: bool, free_bytes: int,
-                     needed_bytes: int) -> list[str]:
-    """Why a restore must not start (nothing has been changed yet); empty when it may."""
+                     needed_bytes: int, down: list[str] | None = None) -> list[str]:
+    """Why a restore must not start (nothing has been changed yet); empty when it may. `down`: the services
+    `gitlab-ctl status` shows down when the API is not ready (None: not read)."""
     out = []
-    if not ready:
-        out.append("GitLab on the target is not ready (its readiness check failed): GitLab must be running before a "
-                   "restore (docs *Restore GitLab*); start it with `gitlab-ctl start`")
+    if not ready and (down is None or not set(down) <= set(STOPPED_BY_RESTORE)):
+        out.append("GitLab on the target is not ready (its readiness check failed"
+                   + (f"; down: {', '.join(down)}" if down else "") + "): GitLab must be running before a restore, "
+                   "only puma and sidekiq may be stopped (docs *Restore GitLab*); start it with `gitlab-ctl start`")
     if installed_version is None or installed_edition is None:
-        out.append("the installed GitLab version is unknown (the API did not answer): start GitLab so its version "
-                   "can be checked against the backup")
+        out.append("the installed GitLab version is unknown (neither the API nor `gitlab-rake gitlab:env:info` "
+                   "answered): start GitLab so its version can be checked against the backup")
     elif p := version_problem(installed_version, installed_edition, backup_version):
         out.append(p)
     if not has_secrets:
@@ -547,6 +555,20 @@ def parse_ctl_status(text: str) -> dict[str, str]:
         if m:
             out[m[2]] = "run" if m[1] == "run" else "down"
     return out
+
+
+def parse_env_info(text: str) -> str | None:
+    """GitLab's version from `gitlab-rake gitlab:env:info` ("GitLab information" ... "Version: 17.0.1-ee"), the
+    way to read it on the host while puma (and so the API) is down; None when it does not say."""
+    _, _, gitlab = text.partition("GitLab information")
+    m = re.search(r"^\s*Version:\s+(\S+)\s*$", gitlab, re.M)
+    if not m:
+        return None
+    try:
+        parse_gitlab_version(m[1])
+    except ValueError:
+        return None
+    return m[1]
 
 
 def services_still_up(status: dict[str, str], services: tuple[str, ...] = ("puma", "sidekiq")) -> list[str]:
@@ -630,58 +652,6 @@ def apply_drill_overlay(gitlab_rb: str, overlay: DrillOverlay) -> str:
     while kept and not kept[-1].strip():
         kept.pop()
     return "\n".join(kept + [""] + drill_overlay_lines(overlay)) + "\n"
-
-
-# --- the state a failed restore leaves ------------------------------------------------------------------
-
-# Step names, in the order a restore runs them (flows/gitlab_restore.py uses these names).
-STEP_CONFIG = "put back gitlab.rb and gitlab-secrets.json"
-STEP_DRILL_CONFIG = "put back gitlab-secrets.json, drill overlay on scratch's gitlab.rb"
-STEP_RECONFIGURE_BEFORE = "gitlab-ctl reconfigure (before the data)"
-STEP_STOP = "stop puma and sidekiq"
-STEP_STATUS = "gitlab-ctl status: puma and sidekiq down"
-STEP_RESTORE = "gitlab-backup restore"
-STEP_RECONFIGURE = "gitlab-ctl reconfigure"
-STEP_RESTART = "gitlab-ctl restart"
-STEP_CHECK = "gitlab:check"
-STEP_DOCTOR = "gitlab:doctor:secrets"
-STEP_HEALTH = "health"
-
-
-def state_after_failure(started: set[str], done: set[str], backup_id: str, target: str,
-                        safety_id: str | None, safety_config: str | None, backup_path: str,
-                        config_backup_path: str, backup_user: str) -> str:
-    """What state the target is in after a failed restore, and the way back, from the steps that started
-    and finished."""
-    if safety_id:
-        way_back = (f"Way back: run gitlab_restore(backup_id='{safety_id}', dry_run=False) (the safety backup), or on "
-                    f"the host: `tar -xpf {config_backup_path}/{safety_config or '<safety config archive>'} -C /` and "
-                    "`gitlab-ctl reconfigure`, `gitlab-ctl stop puma && gitlab-ctl stop sidekiq`, "
-                    f"`chown {backup_user} {backup_path}/{safety_id}{ARCHIVE_SUFFIX}`, "
-                    f"`gitlab-backup restore BACKUP={safety_id} force=yes`, `gitlab-ctl reconfigure && "
-                    "gitlab-ctl restart`.")
-    else:
-        way_back = ("No safety backup was taken (scratch host, or the failure came before it): the way back is "
-                    "another restore of a verified backup.")
-    config_changed = STEP_CONFIG in started or STEP_DRILL_CONFIG in started
-    config = (" Its gitlab.rb/gitlab-secrets.json were replaced by the backup's (production) or overlaid (drill)."
-              if config_changed else " Its configuration is unchanged.")
-    if STEP_RESTORE in started and STEP_RESTORE not in done:
-        return (f"`gitlab-backup restore` of {backup_id} started on {target} and did not finish: the database and "
-                "files may be PARTLY OVERWRITTEN; GitLab is not usable as it is, puma and sidekiq are stopped."
-                f"{config} Either run the restore again, or go back. {way_back}")
-    if STEP_RESTORE in done:
-        return (f"the data of {backup_id} is restored on {target}, but the steps after it did not all succeed (see the "
-                f"failed step: services may be stopped or a check failed).{config} Continue: `gitlab-ctl reconfigure`, "
-                f"`gitlab-ctl restart`, `gitlab-rake gitlab:check SANITIZE=true`, `gitlab-rake gitlab:doctor:secrets`. "
-                f"{way_back}")
-    if STEP_STOP in started:
-        return (f"puma and/or sidekiq may be STOPPED on {target}; its data is untouched.{config} Run the restore "
-                f"again, or resume service with `gitlab-ctl start`. {way_back}")
-    if config_changed:
-        return (f"GitLab on {target} runs, its data is untouched.{config} Run the restore again, or put the previous "
-                f"configuration back. {way_back}")
-    return f"GitLab on {target} is untouched and running. Fix the cause and run the restore again."
 
 
 # --- reports -----------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""GitLab's backup rules as GitLab states them: ids, components, outputs, refusals, the drill overlay,
-the state a failed restore leaves. Pure: no Prefect, no network."""
+"""GitLab's backup rules as GitLab states them: ids, components, outputs, refusals, the drill
+overlay. Pure: no Prefect, no network."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import json
 import pytest
 
 from tasks.gitlab_rules import (
-    STEP_CONFIG,
-    STEP_RESTORE,
-    STEP_STOP,
     BackupLog,
     DrillOverlay,
     HostFile,
@@ -25,9 +22,9 @@ from tasks.gitlab_rules import (
     parse_backup_id,
     parse_backup_log,
     parse_ctl_status,
+    parse_env_info,
     restore_refusals,
     services_still_up,
-    state_after_failure,
 )
 
 # Every form lib/backup/manager.rb `backup_file?` matches, the documentation's "-ce" examples, and
@@ -187,6 +184,10 @@ def test_restore_refusals_are_decided_by_facts_not_by_text():
               files=_files(), has_secrets=True, free_bytes=10, needed_bytes=5)
     assert restore_refusals(**ok) == []
     assert "not ready" in restore_refusals(**{**ok, "ready": False})[0]
+    # a host a failed restore left with puma and sidekiq stopped can be restored (the way back); not one without
+    # its database
+    assert restore_refusals(**{**ok, "ready": False, "down": ["puma", "sidekiq"]}) == []
+    assert "down: postgresql, puma" in restore_refusals(**{**ok, "ready": False, "down": ["postgresql", "puma"]})[0]
     assert "version is unknown" in restore_refusals(**{**ok, "installed_version": None})[0]
     assert "only restores onto the same version" in restore_refusals(**{**ok, "installed_version": "17.0.2"})[0]
     assert "no gitlab-secrets.json" in restore_refusals(**{**ok, "has_secrets": False})[0]
@@ -197,24 +198,15 @@ def test_restore_refusals_are_decided_by_facts_not_by_text():
     assert "not enough free space" in restore_refusals(**{**ok, "free_bytes": 1})[0]
 
 
-def _state(started, done, safety="1717000001_2024_05_29_17.0.1-ee"):
-    return state_after_failure(set(started), set(done), "1717000000_2024_05_29_17.0.1-ee", "production", safety,
-                               "gitlab_config_1717000001_2024_05_29.tar", "/var/opt/gitlab/backups",
-                               "/etc/gitlab/config_backup", "git:git")
-
-
-def test_a_half_done_restore_is_never_reported_as_untouched():
-    half = _state([STEP_CONFIG, STEP_STOP, STEP_RESTORE], [STEP_CONFIG, STEP_STOP])
-    assert "PARTLY OVERWRITTEN" in half and "untouched" not in half
-    assert "gitlab_restore(backup_id='1717000001_2024_05_29_17.0.1-ee', dry_run=False)" in half
-    assert "gitlab-backup restore BACKUP=1717000001_2024_05_29_17.0.1-ee force=yes" in half
-    assert "chown git:git /var/opt/gitlab/backups/1717000001_2024_05_29_17.0.1-ee_gitlab_backup.tar" in half
-    stopped = _state([STEP_CONFIG, STEP_STOP], [STEP_CONFIG])
-    assert "STOPPED" in stopped and "data is untouched" in stopped and "were replaced" in stopped
-    assert "untouched and running" in _state([], [], safety=None)
-    assert "is restored" in _state([STEP_RESTORE], [STEP_RESTORE])
-
-
 def test_backup_log_counts_progress_from_gitlab_output():
     log = _log(done=["db"], disabled=())
     assert isinstance(log, BackupLog) and log.finished_components == 1 and not log.archive_started
+
+
+def test_the_installed_version_is_read_from_gitlab_env_info_while_the_api_is_down():
+    info = ("System information\nSystem:\t\tUbuntu 22.04\nRuby Version:\t3.1.5p253\n\n"
+            "GitLab information\nVersion:\t17.0.1-ee\nRevision:\t6f3a0b1c2d4\n\nGitLab Shell\nVersion:\t14.35.0\n")
+    assert parse_env_info(info) == "17.0.1-ee"
+    assert parse_env_info(info.replace("17.0.1-ee", "17.0.1")) == "17.0.1"
+    assert parse_env_info("System information\nVersion:\t14.35.0\n") is None  # not GitLab's own version
+    assert parse_env_info("rake aborted!\nPG::ConnectionBad") is None

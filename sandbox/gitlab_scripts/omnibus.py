@@ -31,7 +31,8 @@ How it models omnibus (each rule cites its source):
   `verify_backup_version`), and fails while puma or sidekiq hold database connections.
 - `gitlab-ctl reconfigure` applies gitlab.rb: services with `<svc>['enable'] = false` go down and
   leave `gitlab-ctl status`; every enabled service is (re)started (runit).
-- `gitlab-rake gitlab:check` and `gitlab:doctor:secrets` print their failures and exit 0.
+- `gitlab-rake gitlab:check` and `gitlab:doctor:secrets` print their failures and exit 0;
+  `gitlab:env:info` prints the installed version (it needs the database, not puma).
 Stdlib only: it runs under whatever python the sshd session finds.
 """
 
@@ -550,9 +551,24 @@ def rake(args: list[str]) -> int:
         return rake_check(args)
     if task == "gitlab:doctor:secrets":
         return rake_doctor_secrets()
+    if task == "gitlab:env:info":
+        return rake_env_info()
     print(f"rake aborted!\nDon't know how to build task '{task}' (See the list of available tasks with "
           "`rake --tasks`)", file=sys.stderr)
     return 1
+
+
+def rake_env_info() -> int:
+    """`gitlab:env:info` (lib/tasks/gitlab/info.rake): boots Rails (the database, not puma) and prints the
+    system's and GitLab's information; "Version:" under "GitLab information" is Gitlab::VERSION."""
+    if services().get("postgresql") != "run":
+        print("rake aborted!\nPG::ConnectionBad: could not connect to server", file=sys.stderr)
+        return 1
+    print("\nSystem information\nSystem:\t\tUbuntu 22.04\nCurrent User:\tgit\nUsing RVM:\tno\n"
+          "Ruby Version:\t3.1.5p253\n")
+    print(f"GitLab information\nVersion:\t{version_string()}\nRevision:\t6f3a0b1c2d4\n"
+          "Directory:\t/opt/gitlab/embedded/service/gitlab-rails\nDB Adapter:\tPostgreSQL\n")
+    return 0
 
 
 def rake_check(args: list[str]) -> int:
