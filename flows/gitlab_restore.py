@@ -1,73 +1,73 @@
 """GitLab restore (manual, with approval) and the weekly restore drill onto a scratch GitLab.
 
-`gitlab_restore(backup_id)` is a dry run by default: it validates the id, finds the backup's
-manifest, checks readiness, version, edition, files and free space (`tasks.gitlab_rules.
-restore_refusals`), and reports the plan. With `dry_run=False` it fetches what is missing from
-off-site (checksums verified, then owned by the backup user, 0600), pauses for approval showing
-the plan, takes a safety backup, and then follows GitLab's documented sequence (docs *Restore
-GitLab*): put back `gitlab.rb` and `gitlab-secrets.json` and `gitlab-ctl reconfigure`; stop puma
-and sidekiq and verify with `gitlab-ctl status` that they are down; `gitlab-backup restore` (as
-the git user, from an archive it owns); reconfigure, restart; `gitlab-rake gitlab:check
-SANITIZE=true` and `gitlab-rake gitlab:doctor:secrets`, whose printed failures count even when
-they exit 0; then health through the API. A failure report says exactly what state the host is
-in and the way back (`tasks.gitlab_rules.state_after_failure`).
+Both run through the one operation module (`tasks.operation`), with ONE step list (`_steps`), written here
+once in GitLab's documented order (docs *Restore GitLab*):
 
-`gitlab_restore_drill()` restores the newest verified off-site backup onto the scratch host
-(blocks `<platform>-scratch`), which keeps its own identity: only `gitlab-secrets.json` is put
-back (needed to decrypt), and a drill overlay on scratch's *own* `gitlab.rb` sets scratch's URL
-and turns off mail, Sidekiq (mirrors, scheduled jobs) and production's object storage. It then
-compares scratch with production through the API and reports RTO and RPO.
+1. fetch from off-site what the host lacks (checksum-verified, the archive handed to the backup user, 0600);
+2. production only: a safety backup of the host as it is (data, `gitlab.rb`, `gitlab-secrets.json`, with a
+   complete manifest: restoring its id is the way back);
+3. hand the archive to the git user (`gitlab-backup restore` runs as git and reads it as git);
+4. the configuration that belongs with the data: production gets the backup's `gitlab.rb` and
+   `gitlab-secrets.json`; scratch keeps its own identity, only the secrets (needed to decrypt) and the drill
+   overlay on scratch's *own* `gitlab.rb` (its URL; mail, Sidekiq and production's object storage off);
+   then `gitlab-ctl reconfigure` ("have run gitlab-ctl reconfigure after copying over the secrets file");
+5. `gitlab-ctl stop puma` and `sidekiq`, checked down with `gitlab-ctl status`;
+6. `gitlab-backup restore BACKUP=<id> force=yes`;
+7. `gitlab-ctl reconfigure`, `gitlab-ctl restart`;
+8. `gitlab-rake gitlab:check SANITIZE=true` and `gitlab-rake gitlab:doctor:secrets`, whose printed failures
+   count even though they exit 0; then readiness, version and projects through the API.
 
-Each run opens the platform once (`blocks.platform.Platform`); its tasks get the host and API
-blocks of the target (production or scratch), its layout, the off-site `Store` and one `Redactor`.
-Long remote commands are supervised (`tasks.ssh.run_supervised`) and limited by `gitlab.timeouts`.
+`gitlab_restore(backup_id)` is a dry run by default: the planner validates the id, finds the backup's
+manifest, reads the host and the API (readiness, version, edition, free space, the backup's files on the
+host and their SHA-256; with the API down, the version from `gitlab-rake gitlab:env:info` and which services
+`gitlab-ctl status` shows down: a host where only puma and sidekiq are stopped, as a failed restore leaves
+it, can be restored, which is what makes the way back runnable) and publishes the plan, refusals included (`tasks.gitlab_rules.restore_refusals`).
+The target is the production GitLab host named by its SSH host key fingerprint, read live through the SSH
+connection; the approval covers the backup, its files, the GitLab version on both sides and what is
+fetched. A real run pauses for approval (no lock held), then takes the host's limit (`gitlab-host-<platform>`,
+the one that keeps backups and restores apart), plans again and refuses if anything changed (another host
+key, another GitLab version, a backup file changed or gone). A failure's message carries the state computed
+from the steps and the way back: `gitlab-restore` of the safety backup. A cancelled run ends Cancelled.
+
+`gitlab_restore_drill()` restores the newest verified off-site backup onto the scratch host (blocks
+`<platform>-scratch`) through the same planner and steps, unattended (`Operation(unattended=...)`): it is
+scheduled weekly and changes only scratch (refused when scratch's SSH host or host key is production's).
+It then compares scratch with production through the API and reports RTO (the whole run: plan, fetch,
+restore, checks) and RPO (the backup's age). Failures are raised; the failed-run automation notifies.
 """
 
 from __future__ import annotations
 
 import posixpath
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.concurrency.asyncio import concurrency
 
 from blocks.platform import Platform
 from flows.gitlab_backup import host_layout, step_timeout
-from tasks.approval import aask_approval
 from tasks.gitlab_api import api_health, api_preflight, project_states
 from tasks.gitlab_host import (
-    copy_offsite,
-    create_config_backup,
-    create_data_backup,
+    HostLayout,
     drill_config,
-    ensure_host_limit,
     fetch_to_host,
+    find_manifest,
     gitlab_command,
     hand_archive_to,
     host_file_sha256,
+    host_gitlab_state,
+    host_key_fingerprint,
+    host_limit_name,
     host_preflight,
-    list_host_backups,
     restore_config_files,
     restore_progress,
     services_status,
-    write_host_manifest,
+    take_safety_backup,
 )
 from tasks.gitlab_rules import (
-    STEP_CHECK,
-    STEP_CONFIG,
-    STEP_DOCTOR,
-    STEP_DRILL_CONFIG,
-    STEP_HEALTH,
-    STEP_RECONFIGURE,
-    STEP_RECONFIGURE_BEFORE,
-    STEP_RESTART,
-    STEP_RESTORE,
-    STEP_STATUS,
-    STEP_STOP,
-    BackupFile,
+    BackupId,
     DrillOverlay,
     HostFile,
     Manifest,
@@ -82,101 +82,220 @@ from tasks.gitlab_rules import (
     same_gitlab,
     same_host,
     services_still_up,
-    state_after_failure,
     store_key_of,
 )
-from tasks.notify import notify
+from tasks.operation import (
+    Operation,
+    Plan,
+    Step,
+    Target,
+    WayBack,
+    approval_timeout,
+    lock_timeout,
+    run_operation,
+)
 from tasks.redact import Redactor
-from tasks.reports import apublish_markdown, apublish_table, md_table
-from tasks.storage import Store, list_offsite_manifests, read_offsite_manifest
+from tasks.reports import apublish_markdown, md_table
+from tasks.storage import list_offsite_manifests
 
 FREE_SPACE_FACTOR = 3
 # What each flow needs from the platform (loaded concurrently, once per run).
-PARTS = ("gitlab_host", "gitlab_api", "backup_store", "notifier")
+PARTS = ("gitlab_host", "gitlab_api", "backup_store")
 DRILL_PARTS = (*PARTS, "gitlab_host_scratch", "gitlab_api_scratch")
+DRILL_UNATTENDED = "the weekly restore drill onto the scratch GitLab host: it changes only scratch"
 
 
-class RestoreFailed(RuntimeError):
-    pass
-
-
-class RestoreRefused(RuntimeError):
-    """A precondition failed (id, manifest, version, space, checksum): nothing was changed."""
+class DrillFailed(RuntimeError):
+    """The drill could not run (no verified backup) or scratch's data differs from production's."""
 
 
 class CheckFailed(RuntimeError):
     """A step ran but its output reports a failure (a check that printed failures and exited 0)."""
 
 
-class _Steps:
-    """The step log every report shows: what ran, how it ended, how long it took; and which steps started."""
+@dataclass
+class _Restore:
+    """One restore as its planner and steps see it: the platform, the backup, production or scratch, and what
+    the steps learn on the way (`results`: the safety backup's id)."""
 
-    def __init__(self, redactor: Redactor):
-        self.redactor = redactor
-        self.rows: list[dict] = []
-        self.started: set[str] = set()
+    plat: Platform
+    redactor: Redactor
+    bid: BackupId
+    scratch: bool
+    results: dict[str, Any] = field(default_factory=dict)
 
-    async def run(self, name: str, coro, detail: Callable[[Any], str] | None = None):
-        start = time.monotonic()
-        self.started.add(name)
-        try:
-            result = await coro
-        except BaseException as exc:
-            self.rows.append({"step": name, "status": "FAILED", "seconds": round(time.monotonic() - start, 1),
-                              "detail": self.redactor.error(exc)[:300]})
-            raise
-        self.rows.append({"step": name, "status": "ok", "seconds": round(time.monotonic() - start, 1),
-                          "detail": detail(result) if detail else ""})
-        return result
+    @property
+    def where(self) -> str:
+        return "scratch" if self.scratch else "production"
 
-    def skip(self, name: str, why: str) -> None:
-        self.rows.append({"step": name, "status": "skipped", "seconds": 0, "detail": why})
+    @property
+    def host(self) -> Any:
+        return self.plat.gitlab_host(self.scratch)
 
-    def names(self) -> set[str]:
-        return {r["step"] for r in self.rows if r["status"] == "ok"}
+    @property
+    def api(self) -> Any:
+        return self.plat.gitlab_api(self.scratch)
 
+    @property
+    def layout(self) -> HostLayout:
+        return host_layout(self.plat.config, self.scratch)
 
-def _plan_markdown(platform: str, manifest: Manifest, target: str, pre: dict, local: dict, safety: bool,
-                   problems: list[str], backup_user: str) -> str:
-    config_step = ("put back the backup's `gitlab.rb` and `gitlab-secrets.json` (0600), then `gitlab-ctl reconfigure`"
-                   if target == "production" else
-                   "put back only `gitlab-secrets.json`; scratch keeps its own `gitlab.rb` with the drill overlay "
-                   "(its URL, mail off, Sidekiq off, object storage off/scratch); then `gitlab-ctl reconfigure`")
-    lines = [
-        f"# GitLab restore plan: {platform}", "",
-        f"- **Backup:** `{manifest.id}` taken {manifest.finished_at:%Y-%m-%d %H:%M} UTC on {manifest.host}",
-        f"- **Backup GitLab:** {manifest.gitlab_version}; **target** {target} runs "
-        f"{pre.get('gitlab_version') or '?'}",
-        f"- **Components:** {', '.join(manifest.components)}"
-        + (f" (disabled: {', '.join(manifest.disabled)})" if manifest.disabled else ""),
-        f"- **Size:** {human_bytes(manifest.total_size)}; free on target: {human_bytes(pre.get('free_bytes', 0))}",
-        "", "## Steps", "",
-        "1. fetch from off-site what the host lacks, checksum-verified: "
-        + (", ".join(f"{k} ({v})" for k, v in local.items()) or "nothing"),
-        "2. " + ("take a safety backup (data, config, secrets), verified" if safety else "no safety backup (scratch)"),
-        f"3. hand the archive to `{backup_user}`, mode 0600 (GitLab restores as git)",
-        f"4. {config_step}",
-        "5. `gitlab-ctl stop puma`, `gitlab-ctl stop sidekiq`, and `gitlab-ctl status` shows both down",
-        f"6. `gitlab-backup restore BACKUP={manifest.id} force=yes`",
-        "7. `gitlab-ctl reconfigure`, `gitlab-ctl restart`",
-        "8. `gitlab-rake gitlab:check SANITIZE=true` and `gitlab-rake gitlab:doctor:secrets` (their printed "
-        "failures count), then readiness, version and projects through the API",
-    ]
-    if problems:
-        lines += ["", "## Refused", ""] + [f"- {p}" for p in problems]
-    return "\n".join(lines)
+    def timeout(self, step: str) -> int:
+        return step_timeout(self.plat.config, step)
+
+    def progress_key(self, what: str) -> str:
+        return f"gitlab-restore-{what}-progress-{self.plat.name}-{self.where}"
 
 
-async def _load_manifest(store: Store, source_host: Any, backup_id: str) -> Manifest:
-    """The backup's manifest off-site, else the one beside it on the (production) host it was taken on."""
-    data = await read_offsite_manifest(store, "data", backup_id)
-    if data is None:  # not off-site: the host's own manifest, if any
-        on_host = await list_host_backups(source_host)
-        data = next((b["manifest"] for b in on_host["data"] if b["id"] == backup_id and b["manifest"]), None)
-    if data is None:
-        raise RestoreRefused(f"backup {backup_id} has no manifest off-site or on the host: it was never verified; "
-                             "pick a backup id from the latest gitlab-backup report")
-    return Manifest.model_validate(data)
+def _destinations(r: _Restore, manifest: Manifest) -> dict[str, str]:
+    """Where each file of the backup is (or goes) on the target host: the archive in the backup path, the
+    config archive and the secrets copy in the config backup path."""
+    out = {"data": posixpath.join(r.host.backup_path, r.bid.archive)}
+    for role in ("config", "secrets"):
+        f = manifest.file(role)
+        if f is not None:
+            out[role] = posixpath.join(r.host.config_backup_path, f.name)
+    return out
+
+
+def _steps(r: _Restore, manifest: Manifest, dest: dict[str, str], missing: list[str]) -> list[Step]:
+    """THE restore, in order: the one place its steps are written (production and the drill alike)."""
+    host, layout, redactor, where = r.host, r.layout, r.redactor, r.where
+    grace = r.timeout("stop_grace")
+    steps: list[Step] = []
+
+    async def cmd(argv: list[str], limit: str, **kw: Any) -> dict:
+        limit_s = r.timeout(limit)
+        return await gitlab_command.with_options(timeout_seconds=limit_s + grace + 300)(
+            host, layout, argv, limit_s, redactor, **kw)
+
+    for role in missing:
+        f = manifest.file(role)
+
+        async def fetch(role: str = role, f: Any = f) -> str:
+            got = await fetch_to_host.with_options(timeout_seconds=r.timeout("transfer"))(
+                host, r.plat.backup_store(), store_key_of(f, "data", r.bid.value), dest[role], f.sha256,
+                archive=role != "secrets", owner=layout.backup_user if role == "data" else None,
+                progress_key=r.progress_key(f"fetch-{role}"))
+            return f"{human_bytes(got['size'])}, sha256 verified" + (f", owned by {got['owner']}"
+                                                                     if got["owner"] else "")
+
+        steps.append(Step(f"fetch {role} from off-site", f"{where}'s disk: {dest[role]} written (0600)",
+                          "its SHA-256 equals the manifest's before it gets its name",
+                          f"nothing to undo on GitLab: delete {dest[role]} if it is not wanted", fetch))
+
+    if not r.scratch:
+        async def safety() -> str:
+            pre = r.results["preflight"]
+            m = await take_safety_backup(host, layout, redactor, platform=r.plat.name, pre=pre,
+                                         create_timeout_s=r.timeout("backup_create"), grace_s=grace,
+                                         transfer_s=r.timeout("transfer"),
+                                         progress_key=r.progress_key("safety"))
+            r.results["safety"] = m.id
+            get_run_logger().info("safety backup %s taken before the restore", m.id)
+            return f"{m.id}: " + ", ".join(f"{f.role} {f.name}" for f in m.files)
+
+        steps.append(Step("safety backup", "production's backup directories: a new data archive, config archive "
+                          "and secrets copy, with their manifest",
+                          "the archive holds what GitLab's log says it dumped; every file's SHA-256 in the manifest",
+                          "none needed: it is kept on the host (delete it once it is no longer wanted)", safety))
+
+    async def hand() -> str:
+        return (await hand_archive_to(host, dest["data"], layout.backup_user))["owner_mode"]
+
+    steps.append(Step(f"hand the archive to {layout.backup_user}", f"owner and mode of {dest['data']}",
+                      f"owned by {layout.backup_user}, 0600", "none needed: only GitLab's restore reads it", hand))
+
+    if r.scratch:
+        scratch_cfg = r.plat.config.gitlab.scratch
+        overlay = DrillOverlay(str(scratch_cfg.external_url or scratch_cfg.api_url).rstrip("/"),
+                               scratch_cfg.object_store_bucket)
+
+        async def configure() -> str:
+            out = await drill_config(host, layout, dest["secrets"], overlay)
+            return f"scratch's own gitlab.rb, external_url {out['external_url']}"
+
+        steps.append(Step("put back gitlab-secrets.json, drill overlay on scratch's gitlab.rb",
+                          f"scratch's {host.secrets_file} (production's) and {layout.gitlab_rb} (drill overlay; the "
+                          "previous one kept as gitlab.rb.pre-drill)", "files written, 0600",
+                          "the next drill writes them again", configure))
+    else:
+        async def configure() -> str:
+            out = await restore_config_files(host, dest.get("config"), dest["secrets"], manifest.etc_dir)
+            return f"into {out['etc_dir']}"
+
+        steps.append(Step("put back gitlab.rb and gitlab-secrets.json",
+                          f"production's {posixpath.dirname(host.secrets_file)}: the backup's gitlab.rb (and the "
+                          "other files of its config archive) and gitlab-secrets.json", "files written, 0600",
+                          "the safety backup holds the previous ones", configure))
+
+    async def reconfigure() -> str:
+        return f"{(await cmd(['gitlab-ctl', 'reconfigure'], 'reconfigure'))['seconds']}s"
+
+    steps.append(Step("gitlab-ctl reconfigure (before the data)", f"GitLab's services on {where}: the configuration "
+                      "applied, services restarted", "exit status 0", "reconfigure again with the previous files",
+                      reconfigure))
+
+    async def stop() -> str:
+        for svc in ("puma", "sidekiq"):
+            await cmd(["gitlab-ctl", "stop", svc], "restart")
+        status = await services_status(host, redactor)
+        up = services_still_up(status["services"])
+        if up:
+            raise CheckFailed(f"gitlab-ctl status still shows {', '.join(up)} running after the stop")
+        return ", ".join(f"{k}: {v}" for k, v in status["services"].items() if k in ("puma", "sidekiq")) or \
+            "puma, sidekiq not running"
+
+    steps.append(Step("stop puma and sidekiq", f"puma and sidekiq on {where}: stopped, GitLab serves nothing",
+                      "`gitlab-ctl status` shows both down", "`gitlab-ctl start`", stop))
+
+    async def restore() -> str:
+        out = await cmd(["gitlab-backup", "restore", f"BACKUP={r.bid.value}", "force=yes"], "backup_restore",
+                        progress_key=r.progress_key("restore"), progress=restore_progress)
+        return f"{out['seconds']}s"
+
+    steps.append(Step(f"gitlab-backup restore BACKUP={r.bid.value} force=yes",
+                      f"{where}'s database and files: replaced by the backup's (an interrupted restore leaves them "
+                      "partly overwritten)", "exit status 0",
+                      "restore the safety backup" if not r.scratch else "the next drill restores scratch again",
+                      restore))
+
+    async def reconfigure_after() -> str:
+        return f"{(await cmd(['gitlab-ctl', 'reconfigure'], 'reconfigure'))['seconds']}s"
+
+    async def restart() -> str:
+        return f"{(await cmd(['gitlab-ctl', 'restart'], 'restart'))['seconds']}s"
+
+    steps.append(Step("gitlab-ctl reconfigure", f"GitLab's services on {where}: the configuration applied",
+                      "exit status 0", "", reconfigure_after))
+    steps.append(Step("gitlab-ctl restart", f"every GitLab service on {where}: restarted", "exit status 0", "",
+                      restart))
+
+    allowed = ("Sidekiq",) if r.scratch else ()  # the drill keeps Sidekiq off (the overlay): its "no" is expected
+
+    async def check() -> str:
+        out = await cmd(["gitlab-rake", "gitlab:check", "SANITIZE=true"], "check")
+        _require(check_failures("\n".join(out["output"]), allowed), "gitlab:check")
+        return "no failures"
+
+    async def doctor() -> str:
+        out = await cmd(["gitlab-rake", "gitlab:doctor:secrets"], "check")
+        _require(doctor_secrets_failures("\n".join(out["output"])), "gitlab:doctor:secrets")
+        return "every value decrypts"
+
+    async def health() -> str:
+        h = await api_health(r.api, redactor)
+        r.results["health"] = h
+        if not h["ready"] or not same_gitlab(h.get("version"), manifest.gitlab_version):
+            raise CheckFailed(f"GitLab is not healthy after the restore: {h}")
+        return f"ready, {h.get('version')}, {h.get('projects')} projects"
+
+    steps.append(Step("gitlab:check", "nothing (a check)", "no failure printed (it exits 0 either way)"
+                      + ("; Sidekiq off is expected on scratch" if r.scratch else ""), "", check))
+    steps.append(Step("gitlab:doctor:secrets", "nothing (a check)", "every encrypted value decrypts", "", doctor))
+    steps.append(Step("health through the API", "nothing (a check)",
+                      f"ready, GitLab {manifest.gitlab_version}, projects listed", "", health))
+    return steps
 
 
 def _require(failures: list[str], what: str) -> None:
@@ -184,223 +303,118 @@ def _require(failures: list[str], what: str) -> None:
         raise CheckFailed(f"{what} reported: " + "; ".join(failures[:8]))
 
 
-async def _restore(plat: Platform, redactor: Redactor, backup_id: str, *, scratch: bool, dry_run: bool,
-                   approval_timeout_s: int = 3600, poll_interval_s: int = 10) -> dict:
-    """Restore onto production (`scratch=False`: approval and a safety backup first) or onto the scratch
-    host (the drill: neither, and scratch keeps its own identity)."""
-    logger = get_run_logger()
-    platform, cfg = plat.name, plat.config
-    bid = parse_backup_id(backup_id)  # ValueError before anything else: ids reach a remote shell
-    host, api = plat.gitlab_host(scratch), plat.gitlab_api(scratch)
-    layout = host_layout(cfg, scratch)
-    store, notifier = plat.backup_store(), plat.notifier()
-    steps = _Steps(redactor)
-    target = "scratch" if scratch else "production"
-    started = time.monotonic()
-    if scratch and same_host((host.host, host.port), (plat.gitlab_host().host, plat.gitlab_host().port)):
-        raise RestoreRefused("the scratch host is the production host (same SSH host and port): a drill never "
-                             "restores onto production; fix gitlab.scratch in the platform config")
-    manifest = await steps.run("find manifest", _load_manifest(store, plat.gitlab_host(), bid.value),
-                               lambda m: f"{len(m.files)} files, verified={m.verified}")
-    pre = await steps.run("preflight", _preflight(host, api, layout, redactor),
-                          lambda p: f"GitLab {p['gitlab_version']}, ready={p['ready']}")
-    destinations = {
-        "data": posixpath.join(host.backup_path, bid.archive),
-        "config": posixpath.join(host.config_backup_path, manifest.file("config").name) if manifest.file("config")
-        else None,
-        "secrets": posixpath.join(host.config_backup_path, manifest.file("secrets").name)
-        if manifest.file("secrets") else None,
-    }
-    facts, missing = [], {}
-    for role, path in destinations.items():
-        if path is None:
-            continue
-        f: BackupFile = manifest.file(role)
-        present = await host_file_sha256(host, path)
-        facts.append(HostFile(role, f.name, present is not None,
-                              None if present is None else present["sha256"] == f.sha256, bool(f.offsite)))
-        if present is None:
-            missing[role] = "fetch from off-site" if f.offsite else "MISSING, no off-site copy"
-    problems = restore_refusals(ready=pre["ready"], installed_version=pre["version"],
-                                installed_edition=pre["edition"], backup_version=manifest.gitlab_version,
-                                files=facts, has_secrets=destinations["secrets"] is not None,
-                                free_bytes=pre["free_bytes"], needed_bytes=FREE_SPACE_FACTOR * manifest.file("data").size)
-    if bid.gitlab_version and not same_gitlab(bid.gitlab_version, manifest.gitlab_version):
-        problems.append(f"the id {bid.value} names GitLab {bid.gitlab_version} but its manifest says "
-                        f"{manifest.gitlab_version}: the manifest belongs to another backup")
-    safety_backup = not scratch
-    plan = _plan_markdown(platform, manifest, target, pre, missing, safety_backup, problems, layout.backup_user)
-    key = f"gitlab-restore-plan-{platform}-{target}"
-    await apublish_markdown(key, plan, description=f"Restore plan for {bid.value}")
-    if problems:
-        await apublish_table(f"gitlab-restore-steps-{platform}-{target}", steps.rows, description="Restore steps")
-        raise RestoreRefused("restore refused, nothing was changed: " + "; ".join(problems))
-    if dry_run:
-        logger.info("dry run: the plan is in artifact %s; run with dry_run=False to restore", key)
-        return {"dry_run": True, "backup_id": bid.value, "plan": plan, "steps": steps.rows}
+def _way_back(r: _Restore, n_steps: int):
+    """The way back once `applied` steps are done (the failed one counted)."""
+    def after(applied: int) -> WayBack | None:
+        if r.scratch:
+            return WayBack("The drill changes only the scratch host, production is untouched: fix the cause, then "
+                           "run the drill again (it restores scratch from scratch).", "gitlab-restore-drill", {})
+        safety = r.results.get("safety")
+        if safety:
+            return WayBack(f"Restore the safety backup {safety}, taken before anything was changed (its data, "
+                           f"gitlab.rb and gitlab-secrets.json): gitlab-restore with backup_id={safety}, "
+                           "dry_run=false.", "gitlab-restore", {"backup_id": safety, "dry_run": False})
+        if applied >= n_steps:  # the plan, shown before anything ran
+            return WayBack("Restore the safety backup this run takes before it changes anything: gitlab-restore "
+                           "with backup_id=<its id, named in the report and in a failure's message>, dry_run=false.")
+        return WayBack(f"GitLab was not changed yet (no safety backup was needed): fix the cause, then restore "
+                       f"{r.bid.value} again.", "gitlab-restore", {"backup_id": r.bid.value, "dry_run": False})
+    return after
 
-    transfer_s = step_timeout(cfg, "transfer")
-    for role, path in destinations.items():
-        if role in missing:
+
+def _planner(r: _Restore):
+    async def planner(_session: Any) -> Plan:
+        host, api, plat, bid = r.host, r.api, r.plat, r.bid
+        fingerprint = await host_key_fingerprint(host)
+        target = Target("GitLab host", f"{r.where} GitLab of {plat.name} ({api.url}, SSH {host.host}:{host.port})",
+                        f"SSH host key {fingerprint}")
+        title = f"GitLab restore of {bid.value} onto {r.where}"
+        if r.scratch:
+            prod = plat.gitlab_host()
+            if same_host((host.host, host.port), (prod.host, prod.port)) or \
+                    await host_key_fingerprint(prod) == fingerprint:
+                return Plan(target, [], title=title, refusals=[
+                    "the scratch host is the production host (same SSH host and port, or the same host key): a "
+                    "drill never restores onto production; fix gitlab.scratch in the platform config"])
+        manifest = await find_manifest(plat.backup_store(), plat.gitlab_host(), bid.value)
+        if manifest is None:
+            return Plan(target, [], title=title, refusals=[
+                f"backup {bid.value} has no manifest off-site or on the host: it was never verified; pick a backup "
+                "id from the latest gitlab-backup report"])
+        pre = {**await api_preflight(api, r.redactor), **await host_preflight(host, r.layout, r.redactor)}
+        down = None
+        if not pre["ready"]:  # e.g. a failed restore left puma and sidekiq stopped: ask the host itself
+            on_host = await host_gitlab_state(host, r.redactor)
+            down = on_host["down"]
+            if pre["version"] is None:
+                pre.update({k: on_host[k] for k in ("version", "edition", "gitlab_version")})
+        r.results["preflight"] = pre
+        dest = _destinations(r, manifest)
+        files, missing, rows = [], [], []
+        for role, path in dest.items():
             f = manifest.file(role)
-            await steps.run(f"fetch {role}", fetch_to_host.with_options(timeout_seconds=transfer_s)(
-                host, store, store_key_of(f, "data", bid.value), path, f.sha256, archive=role != "secrets",
-                owner=layout.backup_user if role == "data" else None,
-                progress_key=f"gitlab-restore-fetch-{role}-progress-{platform}-{target}"),
-                lambda r: f"{human_bytes(r['size'])}, sha256 verified" + (f", owned by {r['owner']}"
-                                                                          if r["owner"] else ""))
-
-    approver = "(scratch drill: no approval needed)"
-    if not scratch:
-        answer = await aask_approval(plan, approval_timeout_s, poll_interval_s)
-        if not answer.approve:
-            steps.skip("approval", f"declined by {answer.who()}")
-            await apublish_table(f"gitlab-restore-steps-{platform}-{target}", steps.rows, description="Restore steps")
-            logger.warning("restore of %s declined by %s: nothing was changed", bid.value, answer.who())
-            return {"dry_run": False, "approved": False, "approver": answer.who(), "steps": steps.rows}
-        approver = answer.who()
-        steps.rows.append({"step": "approval", "status": "ok", "seconds": 0, "detail": f"approved by {approver}"})
-        logger.info("restore of %s approved by %s", bid.value, approver)
-
-    safety_id = safety_config = None
-    limit = await ensure_host_limit(f"{platform}-scratch" if scratch else platform)
-    restore_started = time.monotonic()
-    t = {name: step_timeout(cfg, name) for name in ("backup_create", "backup_restore", "reconfigure", "restart",
-                                                     "check", "stop_grace")}
-
-    def cmd(argv: list[str], limit_s: int, **kw):
-        return gitlab_command.with_options(timeout_seconds=limit_s + t["stop_grace"] + 300)(
-            host, layout, argv, limit_s, redactor, **kw)
-
-    try:
-        async with concurrency(limit, occupy=1, timeout_seconds=3600):
-            if safety_backup:
-                created = await steps.run("safety backup", create_data_backup.with_options(
-                    timeout_seconds=t["backup_create"] + t["stop_grace"] + 300)(
-                    host, layout, redactor, timeout_s=t["backup_create"],
-                    progress_key=f"gitlab-restore-safety-progress-{platform}"), lambda r: r["backup_id"])
-                safety_id = created["backup_id"]
-                safety = parse_backup_id(safety_id)
-                safety_path = posixpath.join(host.backup_path, safety.archive)
-                checked = await steps.run("verify safety backup", copy_offsite.with_options(timeout_seconds=transfer_s)(
-                    host, safety_path, archive=True, expected_version=pre["gitlab_version"], log=created["log"]),
-                    lambda r: f"{human_bytes(r['size'])}, sha256 {r['sha256'][:12]}...")
-                cfg_backup = await steps.run("safety config backup", create_config_backup(host, redactor),
-                                             lambda r: r["config_archive"])
-                safety_config = cfg_backup["config_archive"]
-                now = datetime.now(timezone.utc)
-                await write_host_manifest(host, posixpath.join(
-                    host.backup_path, f"{safety_id}_gitlab_backup.manifest.json"), Manifest(
-                    id=safety_id, kind="data", platform=platform, host=pre["host"],
-                    gitlab_version=pre["gitlab_version"], edition=pre["edition"],
-                    components=checked["components"], skipped=checked["skipped"], disabled=checked["disabled"],
-                    safety=True, verified=True, etc_dir=posixpath.dirname(host.secrets_file), started_at=now,
-                    finished_at=now, files=[BackupFile(role="data", name=safety.archive, host_path=safety_path,
-                                                       size=checked["size"], sha256=checked["sha256"])]
-                ).model_dump(mode="json"))
-                logger.info("safety backup %s (config %s) taken before the restore", safety_id, safety_config)
-            else:
-                steps.skip("safety backup", "scratch host")
-            await steps.run(f"archive owned by {layout.backup_user}", hand_archive_to(
-                host, destinations["data"], layout.backup_user), lambda r: r["owner_mode"])
-            # Before the data: the configuration that belongs with it (docs *Restore GitLab*: "have run
-            # gitlab-ctl reconfigure after copying over the GitLab secrets file").
-            if scratch:
-                external_url = str(cfg.gitlab.scratch.external_url or cfg.gitlab.scratch.api_url).rstrip("/")
-                await steps.run(STEP_DRILL_CONFIG, drill_config(
-                    host, layout, destinations["secrets"],
-                    DrillOverlay(external_url, cfg.gitlab.scratch.object_store_bucket)),
-                    lambda r: f"scratch's own gitlab.rb, external_url {r['external_url']}")
-            else:
-                await steps.run(STEP_CONFIG, restore_config_files(
-                    host, destinations["config"], destinations["secrets"], manifest.etc_dir),
-                    lambda r: f"into {r['etc_dir']}")
-            await steps.run(STEP_RECONFIGURE_BEFORE, cmd(["gitlab-ctl", "reconfigure"], t["reconfigure"]))
-
-            async def stop_both() -> None:
-                for svc in ("puma", "sidekiq"):
-                    await cmd(["gitlab-ctl", "stop", svc], t["restart"])
-
-            await steps.run(STEP_STOP, stop_both())
-
-            async def both_down() -> dict:
-                status = await services_status(host, redactor)
-                up = services_still_up(status["services"])
-                if up:
-                    raise CheckFailed(f"gitlab-ctl status still shows {', '.join(up)} running after the stop")
-                return status
-
-            await steps.run(STEP_STATUS, both_down(),
-                            lambda s: ", ".join(f"{k}: {v}" for k, v in s["services"].items()
-                                                if k in ("puma", "sidekiq")) or "puma, sidekiq not running")
-            await steps.run(STEP_RESTORE, cmd(
-                ["gitlab-backup", "restore", f"BACKUP={bid.value}", "force=yes"], t["backup_restore"],
-                progress_key=f"gitlab-restore-progress-{platform}-{target}", progress=restore_progress),
-                lambda r: f"{r['seconds']}s")
-            await steps.run(STEP_RECONFIGURE, cmd(["gitlab-ctl", "reconfigure"], t["reconfigure"]))
-            await steps.run(STEP_RESTART, cmd(["gitlab-ctl", "restart"], t["restart"]))
-
-            async def checked(argv: list[str], parse: Callable[[str], list[str]], what: str) -> dict:
-                r = await cmd(argv, t["check"])
-                _require(parse("\n".join(r["output"])), what)
-                return r
-
-            # the drill keeps Sidekiq off (the overlay): its "Running? ... no" is expected there
-            allowed = ("Sidekiq",) if scratch else ()
-            await steps.run(STEP_CHECK, checked(["gitlab-rake", "gitlab:check", "SANITIZE=true"],
-                                                lambda text: check_failures(text, allowed), "gitlab:check"),
-                            lambda r: "no failures")
-            await steps.run(STEP_DOCTOR, checked(["gitlab-rake", "gitlab:doctor:secrets"], doctor_secrets_failures,
-                                                 "gitlab:doctor:secrets"), lambda r: "every value decrypts")
-            health = await steps.run(STEP_HEALTH, api_health(api, redactor),
-                                     lambda h: f"ready={h['ready']}, {h.get('version')}, {h.get('projects')} projects")
-            if not health["ready"] or not same_gitlab(health.get("version"), manifest.gitlab_version):
-                raise RestoreFailed(f"GitLab is not healthy after the restore: {health}")
-    except BaseException as exc:
-        state = state_after_failure(steps.started, steps.names(), bid.value, target, safety_id, safety_config,
-                                    host.backup_path, host.config_backup_path, layout.backup_user)
-        error = redactor.error(exc)
-        await apublish_markdown(f"gitlab-restore-{platform}-{target}", "\n".join([
-            f"# GitLab restore FAILED: {platform} ({target})", "", f"**Error:** {error}", "",
-            f"**State:** {state}", "", "## Steps", "", md_table(steps.rows, limit=40)]),
-            description="Restore failed: state and how to continue")
-        await apublish_table(f"gitlab-restore-steps-{platform}-{target}", steps.rows, description="Restore steps")
-        await notify(notifier, f"GitLab restore FAILED on {platform} ({target})", f"{error}\n{state}")
-        raise RestoreFailed(f"{error}\n{state}") from exc
-    seconds = time.monotonic() - restore_started
-    await apublish_markdown(f"gitlab-restore-{platform}-{target}", "\n".join([
-        f"# GitLab restore: {platform} ({target})", "",
-        f"- **Restored:** `{bid.value}` ({manifest.gitlab_version}), approved by {approver}",
-        f"- **Safety backup:** {safety_id or 'none'}", f"- **Duration:** {human_duration(seconds)}",
-        f"- **Health:** ready, {health.get('projects')} projects", "", "## Steps", "", md_table(steps.rows, limit=40)]),
-        description="Restore report")
-    await apublish_table(f"gitlab-restore-steps-{platform}-{target}", steps.rows, description="Restore steps")
-    return {"dry_run": False, "approved": True, "approver": approver, "backup_id": bid.value,
-            "safety_backup": safety_id, "seconds": round(seconds, 1), "total_seconds":
-            round(time.monotonic() - started, 1), "health": health, "steps": steps.rows, "manifest": manifest}
+            present = await host_file_sha256(host, path)
+            matches = None if present is None else present["sha256"] == f.sha256
+            files.append(HostFile(role, f.name, present is not None, matches, bool(f.offsite)))
+            if present is None and f.offsite:
+                missing.append(role)
+            rows.append({"role": role, "file": path, "sha256": f.sha256, "on the host": present is not None,
+                         "matches": matches, "off-site": bool(f.offsite)})
+        refusals = restore_refusals(ready=pre["ready"], installed_version=pre["version"],
+                                    installed_edition=pre["edition"], backup_version=manifest.gitlab_version,
+                                    files=files, has_secrets="secrets" in dest, free_bytes=pre["free_bytes"],
+                                    needed_bytes=FREE_SPACE_FACTOR * manifest.file("data").size, down=down)
+        if bid.gitlab_version and not same_gitlab(bid.gitlab_version, manifest.gitlab_version):
+            refusals.append(f"the id {bid.value} names GitLab {bid.gitlab_version} but its manifest says "
+                            f"{manifest.gitlab_version}: the manifest belongs to another backup")
+        steps = _steps(r, manifest, dest, missing) if not refusals else []
+        details = "\n".join([
+            f"- **Backup:** `{manifest.id}` taken {manifest.finished_at:%Y-%m-%d %H:%M} UTC on {manifest.host}"
+            + (" (a safety backup)" if manifest.safety else ""),
+            f"- **GitLab:** the backup's {manifest.gitlab_version}; {r.where} runs {pre.get('gitlab_version') or '?'}"
+            + (f" (not ready, read on the host; down: {', '.join(down) or 'nothing'})" if down is not None else ""),
+            f"- **Components:** {', '.join(manifest.components)}"
+            + (f" (disabled: {', '.join(manifest.disabled)})" if manifest.disabled else ""),
+            f"- **Size:** {human_bytes(manifest.total_size)}; free on {r.where}: {human_bytes(pre['free_bytes'])}",
+            "", md_table([{k: (v[:16] + "..." if k == "sha256" else v) for k, v in row.items()} for row in rows])])
+        facts = {"backup": bid.value, "backup_gitlab": manifest.gitlab_version, "components": manifest.components,
+                 "files": [{k: row[k] for k in ("role", "file", "sha256", "on the host", "matches")} for row in rows],
+                 "gitlab": {"api": api.url, "version": pre["gitlab_version"], "ready": pre["ready"], "down": down},
+                 "fetch": missing, "safety_backup": not r.scratch}
+        return Plan(target, steps, title=title, details=details, facts=facts, refusals=refusals,
+                    way_back=_way_back(r, len(steps)))
+    return planner
 
 
-async def _preflight(host: Any, api: Any, layout: Any, redactor: Redactor) -> dict:
-    return {**await api_preflight(api, redactor), **await host_preflight(host, layout, redactor)}
+def _operation(r: _Restore, name: str, *, approval_timeout_s: int | None = None, poll_interval_s: float = 10,
+               unattended: str | None = None) -> Operation:
+    cfg, platform = r.plat.config, r.plat.name
+    return Operation(name, platform, _planner(r),
+                     lock=host_limit_name(f"{platform}-scratch" if r.scratch else platform),
+                     approval_timeout_s=approval_timeout(cfg, approval_timeout_s), lock_timeout_s=lock_timeout(cfg),
+                     poll_interval_s=poll_interval_s, redactor=r.redactor, key=r.where, unattended=unattended)
 
 
 @flow(name="gitlab-restore", log_prints=False)
 async def gitlab_restore(platform: str = "main", backup_id: str = "", dry_run: bool = True,
-                         approval_timeout_s: int = 3600, poll_interval_s: int = 10) -> dict:
-    """Restore GitLab from `backup_id` (e.g. 1717000000_2024_05_29_17.0.1-ee, or a custom BACKUP= name). Dry
-    run by default; a real run pauses for approval, takes a safety backup first and reports every step."""
-    parse_backup_id(backup_id)  # ValueError before anything else: ids reach a remote shell
+                         approval_timeout_s: int | None = None, poll_interval_s: float = 10) -> Any:
+    """Restore GitLab from `backup_id` (e.g. 1717000000_2024_05_29_17.0.1-ee, a custom BACKUP= name, or a
+    safety backup's id). Dry run by default; a real run pauses for approval showing the plan, then takes a
+    safety backup first and restores in GitLab's documented order."""
+    bid = parse_backup_id(backup_id)  # ValueError before anything else: ids reach a remote shell
     plat = await Platform.aopen(platform, *PARTS)
-    redactor = Redactor.of(await plat.asecrets())
-    result = await _restore(plat, redactor, backup_id, scratch=False, dry_run=dry_run,
-                            approval_timeout_s=approval_timeout_s, poll_interval_s=poll_interval_s)
-    result.pop("manifest", None)
-    return redactor.value(result)
+    r = _Restore(plat, Redactor.of(await plat.asecrets()), bid, scratch=False)
+    out = await run_operation(_operation(r, "gitlab-restore", approval_timeout_s=approval_timeout_s,
+                                         poll_interval_s=poll_interval_s), dry_run=dry_run)
+    if isinstance(out, dict):
+        out.update(backup_id=bid.value, safety_backup=r.results.get("safety"), health=r.results.get("health"))
+    return out
 
 
 @flow(name="gitlab-restore-drill", log_prints=False)
-async def gitlab_restore_drill(platform: str = "main", sample: int = 20) -> dict:
-    """Restore the newest verified off-site backup onto the scratch GitLab; compare with production; RTO/RPO."""
+async def gitlab_restore_drill(platform: str = "main", sample: int = 20) -> Any:
+    """Restore the newest verified off-site backup onto the scratch GitLab (unattended: it changes only
+    scratch); compare with production; report RTO and RPO."""
     logger = get_run_logger()
     plat = await Platform.aopen(platform, *DRILL_PARTS)
     redactor = Redactor.of(await plat.asecrets())
@@ -408,12 +422,14 @@ async def gitlab_restore_drill(platform: str = "main", sample: int = 20) -> dict
     verified = sorted((m for m in manifests if m.verified and m.offsite and not m.safety),
                       key=lambda m: m.finished_at)
     if not verified:
-        await notify(plat.notifier(), f"GitLab restore drill FAILED on {platform}",
-                     "no verified off-site backup")
-        raise RestoreFailed("no verified off-site backup to drill with: RPO is unbounded; check gitlab-backup runs")
+        raise DrillFailed("no verified off-site backup to drill with: RPO is unbounded; check gitlab-backup runs")
     newest = verified[-1]
-    result = await _restore(plat, redactor, newest.id, scratch=True, dry_run=False)
-    rto = result["seconds"]
+    r = _Restore(plat, redactor, parse_backup_id(newest.id), scratch=True)
+    started = time.monotonic()
+    record = await run_operation(_operation(r, "gitlab-restore-drill", unattended=DRILL_UNATTENDED), dry_run=False)
+    if not isinstance(record, dict):  # Cancelled: returned as is
+        return record
+    rto = time.monotonic() - started
     prod = await project_states(plat.gitlab_api(), redactor, sample=sample)
     restored = await project_states(plat.gitlab_api(scratch=True), redactor, ids=[p["id"] for p in prod["sampled"]])
     comparison = compare_restore(prod["count"], restored["count"],
@@ -423,19 +439,19 @@ async def gitlab_restore_drill(platform: str = "main", sample: int = 20) -> dict
     lines = [f"# GitLab restore drill: {platform}", "",
              f"- **Result:** {'PASSED' if comparison.ok else 'FAILED'}",
              f"- **Backup:** `{newest.id}` ({human_bytes(newest.total_size)})",
-             f"- **RTO (restore duration):** {human_duration(rto)}",
+             f"- **Run:** {record['approver']}",
+             f"- **RTO (the whole restore: plan, fetch, restore, checks):** {human_duration(rto)}",
              f"- **RPO (age of the newest verified backup):** {human_duration(rpo)}",
              f"- **Projects:** production {comparison.production_projects}, restored {comparison.restored_projects}",
              f"- **Sampled last commits:** {comparison.matching}/{comparison.sampled} match",
              f"- **Changed in production since the backup:** {', '.join(comparison.changed_since_backup) or 'none'}",
              f"- **Mismatched:** {', '.join(comparison.mismatched) or 'none'}; **missing:** "
-             f"{', '.join(comparison.missing) or 'none'}", "", "## Steps", "", md_table(result["steps"], limit=40)]
+             f"{', '.join(comparison.missing) or 'none'}", "", "## Steps", "", md_table(record["steps"], limit=40)]
     await apublish_markdown(f"gitlab-restore-drill-{platform}", "\n".join(lines), description="Restore drill: RTO/RPO")
-    out = {"backup_id": newest.id, "rto_seconds": round(rto, 1), "rpo_seconds": round(rpo, 1),
-           "comparison": comparison.model_dump(), "ok": comparison.ok}
     if not comparison.ok:
-        await notify(plat.notifier(), f"GitLab restore drill FAILED on {platform}",
-                     f"restored data differs from production: {comparison.model_dump()}")
-        raise RestoreFailed(f"drill: restored data differs from production: {comparison.model_dump()}")
+        raise DrillFailed(f"drill: restored data differs from production: {comparison.model_dump()}")
     logger.info("drill passed: RTO %s, RPO %s", human_duration(rto), human_duration(rpo))
-    return out
+    return {"backup_id": newest.id, "rto_seconds": round(rto, 1), "rpo_seconds": round(rpo, 1),
+            "comparison": comparison.model_dump(), "ok": comparison.ok, "approver": record["approver"],
+            "steps": record["steps"]}
+

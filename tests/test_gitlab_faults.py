@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import re
+import tarfile
 import shutil
 import threading
 import time
@@ -13,6 +16,7 @@ import pytest
 from prefect import flow
 
 from sandbox.webhook import received
+from tests.approvals import APPROVE, run_and_answer
 from tests.conftest import run_flow_sync
 from tests.test_gitlab_backup import _attempts, _files, _objects, _ran, _root, _s3, _task_runs
 
@@ -249,11 +253,46 @@ def test_restore_refuses_an_offsite_copy_with_a_bad_checksum(snapshot, gitlab_ba
     shutil.move(local, aside)
     s3.put_object(Bucket="gitlab-backups", Key=key, Body=bytes(bad))
     try:
-        state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=backup_id, dry_run=False,
-                              approval_timeout_s=5, poll_interval_s=1)
+        state = run_and_answer(gitlab_restore, {"platform": sandbox_platform, "backup_id": backup_id,
+                                                "dry_run": False, "poll_interval_s": 0.5}, APPROVE)
         assert state.is_failed() and "corrupt" in state.message
+        assert "failed at step 1 (fetch data from off-site)" in state.message  # before the safety backup
+        assert "GitLab was not changed yet" in state.message
         assert _attempts(state, "fetch-to-host") == [1]  # a checksum mismatch is not retried
         assert not local.exists() and not local.with_name(name + ".part").exists()
     finally:
         s3.put_object(Bucket="gitlab-backups", Key=key, Body=good)
         shutil.move(aside, local)
+
+
+def test_a_restore_that_fails_part_way_names_the_state_and_the_complete_safety_backup(snapshot, gitlab_backup_state,
+                                                                                      sandbox_platform):
+    """psql fails part-way through `gitlab-backup restore` (the stand-in has emptied the projects table): the
+    failure says the data may be partly overwritten and names the safety backup to restore, which is
+    complete (data, config, secrets) and matches the host as it was (the contract test runs that way back)."""
+    from flows.gitlab_restore import gitlab_restore
+
+    sb = snapshot
+    state_dir = _root(sb) / "var/opt/gitlab/state"
+    before = json.loads((state_dir / "projects.json").read_text())
+    _arm(sb, "gitlab-backup-restore", "fail")
+    try:
+        state = run_and_answer(gitlab_restore, {"platform": sandbox_platform, "dry_run": False,
+                                                "backup_id": gitlab_backup_state.result()["backup_id"],
+                                                "poll_interval_s": 0.5}, APPROVE)
+        assert state.is_failed(), state.message
+        assert "failed at step 6 (gitlab-backup restore" in state.message and "psql exited with 3" in state.message
+        assert "steps 1-5 applied" in state.message and "partly overwritten" in state.message
+        assert "steps 7-11 not run" in state.message
+        safety = re.search(r"gitlab-restore with backup_id=([A-Za-z0-9_.\-]+), dry_run=false", state.message)[1]
+        manifest = json.loads((_root(sb) / "var/opt/gitlab/backups" /
+                               f"{safety}_gitlab_backup.manifest.json").read_text())
+        assert sorted(f["role"] for f in manifest["files"]) == ["config", "data", "secrets"]
+        with tarfile.open(next(f["host_path"] for f in manifest["files"] if f["role"] == "data")) as tar:
+            dump = json.loads(gzip.decompress(tar.extractfile("db/database.sql.gz").read()))
+        assert dump["projects"] == before  # the safety backup holds the data as it was before the restore
+        assert json.loads((state_dir / "projects.json").read_text()) == []  # the stand-in's partial restore
+    finally:
+        (state_dir / "projects.json").write_text(json.dumps(before))
+        services = json.loads((state_dir / "services.json").read_text())
+        (state_dir / "services.json").write_text(json.dumps({k: "run" for k in services}))

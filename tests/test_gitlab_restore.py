@@ -1,16 +1,19 @@
-"""GitLab restore and drill against the sandbox: dry run, approval through Prefect's API, refusals."""
+"""GitLab restore and drill against the sandbox, beyond the operation contract (tests/test_operations.py runs
+gitlab-restore's dry run, approved apply, refusal after a change, failure with its way back, and cancel):
+backup ids, the refusal of another GitLab version, a timed-out and a declined approval, the documented order
+of the commands with the archive fetched from off-site, the complete safety backup, and the unattended drill."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pwd
 import shutil
 import stat
-import threading
-import time
 
 import pytest
 
+from tests.approvals import APPROVE, paused_run_id, run_and_answer
 from tests.conftest import run_flow_sync
 from tests.test_gitlab_backup import _attempts, _commands, _files, _root, _tree
 
@@ -19,53 +22,8 @@ def _projects(sb, name="production") -> list[dict]:
     return json.loads((_root(sb, name) / "var/opt/gitlab/state/projects.json").read_text())
 
 
-def _paused_run_id(flow_name: str, timeout_s: float = 60):
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-
-    async def find():
-        async with get_client() as client:
-            runs = await client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
-            return runs[0].id if runs else None
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        run_id = asyncio.run(find())
-        if run_id:
-            return run_id
-        time.sleep(0.5)
-    raise AssertionError(f"no paused {flow_name} run within {timeout_s}s")
-
-
-def _run_in_thread(fn, **params):
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("state", run_flow_sync(fn, **params)), daemon=True)
-    t.start()
-    return t, box
-
-
-def test_dry_run_reports_the_plan_and_changes_nothing(gitlab_backup_state, gitlab_sandbox, sandbox_platform):
-    from flows.gitlab_restore import gitlab_restore
-
-    backup_id = gitlab_backup_state.result()["backup_id"]
-    before = _tree(gitlab_sandbox)
-    state = run_flow_sync(gitlab_restore, platform=sandbox_platform, backup_id=backup_id)
-    assert state.is_completed(), state.message
-    result = state.result()
-    assert result["dry_run"] and f"gitlab-backup restore BACKUP={backup_id} force=yes" in result["plan"]
-    assert [r["step"] for r in result["steps"]] == ["find manifest", "preflight"]
-    assert _tree(gitlab_sandbox) == before  # every file's content, the command log included
+# Other lifecycles' tests import this name from here; it is the one helper of tests/approvals.py.
+_paused_run_id = paused_run_id
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "1717000000_2024_05_29_17.0.1-ee; rm -rf /",
@@ -107,74 +65,67 @@ def test_restore_without_approval_changes_nothing(gitlab_backup_state, gitlab_sa
 
 def test_declined_restore_records_who_declined_and_changes_nothing(gitlab_backup_state, gitlab_sandbox,
                                                                     sandbox_platform):
-    from prefect.flow_runs import resume_flow_run
-
     from flows.gitlab_restore import gitlab_restore
 
     before = _tree(gitlab_sandbox)
-    t, box = _run_in_thread(gitlab_restore, platform=sandbox_platform,
-                            backup_id=gitlab_backup_state.result()["backup_id"], dry_run=False, poll_interval_s=1,
-                            approval_timeout_s=120)
-    resume_flow_run(_paused_run_id("gitlab-restore"), run_input={"approve": False, "approver": " bob "})
-    t.join(120)
-    state = box["state"]
+    state = run_and_answer(gitlab_restore, {"platform": sandbox_platform, "dry_run": False, "poll_interval_s": 0.5,
+                                            "backup_id": gitlab_backup_state.result()["backup_id"]},
+                           {"approve": False, "approver": " bob "})
     assert state.is_completed(), state.message
     result = state.result()
-    assert (result["approved"], result["approver"]) == (False, "bob")
-    assert result["steps"][-1] == {"step": "approval", "status": "skipped", "seconds": 0, "detail": "declined by bob"}
+    assert (result["approved"], result["approver"]) == (False, "bob") and result["steps"] == []
+    assert result["state"].startswith("untouched: declined by bob")
     assert _tree(gitlab_sandbox) == before
 
 
-def test_restore_with_approval_restores_data_and_runs_gitlab_check(gitlab_backup_state, gitlab_sandbox,
-                                                                    sandbox_platform):
-    from prefect.flow_runs import resume_flow_run
-
+def test_restore_fetches_from_offsite_keeps_the_documented_order_and_a_complete_safety_backup(
+        gitlab_backup_state, gitlab_sandbox, sandbox_platform):
     from flows.gitlab_restore import gitlab_restore
 
     sb = gitlab_sandbox
     backup_id = gitlab_backup_state.result()["backup_id"]
-    backed_up = _projects(sb)
-    changed = [dict(p, last_commit="f" * 40) for p in backed_up] + [dict(backed_up[0], id=999, name="late")]
     state_file = _root(sb) / "var/opt/gitlab/state/projects.json"
-    state_file.write_text(json.dumps(changed))  # work done after the backup: the restore rolls it back
+    backed_up = _projects(sb)
     before = _files(sb)
     # the archive is gone from the host: the restore fetches the off-site copy (written as root over SFTP)
     archive = _root(sb) / "var/opt/gitlab/backups" / f"{backup_id}_gitlab_backup.tar"
     aside = archive.with_name(archive.name + ".aside")
     shutil.move(archive, aside)
+    state_file.write_text(json.dumps([dict(p, last_commit="f" * 40) for p in backed_up]))  # work after the backup
     try:
-        t, box = _run_in_thread(gitlab_restore, platform=sandbox_platform, backup_id=backup_id, dry_run=False,
-                                poll_interval_s=1, approval_timeout_s=120)
-        resume_flow_run(_paused_run_id("gitlab-restore"), run_input={"approve": True, "approver": "alice"})
-        t.join(240)
+        state = run_and_answer(gitlab_restore, {"platform": sandbox_platform, "backup_id": backup_id,
+                                                "dry_run": False, "poll_interval_s": 0.5}, APPROVE)
     finally:
         aside.unlink(missing_ok=True)
-    state = box["state"]
     assert state.is_completed(), state.message
     result = state.result()
     assert result["approver"] == "alice" and result["safety_backup"]
     assert _projects(sb) == backed_up
+    steps = [r["step"] for r in result["steps"]]
+    assert steps[:2] == ["fetch data from off-site", "safety backup"], steps  # fetched only after the approval
     st = archive.stat()  # fetched from off-site, handed to git (the restore ran as git and could read it)
     assert (pwd.getpwuid(st.st_uid).pw_name, stat.S_IMODE(st.st_mode)) == ("git", 0o600)
-    assert any(r["step"] == "fetch data" and "owned by git:git" in r["detail"] for r in result["steps"])
+    assert "owned by git:git" in result["steps"][0]["detail"]
     cmds = _commands(sb)
     restore = ["gitlab-backup", "restore", f"BACKUP={backup_id}", "force=yes"]
     i_restore = cmds.index(restore)
-    before_data = cmds[:i_restore]
     # the documented order: config + reconfigure, stop puma and sidekiq, status, restore; then reconfigure,
     # restart, gitlab:check and gitlab:doctor:secrets
-    last = {tuple(c): n for n, c in enumerate(before_data)}
+    last = {tuple(c): n for n, c in enumerate(cmds[:i_restore])}
     assert last[("gitlab-ctl", "reconfigure")] < last[("gitlab-ctl", "stop", "puma")] < last[
         ("gitlab-ctl", "stop", "sidekiq")] < last[("gitlab-ctl", "status")] < i_restore
     after_data = [tuple(c) for c in cmds[i_restore + 1:]]
     assert after_data[:4] == [("gitlab-ctl", "reconfigure"), ("gitlab-ctl", "restart"),
                               ("gitlab-rake", "gitlab:check", "SANITIZE=true"), ("gitlab-rake", "gitlab:doctor:secrets")]
-    after = _files(sb)
-    assert before.items() <= after.items()  # no backup file lost or changed; the safety backup was added
+    assert before.items() <= _files(sb).items()  # no backup file lost or changed; the safety backup was added
     assert _attempts(state, "gitlab-backup-create") == [1]  # the safety backup
-    safety = _root(sb) / "var/opt/gitlab/backups" / f"{result['safety_backup']}_gitlab_backup.tar"
-    assert safety.exists() and json.loads(safety.with_name(
-        f"{result['safety_backup']}_gitlab_backup.manifest.json").read_text())["safety"]
+    # the safety backup is complete, as gitlab-backup writes one: restoring its id is the way back
+    manifest = json.loads((_root(sb) / "var/opt/gitlab/backups" /
+                           f"{result['safety_backup']}_gitlab_backup.manifest.json").read_text())
+    assert manifest["safety"] and manifest["verified"]
+    assert sorted(f["role"] for f in manifest["files"]) == ["config", "data", "secrets"]
+    for f in manifest["files"]:
+        assert hashlib.sha256(open(f["host_path"], "rb").read()).hexdigest() == f["sha256"]
     assert result["health"]["ready"] and result["health"]["projects"] == len(backed_up)
 
 
@@ -184,9 +135,11 @@ def test_drill_restores_newest_backup_on_scratch_and_reports_rto_rpo(gitlab_sand
 
     sb = gitlab_sandbox
     prod_before = _tree(sb)
-    state = run_flow_sync(gitlab_restore_drill, platform=sandbox_platform)
+    state = run_flow_sync(gitlab_restore_drill, platform=sandbox_platform)  # no approval asked: none answered
     assert state.is_completed(), state.message
     result = state.result()
+    assert result["approver"].startswith("nobody (unattended: the weekly restore drill")
+    assert "safety backup" not in [r["step"] for r in result["steps"]]  # scratch: the same steps but that one
     assert result["ok"] and result["rto_seconds"] > 0 and result["rpo_seconds"] >= 0
     assert result["comparison"]["matching"] == result["comparison"]["sampled"] > 0
     assert _projects(sb, "scratch") == _projects(sb)
