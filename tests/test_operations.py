@@ -68,14 +68,8 @@ MUST_BE_OPERATIONS = {"gitlab-restore", "renew-control-plane-certificates", "etc
 SCRATCH_DRILLS = {"gitlab-restore-drill"}
 
 
-# Scheduled drills that change only a scratch target, through the same operation run unattended
-# (`Operation(unattended=...)`, said in their plan and report): no dry run by default, not in the five cases
-# below; their own tests run them.
-SCRATCH_DRILLS = {"gitlab-restore-drill"}
-
-
 def test_every_platform_changing_deployment_is_an_operation_with_a_scenario_and_dry_run_by_default():
-    changing = {n for n in SPEC if _changes_the_platform(n)} - SCRATCH_DRILLS - SCRATCH_DRILLS
+    changing = {n for n in SPEC if _changes_the_platform(n)} - SCRATCH_DRILLS
     for name in SCRATCH_DRILLS:
         assert _changes_the_platform(name) and "unattended=" in inspect.getsource(inspect.getmodule(_flow(name).fn))
     assert sorted(MUST_BE_OPERATIONS - changing) == [], "not through tasks/operation.py"
