@@ -58,7 +58,7 @@ from tasks.gitlab_host import (
     hand_archive_to,
     host_file_sha256,
     host_gitlab_state,
-    host_key_fingerprint,
+    host_key,
     host_limit_name,
     host_preflight,
     restore_config_files,
@@ -308,7 +308,7 @@ def _way_back(r: _Restore, n_steps: int):
     def after(applied: int) -> WayBack | None:
         if r.scratch:
             return WayBack("The drill changes only the scratch host, production is untouched: fix the cause, then "
-                           "run the drill again (it restores scratch from scratch).", "gitlab-restore-drill", {})
+                           "run the drill again (it restores scratch again).", "gitlab-restore-drill", {})
         safety = r.results.get("safety")
         if safety:
             return WayBack(f"Restore the safety backup {safety}, taken before anything was changed (its data, "
@@ -317,22 +317,23 @@ def _way_back(r: _Restore, n_steps: int):
         if applied >= n_steps:  # the plan, shown before anything ran
             return WayBack("Restore the safety backup this run takes before it changes anything: gitlab-restore "
                            "with backup_id=<its id, named in the report and in a failure's message>, dry_run=false.")
-        return WayBack(f"GitLab was not changed yet (no safety backup was needed): fix the cause, then restore "
-                       f"{r.bid.value} again.", "gitlab-restore", {"backup_id": r.bid.value, "dry_run": False})
+        return WayBack(f"GitLab was not changed yet (the run stopped before its safety backup; at most a file was "
+                       f"fetched): fix the cause, then restore {r.bid.value} again.", "gitlab-restore",
+                       {"backup_id": r.bid.value, "dry_run": False})
     return after
 
 
 def _planner(r: _Restore):
     async def planner(_session: Any) -> Plan:
         host, api, plat, bid = r.host, r.api, r.plat, r.bid
-        fingerprint = await host_key_fingerprint(host)
+        fingerprint = await host_key(host)
         target = Target("GitLab host", f"{r.where} GitLab of {plat.name} ({api.url}, SSH {host.host}:{host.port})",
                         f"SSH host key {fingerprint}")
         title = f"GitLab restore of {bid.value} onto {r.where}"
         if r.scratch:
             prod = plat.gitlab_host()
             if same_host((host.host, host.port), (prod.host, prod.port)) or \
-                    await host_key_fingerprint(prod) == fingerprint:
+                    await host_key(prod) == fingerprint:
                 return Plan(target, [], title=title, refusals=[
                     "the scratch host is the production host (same SSH host and port, or the same host key): a "
                     "drill never restores onto production; fix gitlab.scratch in the platform config"])

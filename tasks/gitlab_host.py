@@ -62,6 +62,7 @@ from tasks.ssh import (
     SFTPWriter,
     Supervision,
     connect,
+    host_key_fingerprint,
     run_command,
     run_supervised,
     sftp_chunks,
@@ -130,14 +131,11 @@ async def ensure_host_limit(name: str) -> str:
 
 
 @task(name="gitlab-host-key", cache_policy=NONE, timeout_seconds=120, **TRANSIENT_RETRIES)
-async def host_key_fingerprint(host: GitLabHost) -> str:
+async def host_key(host: GitLabHost) -> str:
     """The SHA-256 fingerprint of the SSH host key the host presents (checked against the block's
     known_hosts by the connection): what names the host and cannot be renamed."""
     async with connect(host.connect_kwargs()) as conn:
-        key = conn.get_server_host_key()
-    if key is None:
-        raise PermissionError(f"{host.host}:{host.port} presented no SSH host key")
-    return key.get_fingerprint("sha256")
+        return host_key_fingerprint(conn)
 
 
 def _progress_failed(exc: BaseException) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.approvals import APPROVE, paused_run_id, run_and_answer
 from tests.conftest import run_flow_sync
+from tests.operation_scenarios.gitlab import backup_projects
 from tests.test_gitlab_backup import _attempts, _commands, _files, _root, _tree
 
 
@@ -85,7 +86,7 @@ def test_restore_fetches_from_offsite_keeps_the_documented_order_and_a_complete_
     sb = gitlab_sandbox
     backup_id = gitlab_backup_state.result()["backup_id"]
     state_file = _root(sb) / "var/opt/gitlab/state/projects.json"
-    backed_up = _projects(sb)
+    backed_up = backup_projects(sb, backup_id)
     before = _files(sb)
     # the archive is gone from the host: the restore fetches the off-site copy (written as root over SFTP)
     archive = _root(sb) / "var/opt/gitlab/backups" / f"{backup_id}_gitlab_backup.tar"
@@ -134,6 +135,9 @@ def test_drill_restores_newest_backup_on_scratch_and_reports_rto_rpo(gitlab_sand
     from flows.gitlab_restore import gitlab_restore_drill
 
     sb = gitlab_sandbox
+    # production as the newest backup left it (other tests leave work done after it)
+    newest = backup_projects(sb)
+    (_root(sb) / "var/opt/gitlab/state/projects.json").write_text(json.dumps(newest))
     prod_before = _tree(sb)
     state = run_flow_sync(gitlab_restore_drill, platform=sandbox_platform)  # no approval asked: none answered
     assert state.is_completed(), state.message

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import tarfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tests.operation_scenarios import Scenario
@@ -43,9 +44,10 @@ def _backup_id(sb) -> str:
     return max(ok, key=lambda m: m["finished_at"])["id"]
 
 
-def _backup_projects(sb) -> list[dict]:
-    """The projects inside the backup's archive on the host (its db dump), as the stand-in restores them."""
-    archive = _root(sb) / "var/opt/gitlab/backups" / f"{_backup_id(sb)}_gitlab_backup.tar"
+def backup_projects(sb, backup_id: str | None = None) -> list[dict]:
+    """The projects inside a backup's archive on the host (its db dump), as the stand-in restores them
+    (default: the scenario's backup)."""
+    archive = _root(sb) / "var/opt/gitlab/backups" / f"{backup_id or _backup_id(sb)}_gitlab_backup.tar"
     with tarfile.open(archive) as tar:
         data = json.loads(gzip.decompress(tar.extractfile("db/database.sql.gz").read()))
     return data if isinstance(data, list) else data["projects"]
@@ -68,15 +70,17 @@ def _reset(sb) -> None:
     (state / "encrypted_with").write_text(hashlib.sha256(secret.encode()).hexdigest()[:16])
     services = json.loads((state / "services.json").read_text())
     (state / "services.json").write_text(json.dumps({s: "run" for s in services}))
-    backed_up = _backup_projects(sb)
-    moved_on = [dict(p, last_commit=hashlib.sha1(p["last_commit"].encode()).hexdigest()) for p in backed_up]
+    backed_up = backup_projects(sb)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")  # work after the backup: recent activity
+    moved_on = [dict(p, last_commit=hashlib.sha1(p["last_commit"].encode()).hexdigest(), last_activity_at=now)
+                for p in backed_up]
     moved_on.append(dict(backed_up[0], id=990, name="late", path_with_namespace="ml/late"))
     (state / "projects.json").write_text(json.dumps(moved_on))
     _BEFORE["projects"] = moved_on
 
 
 def _applied(sb) -> bool:
-    return _projects(sb) == _backup_projects(sb)
+    return _projects(sb) == backup_projects(sb)
 
 
 def _change(sb) -> None:
