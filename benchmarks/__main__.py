@@ -19,6 +19,7 @@ BENCHMARKS = {
     "cert-scan": "benchmarks.cert_scan",
     "image-audit": "benchmarks.image_audit",
     "etcd-snapshot": "benchmarks.etcd_snapshot",
+    "operation-steps": "benchmarks.operation_steps",
 }
 
 
