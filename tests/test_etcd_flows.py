@@ -4,12 +4,12 @@ kubespray TLS, etcdctl over SSH): backup with faults, restore drill, defragmenta
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
 from sandbox.webhook import received as _received
+from tests.approvals import APPROVE, run_and_answer
 from tests.conftest import need_binary, run_flow_sync
 
 
@@ -156,13 +156,10 @@ def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sa
     """A real NOSPACE on the events cluster (16 MiB quota): the health findings say critical; the operator
     deletes what filled it; the defrag flow's dry run shows the plan, the approved run compacts, defragments
     and disarms the alarm, and writes work again."""
-    from prefect.flow_runs import resume_flow_run
-
     from flows.etcd_defrag import etcd_defrag
     from sandbox.etcd import delete_prefix, put_keys
     from tasks.etcd_rules import health_findings
     from tests.test_etcd import _status
-    from tests.test_gitlab_restore import _paused_run_id
 
     info = sandbox.extra["etcd"]
     with pytest.raises(RuntimeError, match="space exceeded"):
@@ -182,15 +179,8 @@ def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sa
     assert [s["step"] for s in plan["plan"]] == ["compact events", "defrag etcd1-events", "alarm disarm events"]
     assert plan["identity"].startswith("events=") and "?" not in plan["identity"]
 
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("state", run_flow_sync(
-        etcd_defrag, platform=etcd_platform, clusters=["events"], dry_run=False, poll_interval_s=0.5,
-        approval_timeout_s=120)), daemon=True)
-    t.start()
-    resume_flow_run(_paused_run_id("etcd-defrag"), run_input={"approve": True, "approver": "alice"})
-    t.join(120)
-    assert not t.is_alive(), "the defrag run did not finish"
-    state = box["state"]
+    state = run_and_answer(etcd_defrag, {"platform": etcd_platform, "clusters": ["events"], "dry_run": False,
+                                         "poll_interval_s": 0.5, "approval_timeout_s": 120}, APPROVE)
     assert state.is_completed(), state.message
     out = state.result()
     assert out["approver"] == "alice"
@@ -205,27 +195,16 @@ def test_nospace_is_critical_and_the_approved_defrag_clears_it(etcd_platform, sa
 def test_defrag_replans_after_the_approval_and_refuses_a_member_down_meanwhile(etcd_platform, sandbox):
     """The plan shown for approval may be an hour old: the approved run reads the cluster again, and a member
     stopped while the approval waited refuses it before anything is compacted or defragmented."""
-    from prefect.flow_runs import resume_flow_run
-
     from flows.etcd_defrag import etcd_defrag
     from sandbox.etcd import start_member, stop_member
-    from tests.test_gitlab_restore import _paused_run_id
 
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("state", run_flow_sync(
-        etcd_defrag, platform=etcd_platform, clusters=["main"], dry_run=False, poll_interval_s=0.5,
-        approval_timeout_s=120)), daemon=True)
-    t.start()
-    run_id = _paused_run_id("etcd-defrag")  # planned with every member healthy: no refusal, asks for approval
     down = _follower_first(sandbox)
-    stop_member(sandbox, down)
-    try:
-        resume_flow_run(run_id, run_input={"approve": True, "approver": "alice"})
-        t.join(120)
-        assert not t.is_alive(), "the defrag run did not finish"
+    try:  # planned with every member healthy (no refusal, it asks); a member stops while the approval waits
+        state = run_and_answer(etcd_defrag, {"platform": etcd_platform, "clusters": ["main"], "dry_run": False,
+                                             "poll_interval_s": 0.5, "approval_timeout_s": 120}, APPROVE,
+                               meanwhile=lambda: stop_member(sandbox, down))
     finally:
         start_member(sandbox, down)
-    state = box["state"]
     assert state.is_failed(), state.message
     endpoint = f"https://127.0.0.1:{sandbox.extra['etcd']['members'][down]['client_port']}"
     assert "refused, nothing was changed" in state.message and "after the approval" in state.message

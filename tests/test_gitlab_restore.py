@@ -13,7 +13,7 @@ import stat
 
 import pytest
 
-from tests.approvals import APPROVE, paused_run_id, run_and_answer
+from tests.approvals import APPROVE, run_and_answer
 from tests.conftest import run_flow_sync
 from tests.operation_scenarios.gitlab import backup_projects
 from tests.test_gitlab_backup import _attempts, _commands, _files, _root, _tree
@@ -21,10 +21,6 @@ from tests.test_gitlab_backup import _attempts, _commands, _files, _root, _tree
 
 def _projects(sb, name="production") -> list[dict]:
     return json.loads((_root(sb, name) / "var/opt/gitlab/state/projects.json").read_text())
-
-
-# Other lifecycles' tests import this name from here; it is the one helper of tests/approvals.py.
-_paused_run_id = paused_run_id
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "1717000000_2024_05_29_17.0.1-ee; rm -rf /",
