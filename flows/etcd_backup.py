@@ -22,7 +22,8 @@ runs, never verified and on etcd's own disks. This flow, every 6 hours, per clus
 
 The snapshot file on the etcd host is removed once copied (kubespray's own backups stay as they are). A
 failure of any cluster fails the run, leaves a report and notifies the webhook. One run at a time
-(deployment concurrency limit 1).
+(deployment concurrency limit 1). The per-cluster work is `tasks.etcd_snapshots` (`snapshot_cluster`,
+`apply_snapshot_retention`), the report `tasks.etcd_report.backup_summary`.
 """
 
 from __future__ import annotations
@@ -30,135 +31,18 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import flow, get_run_logger
 
 from blocks.config import parse_duration
 from blocks.platform import Platform
-from tasks.etcd import (
-    EtcdClient,
-    connect_etcd,
-    host_path,
-    make_dir,
-    read_cluster_status,
-    remove_path,
-    take_verified_snapshot,
-)
-from tasks.etcd_rules import (
-    plan_snapshot_retention,
-    snapshot_candidates,
-    snapshot_id,
-    snapshot_manifest,
-)
-from tasks.gitlab_rules import human_bytes, human_duration
+from tasks.etcd import connect_etcd, etcd_section, host_path, make_dir
+from tasks.etcd_report import backup_summary
+from tasks.etcd_snapshots import EtcdBackupFailed, apply_snapshot_retention, snapshot_cluster
 from tasks.redact import Redactor
-from tasks.reports import apublish_markdown, apublish_table, md_table
-from tasks.ssh import RemoteCommandError, SessionLost
-from tasks.storage import delete_offsite_backups, list_offsite_manifests
+from tasks.reports import apublish_markdown, apublish_table
 
 PARTS = ("backup_store",)
-
-
-class EtcdBackupFailed(RuntimeError):
-    pass
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def store_kind(cluster: str) -> str:
-    """Off-site folder of one etcd cluster's snapshots: `etcd-<cluster>/<id>/{snapshot.db,manifest.json}`."""
-    return f"etcd-{cluster}"
-
-
-def etcd_section(plat: Platform) -> Any:
-    if plat.config.etcd is None:
-        raise LookupError(f"platform {plat.name!r} has no `etcd` section: add it to the platform config "
-                          "(configs/platform.example.yaml) and run `python -m blocks.load <platform.yaml>`")
-    return plat.config.etcd
-
-
-@task(name="etcd-snapshot", cache_policy=NONE)
-async def snapshot_cluster(conn: Any, client: EtcdClient, cluster: Any, snap_dir: str, store: Any, redactor: Redactor,
-                           *, snapshot_timeout_s: int, sample: int, started: datetime,
-                           transfer_timeout_s: int | None = None) -> dict:
-    """Snapshot one cluster from the first member that gives a verified snapshot, copy it off-site, write the
-    manifest. Returns the manifest and every attempt. A store error is raised at once (not another member)."""
-    logger = get_run_logger()
-    status = await read_cluster_status(conn, client, cluster.name, list(cluster.endpoints), redactor)
-    candidates = snapshot_candidates(status)
-    attempts: list[dict] = []
-    if not candidates:
-        raise EtcdBackupFailed(f"{cluster.name}: no healthy member to snapshot ({'; '.join(status.errors)[:300]})")
-    bid = snapshot_id(cluster.name, started)
-    for m in candidates:
-        who = m.name or m.endpoint
-        path = f"{snap_dir}/{bid}-{who}.db"
-        t0 = time.monotonic()
-        try:
-            key = f"{store_kind(cluster.name)}/{bid}/snapshot.db"
-            taken = await take_verified_snapshot(conn, client, m.endpoint, path, store, key, redactor,
-                                                 revision_before=m.revision, sample=sample,
-                                                 timeout_s=snapshot_timeout_s,
-                                                 transfer_timeout_s=transfer_timeout_s)
-            check = taken["check"]
-            if not check.ok:
-                attempts.append({"member": who, "leader": m.is_leader, "result": "not verified: "
-                                 + "; ".join(check.problems), "seconds": round(time.monotonic() - t0, 1)})
-                logger.warning("%s: snapshot from %s does not verify: %s", cluster.name, who, check.problems)
-                continue
-            copied = taken["copied"]
-            manifest = snapshot_manifest(backup_id=bid, cluster=cluster.name, member=who, endpoint=m.endpoint,
-                                         check=check, copied=copied, store_key=key, started_at=started,
-                                         finished_at=_now(), key_count=taken["key_count"], sample=taken["sample"])
-            await asyncio.to_thread(store.write_json, f"{store_kind(cluster.name)}/{bid}/manifest.json", manifest)
-            attempts.append({"member": who, "leader": m.is_leader, "result": "verified, off-site",
-                             "seconds": round(time.monotonic() - t0, 1)})
-            return {"manifest": manifest, "attempts": attempts, "location": copied["location"]}
-        except (TimeoutError, RemoteCommandError, SessionLost) as exc:
-            attempts.append({"member": who, "leader": m.is_leader, "result": "failed: " + redactor.error(exc)[:300],
-                             "seconds": round(time.monotonic() - t0, 1)})
-            logger.warning("%s: snapshot from %s failed, trying the next member: %s", cluster.name, who,
-                           redactor.error(exc)[:300])
-        finally:
-            await remove_path(conn, path, redactor)
-    raise EtcdBackupFailed(f"{cluster.name}: no member gave a verified snapshot: "
-                           + "; ".join(f"{a['member']}: {a['result']}" for a in attempts))
-
-
-async def _retention(store: Any, cluster: str, keep_days: int, keep_count: int) -> list[dict]:
-    kind = store_kind(cluster)
-    manifests = await list_offsite_manifests(store, kind)
-    plan = plan_snapshot_retention(manifests, now=_now(), keep_days=keep_days, keep_count=keep_count,
-                                   run_succeeded=True)
-    doomed = [d.id for d in plan if d.action == "delete"]
-    if doomed:
-        await delete_offsite_backups(store, kind, doomed)
-    return [{"cluster": cluster, "snapshot": d.id, "created": d.created_at.strftime("%Y-%m-%d %H:%M"),
-             "action": d.action, "reason": d.reason} for d in plan]
-
-
-def _summary(platform: str, done: dict[str, dict], errors: list[str], rows: list[dict], seconds: float) -> str:
-    lines = [f"# etcd backup: {platform}", ""]
-    if errors:
-        lines += ["**FAILED.** " + " / ".join(errors), "",
-                  "Nothing was deleted for a failed cluster; earlier snapshots are untouched.", ""]
-    lines += [f"- **Duration:** {human_duration(seconds)}", ""]
-    if done:
-        lines += ["## Snapshots", "", md_table([
-            {"cluster": c, "snapshot": r["manifest"]["id"], "member": r["manifest"]["member"],
-             "revision": r["manifest"]["revision"], "keys": r["manifest"]["key_count"],
-             "size": human_bytes(r["manifest"]["size"]), "sha256": r["manifest"]["sha256"][:16] + "...",
-             "off-site": r["location"]} for c, r in done.items()]), ""]
-    attempts = [{"cluster": c, **a} for c, r in done.items() for a in r["attempts"]]
-    if attempts:
-        lines += ["## Attempts", "", md_table(attempts), ""]
-    if rows:
-        lines += ["## Retention", "", md_table(rows, limit=60)]
-    return "\n".join(lines)
 
 
 @flow(name="etcd-backup", log_prints=False)
@@ -166,10 +50,10 @@ async def etcd_backup(platform: str = "main", clusters: list[str] | None = None)
     """Snapshot each etcd cluster (main, events) from a healthy follower, verify it, copy it off-site with a
     manifest, apply retention. `clusters` limits the run to some of `etcd.clusters[]` (default: all)."""
     logger = get_run_logger()
-    started = _now()
+    started = datetime.now(UTC)
     t0 = time.monotonic()
     plat = await Platform.aopen(platform, *PARTS)
-    etcd = etcd_section(plat)
+    etcd = etcd_section(plat.config, plat.name)
     redactor = Redactor.of(await plat.asecrets())
     store = plat.backup_store()
     hosts = await asyncio.to_thread(plat.etcd_hosts)
@@ -194,12 +78,12 @@ async def etcd_backup(platform: str = "main", clusters: list[str] | None = None)
                     logger.error("etcd %s snapshot failed: %s", cl.name, errors[-1])
         if not errors:
             for cl in selected:
-                rows += await _retention(store, cl.name, etcd.retention.keep_days, etcd.retention.keep_count)
+                rows += await apply_snapshot_retention(store, cl.name, etcd.retention.keep_days, etcd.retention.keep_count)
     except Exception as exc:  # noqa: BLE001 - reported, notified, then raised
         errors.append(redactor.error(exc))
         logger.error("etcd backup failed: %s", errors[-1])
     seconds = time.monotonic() - t0
-    await apublish_markdown(f"etcd-backup-{platform}", _summary(platform, done, errors, rows, seconds),
+    await apublish_markdown(f"etcd-backup-{platform}", backup_summary(platform, done, errors, rows, seconds),
                             description="etcd snapshots: member, revision, keys, size, off-site location")
     if rows:
         await apublish_table(f"etcd-backup-retention-{platform}", rows, description="Retention decisions")

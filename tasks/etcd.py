@@ -44,6 +44,14 @@ def host_path(root: str, path: str) -> str:
     return root.rstrip("/") + path if root != "/" else path
 
 
+def etcd_section(config: Any, platform: str) -> Any:
+    """The platform config's `etcd` section (`config.etcd`), or a LookupError saying how to add it."""
+    if config.etcd is None:
+        raise LookupError(f"platform {platform!r} has no `etcd` section: add it to the platform config "
+                          "(configs/platform.example.yaml) and run `python -m blocks.load <platform.yaml>`")
+    return config.etcd
+
+
 @dataclass(frozen=True)
 class EtcdClient:
     """How `etcdctl` runs on one etcd host: the host's inventory name (its `admin-<host>.pem`), the

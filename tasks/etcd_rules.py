@@ -230,6 +230,11 @@ def check_snapshot(status_text: str, *, revision_before: int, revision_after: in
     return SnapshotCheck(not problems, h, rev, keys, size, tuple(problems))
 
 
+def store_kind(cluster: str) -> str:
+    """Off-site folder of one etcd cluster's snapshots: `etcd-<cluster>/<id>/{snapshot.db,manifest.json}`."""
+    return f"etcd-{cluster}"
+
+
 def snapshot_id(cluster: str, when: datetime) -> str:
     """`<cluster>-<UTC stamp>`: sortable, one per cluster and run."""
     return f"{cluster}-{when:%Y%m%dT%H%M%SZ}"
