@@ -1,6 +1,6 @@
 """gpu-sweep: one sweep over an N-node x 8-GPU sandbox fleet vs a naive per-node baseline, same run.
 
-- project:  `flows.gpu_monitoring_sweep.sweep` (the flow's own `run_sweep`): two paginated Kubernetes
+- project:  `tasks.gpu_sweep.sweep` (the flows' own `run_sweep`): two paginated Kubernetes
   listings and, together with them, the sweep's metrics, filtered and aggregated in Prometheus
   (per-exporter counts and utilisation; full series only for GPUs that fail a filter), one follow-up
   query for the GPUs that need details, the pure join and classification. Prefect's start-up is not
@@ -97,7 +97,7 @@ def afternoon(api, prom: str, th) -> int:
 def run(size: int | None = None, repeat: int = 5) -> None:
     from kubernetes import client as k8s
 
-    from flows.gpu_monitoring_sweep import sweep
+    from tasks.gpu_sweep import sweep
     from sandbox.cluster import exporter_pod_names
     from sandbox.platform import Sandbox, _start_prometheus, start_core
     from sandbox.prometheus import wait_for_first_scrape, wait_for_sweep_rules

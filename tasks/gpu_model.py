@@ -4,7 +4,8 @@ Pure data, no network, no Prefect. The sweep reads two systems: Kubernetes (`Fle
 GPU nodes, the pods holding GPUs, the dcgm-exporter pods) and Prometheus
 (`tasks.prometheus.DCGMSnapshot`); `tasks.gpu_classify` joins them into a `SweepResult` of
 `GPUFinding`s (the one finding model, `tasks.findings`, with the GPU's kind, node and index; `Severity`
-is that model's), `tasks.gpu_plans` turns those into cordon plans, `tasks.gpu_pictures` into a heatmap.
+is that model's), `tasks.gpu_plans` turns those into cordon plans, `tasks.gpu_pictures` into a heatmap;
+`tasks.gpu_sweep` is the one sweep that fetches and classifies.
 
 **Critical XIDs.** Which XIDs are critical is the platform config's `thresholds.gpu.critical_xids`;
 its default (`blocks.config.CRITICAL_XIDS`, here `DEFAULT_CRITICAL_XIDS`) is the project's one list,
@@ -213,7 +214,7 @@ class SweepThresholds:
 @dataclass(frozen=True)
 class SweepSettings:
     """Where one sweep looks: what the flow, the uncordon flow, the tests and the benchmark all pass to
-    `flows.gpu_monitoring_sweep.sweep` (built from the platform config by `from_config`)."""
+    `tasks.gpu_sweep.sweep` (built from the platform config by `from_config`)."""
 
     thresholds: SweepThresholds = SweepThresholds()
     cluster: str = "default"
@@ -273,6 +274,8 @@ class SweepSettings:
 # by dcgm-exporter's last-value gauge, which keeps them until the exporter restarts).
 FINDING_ANNOTATION = "ai-platform-ops.io/gpu-unhealthy"
 REPAIR_ANNOTATION = "ai-platform-ops.io/gpu-repaired"
+# The taint a cordon puts on a node (`tasks.gpu_plans`), with the finding's reason as its value.
+UNHEALTHY_TAINT_KEY = "nvidia.com/gpu-unhealthy"
 
 
 @dataclass(slots=True)

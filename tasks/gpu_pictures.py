@@ -1,4 +1,5 @@
-"""The GPU fleet as a picture: nodes x GPUs, utilisation per cell, faulty, flagged and unknown GPUs marked.
+"""The GPU sweep's report: the fleet as a picture (nodes x GPUs, utilisation per cell, faulty, flagged and
+unknown GPUs marked), the run's markdown summary, and publishing both with the findings table.
 
 Big fleets are binned (consecutive nodes per row), so the picture stays small at 10,000 nodes.
 """
@@ -8,9 +9,17 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.cache_policies import NONE
 
 from tasks.gpu_model import GPUState, GPUStatus, SweepResult
+from tasks.reports import md_table, png_data_uri, publish_markdown, publish_table
+
+if TYPE_CHECKING:
+    from tasks.gpu_plans import CordonPlan
 
 MAX_HEATMAP_ROWS = 64
 _BAD = (GPUStatus.FAULTY, GPUStatus.MISSING)
@@ -85,3 +94,64 @@ def render_heatmap_png(hm: Heatmap, title: str) -> Any:
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="utilisation % (window average)", fraction=0.04)
     return fig
+
+
+# --- the sweep's report ----------------------------------------------------------------------
+
+
+def summary_markdown(platform: str, result: SweepResult, plan: CordonPlan | None, dry_run: bool,
+                     heatmap_uri: str | None) -> str:
+    counts = result.counts
+    util = f"{result.fleet_util_pct:.1f}%" if result.fleet_util_pct is not None else "unknown"
+    alloc = f"{100.0 * result.gpus_held / result.gpus_expected:.1f}%" if result.gpus_expected else "n/a"
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(result.gpu_status_counts.items())) or "none"
+    lines = [
+        f"# GPU monitoring sweep: {platform}/{result.cluster}",
+        "",
+        f"**Status: {result.status.upper()}** at "
+        f"{datetime.fromtimestamp(result.at, tz=UTC):%Y-%m-%d %H:%M:%S} UTC, window {result.window}",
+        "",
+        f"- **Findings:** {counts['critical']} critical, {counts['warning']} warning, {counts['info']} info",
+        f"- **Fleet:** {result.gpu_nodes} GPU nodes, {result.gpus_expected} GPUs, {result.gpus_reporting} reporting",
+        f"- **Utilisation (window average over reporting GPUs):** {util}; **held by pods:** {result.gpus_held} "
+        f"GPUs ({alloc})",
+        f"- **GPU status:** {statuses}",
+        f"- **Cost:** {result.round_trips} API round trips, {result.timings.get('total_s', 0):.2f}s",
+        f"- **Metrics from:** {result.metrics_source}" + (f" ({result.metrics_source_note})"
+                                                           if result.metrics_source_note else ""),
+    ]
+    if result.metrics_error:
+        lines += ["", f"> **Prometheus gave no usable answer; every GPU is unknown.** {result.metrics_error}"]
+    for w in result.warnings[:5]:
+        lines.append(f"- _warning:_ {w}")
+    lines += ["", "## Findings", "",
+              md_table([f.row() for f in result.findings],
+                       columns=["severity", "finding", "node", "gpu", "pod", "owner", "summary", "evidence"], limit=30)]
+    if plan is not None and (plan.actions or plan.over_cap or plan.already):
+        lines += ["", "## Cordon", "", plan.markdown(dry_run)]
+    if heatmap_uri:
+        lines += ["", "## Fleet heatmap", "",
+                  "Utilisation per GPU over the window; red x: faulty or missing, orange o: idle-but-held or hot, "
+                  "grey: unknown.", "", f"![GPU fleet heatmap]({heatmap_uri})"]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-gpu-sweep-report", cache_policy=NONE)
+def publish_sweep_report(platform: str, result: SweepResult, plan: CordonPlan | None, dry_run: bool) -> str:
+    """The summary (with the heatmap) and the findings table, as artifacts."""
+    import matplotlib.pyplot as plt
+
+    uri = None
+    if result.gpus:
+        fig = render_heatmap_png(heatmap(result), f"{platform}/{result.cluster}: GPU utilisation, window "
+                                                  f"{result.window}")
+        try:
+            uri = png_data_uri(fig)
+        finally:
+            plt.close(fig)
+    key = f"gpu-sweep-{platform}-{result.cluster}"
+    publish_markdown(key, summary_markdown(platform, result, plan, dry_run, uri),
+                     description=f"GPU sweep: {result.status}")
+    publish_table(f"gpu-findings-{platform}-{result.cluster}", [f.row() for f in result.findings],
+                  description="GPU findings: severity, evidence, recommended action")
+    return key

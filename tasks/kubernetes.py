@@ -24,13 +24,13 @@ from tasks._retry import TRANSIENT_RETRIES
 from tasks.gpu_model import (
     DEFAULT_EXPORTER_SELECTORS,
     REPAIR_ANNOTATION,
+    UNHEALTHY_TAINT_KEY,
     ExporterPod,
     FleetSnapshot,
     GPUNode,
     GPUPod,
     GPUResources,
 )
-from tasks.gpu_plans import UNHEALTHY_TAINT_KEY
 
 # Extended resources that hold (part of) a GPU (`tasks.gpu_model.GPUResources`: configurable in
 # `thresholds.gpu`): whole GPUs, time-sliced and HAMi shares, Alibaba's GPU share, MIG slices.

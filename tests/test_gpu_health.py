@@ -676,7 +676,7 @@ def test_a_failed_detail_query_keeps_the_findings_and_says_what_is_missing():
 
 
 def test_critical_findings_name_the_workflow_and_train_on_push_commits_are_found():
-    from flows.gpu_monitoring_sweep import training_commits
+    from tasks.gpu_training_notes import training_commits
 
     holders = [GPUPod("argo-job", "wf-a-pod", "g0", "Workflow/wf-a", 8, {}, OLD, workflow="wf-a"),
                GPUPod("ml", "train-1", "g1", "Job/x", 8, {}, OLD)]

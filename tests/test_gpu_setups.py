@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 import pytest
 from kubernetes import client as k8s
 
-from flows.gpu_monitoring_sweep import run_sweep, sweep
 from tasks.gpu_model import REPAIR_ANNOTATION, Kind, Severity, SweepSettings, SweepThresholds
+from tasks.gpu_sweep import run_sweep, sweep
 from tasks.kubernetes import api_client_from_kubeconfig, fetch_gpu_fleet
 from tasks.prometheus import PrometheusUnavailable, fetch_dcgm, query_args
 from tests.conftest import need_binary

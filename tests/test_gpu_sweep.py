@@ -17,7 +17,7 @@ import httpx
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from flows.gpu_monitoring_sweep import gpu_monitoring_sweep, gpu_node_uncordon, sweep
+from flows.gpu_monitoring_sweep import gpu_monitoring_sweep, gpu_node_uncordon
 from sandbox.prometheus import wait_for_sweep_rules
 from tasks._retry import TRANSIENT_RETRIES
 from tasks.gpu_classify import classify, needs_detail
@@ -29,6 +29,7 @@ from tasks.gpu_model import (
     SweepThresholds,
 )
 from tasks.gpu_plans import UNHEALTHY_TAINT_KEY
+from tasks.gpu_sweep import sweep
 from tasks.kubernetes import (
     api_client_from_kubeconfig,
     evict_pods_on,

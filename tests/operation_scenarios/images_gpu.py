@@ -82,7 +82,7 @@ def _run_way_back(flow_fn, sb, failed):
 
 def _sweep_params(sb) -> dict:
     """A critical XID (79) on two GPU nodes, seen by Prometheus, before the run: the cordon plans both."""
-    from flows.gpu_monitoring_sweep import sweep
+    from tasks.gpu_sweep import sweep
     from tasks.gpu_model import Kind, SweepThresholds
 
     for node in XID_NODES:
