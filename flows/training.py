@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.states import Cancelled, Completed, Failed, State
@@ -44,10 +43,13 @@ from tasks.argo_render import (
 )
 from tasks.argo_status import Shutdown, logs_unavailable, parse_status, training_outcome
 from tasks.redact import Redactor
-from tasks.reports import Progress, md_table, publish_markdown
+from tasks.reports import Progress, publish_markdown
+from tasks.training_report import commit_note, run_summary
+from tasks.training_runs import cancel_requested, current_flow_run, flow_run_url, run_lineage, state_result
 from tasks.training_spec import (
     TrainingSpec,
     TrainingSpecError,
+    as_text,
     build_spec,
     is_pushed_repository,
     load_training_spec,
@@ -59,45 +61,7 @@ MAX_FAILED_STEP_LOGS = 5
 NOTE_LOG_LINES = 20
 
 
-# --- helpers: the Prefect context ---------------------------------------------------------
-
-
-def flow_run_url(flow_run_id: Any) -> str | None:
-    """The Prefect UI page of a flow run (PREFECT_UI_URL, else derived from PREFECT_API_URL)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-
-    ui = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api")
-    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
-
-
-def _current_flow_run():
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    return ctx.flow_run if ctx else None
-
-
-def _lineage(flow_run) -> list[UUID]:
-    """This flow run and every parent flow run above it (a cancelled parent cancels the training too)."""
-    from prefect.client.orchestration import get_client
-
-    ids = [flow_run.id]
-    parent_task = flow_run.parent_task_run_id
-    with get_client(sync_client=True) as client:
-        while parent_task is not None and len(ids) < 10:
-            parent_run = client.read_flow_run(client.read_task_run(parent_task).flow_run_id)
-            ids.append(parent_run.id)
-            parent_task = parent_run.parent_task_run_id
-    return ids
-
-
-def _cancel_requested(ids: list[UUID]) -> bool:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return any(r.state is not None and (r.state.is_cancelling() or r.state.is_cancelled()) for r in runs)
+# --- the training subflow ----------------------------------------------------------------
 
 
 def _stop_on_cancellation(_flow, flow_run, _state) -> None:
@@ -130,19 +94,6 @@ def _stop_on_cancellation(_flow, flow_run, _state) -> None:
         log.error("could not stop the Argo workflow of a cancelled run: %s", redactor.error(exc))
 
 
-# --- the training subflow ----------------------------------------------------------------
-
-
-def _summary_markdown(result: dict[str, Any]) -> str:
-    rows = [{"field": k, "value": result.get(k)} for k in (
-        "workflow", "namespace", "phase", "message", "steps", "adopted", "repository", "commit", "argo_url")]
-    lines = [f"# Training run: {result['workflow']}", "", f"**{result['state']}**: {result['outcome']}", "",
-             md_table(rows)]
-    for step in result.get("failed_steps", []):
-        lines += [f"## Failed step `{step['name']}` ({step['message']})", "", "```", step["log_tail"], "```", ""]
-    return "\n".join(lines)
-
-
 @flow(name="argo-training-run", on_cancellation=[_stop_on_cancellation], log_prints=False)
 def argo_training_run(
     spec: TrainingSpec,
@@ -170,7 +121,7 @@ def argo_training_run(
     problems = resource_problems(spec, argo_cfg.allowed_resources if argo_cfg else [])
     if problems:
         return Failed(message=f"refusing to submit {name}: " + "; ".join(problems))
-    this_run = _current_flow_run()
+    this_run = current_flow_run()
     labels, annotations = run_metadata(spec, repository, commit, attempt_key,
                                        str(this_run.id) if this_run is not None else None)
     logs = LogRetention(archive=bool(argo_cfg and argo_cfg.archive_logs),
@@ -185,7 +136,7 @@ def argo_training_run(
     logger.info("%s Argo workflow %s/%s (%s)", "adopted the existing" if adopted else "submitted", ns, name,
                 argo_url)
 
-    lineage = _lineage(this_run) if this_run is not None else []
+    lineage = run_lineage(this_run) if this_run is not None else []
     progress = Progress(f"training-progress-{name}", total=100,
                         description=f"Argo workflow {ns}/{name}: share of steps done")
     shutdown = Shutdown(started=time.monotonic(), grace_s=stop_grace_s, timeout_s=timeout_s)
@@ -196,7 +147,7 @@ def argo_training_run(
         if (st.phase, st.steps_done, st.steps_total) != seen:
             seen = (st.phase, st.steps_done, st.steps_total)
             logger.info("%s: %s, %d/%d steps done", name, st.phase, st.steps_done, st.steps_total)
-        asked = not shutdown.shutting_down and not st.terminal and bool(lineage) and _cancel_requested(lineage)
+        asked = not shutdown.shutting_down and not st.terminal and bool(lineage) and cancel_requested(lineage)
         action = shutdown.next(time.monotonic(), st.terminal, asked)
         if action in ("done", "give_up"):
             if action == "give_up":
@@ -231,7 +182,7 @@ def argo_training_run(
         "outcome": outcome.message, "steps": f"{st.steps_done}/{st.steps_total}", "adopted": adopted,
         "repository": repository, "commit": commit, "argo_url": argo_url, "failed_steps": failed_steps,
     })
-    publish_markdown(f"training-{name}", _summary_markdown(result), description=f"Training run {ns}/{name}")
+    publish_markdown(f"training-{name}", run_summary(result), description=f"Training run {ns}/{name}")
     if outcome.state == "Completed":
         logger.info(outcome.message)
         return result
@@ -296,48 +247,6 @@ def build_training_image(
 # --- train on push ------------------------------------------------------------------------
 
 
-def as_text(value: Any) -> tuple[str, bool]:
-    """A flow parameter that should be a string, as one: (text, exact).
-
-    `prefect deployment run --param ref=1.0` parses the value as JSON, so a branch or tag named
-    `1.0` arrives as a float; an int keeps its text, a float may not have (`1.10` -> 1.1), so it is
-    marked inexact. The CI template passes every parameter as a JSON string with `--params`."""
-    if isinstance(value, bool):
-        return ("true" if value else "false"), False
-    if isinstance(value, int):
-        return str(value), True
-    if isinstance(value, float):
-        return repr(value), False
-    return ("" if value is None else str(value)), True
-
-
-def _note(sha: str, state: State | None, result: dict[str, Any] | None, message: str,
-          prefect_url: str | None) -> str:
-    icon = {"Completed": "✅", "Failed": "❌", "Cancelled": "⏹️"}.get(state.type.value.title() if state else "", "❌")
-    lines = [f"### {icon} Training `{sha[:12]}`: {message}", ""]
-    if result:
-        lines.append(f"- **Argo workflow:** [{result['namespace']}/{result['workflow']}]({result['argo_url']}) "
-                     f"({result['phase']}, {result['steps']} steps)")
-        if result.get("adopted"):
-            lines.append("- This commit and spec were trained already: this is that workflow's result. Run the "
-                         "pipeline with `AIPLATFORM_RETRAIN` set to train again.")
-    if prefect_url:
-        lines += [f"- **Prefect run:** {prefect_url}"]
-    for step in (result or {}).get("failed_steps", []):
-        lines += ["", f"<details><summary>Step <code>{step['name']}</code>: {step['message']}</summary>", "",
-                  "```", step["log_tail"], "```", "</details>"]
-    return "\n".join(lines)
-
-
-def _state_result(state: State) -> dict[str, Any] | None:
-    try:
-        data = state.result(raise_on_failure=False)
-    except Exception as exc:  # noqa: BLE001 - a result that cannot be read (not persisted) is reported as absent
-        get_run_logger().warning("the training run's result could not be read: %s", type(exc).__name__)
-        return None
-    return data if isinstance(data, dict) else None
-
-
 @flow(name="train-on-push", log_prints=False)
 def train_on_push(
     project: str | int,
@@ -385,7 +294,7 @@ def train_on_push(
     plat = Platform(platform)
     gitlab = plat.gitlab_api().get_client()
     redactor = Redactor.of(plat.secrets())
-    this_run = _current_flow_run()
+    this_run = current_flow_run()
     prefect_url = flow_run_url(this_run.id) if this_run else None
 
     def status(state: str, description: str) -> None:
@@ -394,7 +303,7 @@ def train_on_push(
 
     def finish(state: State, message: str, gitlab_state: str, result: dict[str, Any] | None = None) -> State:
         status(gitlab_state, message)
-        where = post_note(gitlab, project, commit_sha, _note(commit_sha, state, result, message, prefect_url),
+        where = post_note(gitlab, project, commit_sha, commit_note(commit_sha, state, result, message, prefect_url),
                           mr_iid, redactor=redactor)
         logger.info("reported %s to %s", gitlab_state, where)
         return state
@@ -441,7 +350,7 @@ def train_on_push(
             get_run_logger().error("could not post the failed commit status either: %s",
                                    type(status_exc).__name__)
         raise
-    result = _state_result(state)
+    result = state_result(state)
     if state.is_completed():
         return finish(Completed(message=state.message or "training succeeded", data=result),
                       "training succeeded", "success", result)

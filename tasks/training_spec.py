@@ -13,6 +13,8 @@ Three pure functions prepare a spec for one run:
   vendors' devices) the platform config allows (`argo.allowed_resources`);
 - `build_spec(image, ...)`: the spec of a rootless BuildKit build that pushes an image.
 
+`as_text(value)` reads a flow parameter that should be a string (a number may have lost its text).
+
 `tasks.argo_render` turns a spec into an Argo Workflow; `tasks.argo` talks to the Argo Server.
 """
 
@@ -468,6 +470,24 @@ def resource_problems(spec: TrainingSpec, allowed: list[str]) -> list[str]:
             problems.append(f"resources: {name} is not offered by this platform (argo.allowed_resources: "
                             f"{', '.join(allowed) or 'none'})")
     return problems
+
+
+# --- the flows' parameters (pure) ---------------------------------------------------------------
+
+
+def as_text(value: Any) -> tuple[str, bool]:
+    """A flow parameter that should be a string, as one: (text, exact).
+
+    `prefect deployment run --param ref=1.0` parses the value as JSON, so a branch or tag named
+    `1.0` arrives as a float; an int keeps its text, a float may not have (`1.10` -> 1.1), so it is
+    marked inexact. The CI template passes every parameter as a JSON string with `--params`."""
+    if isinstance(value, bool):
+        return ("true" if value else "false"), False
+    if isinstance(value, int):
+        return str(value), True
+    if isinstance(value, float):
+        return repr(value), False
+    return ("" if value is None else str(value)), True
 
 
 # --- building an image (pure) --------------------------------------------------------------

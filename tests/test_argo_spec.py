@@ -517,7 +517,7 @@ def test_shutdown_state_machine():
     ("1.0", ("1.0", True)), (1.0, ("1.0", False)), (1.1, ("1.1", False)), (10, ("10", True)), ("", ("", True)),
 ])
 def test_string_parameters_as_text(value, expected):
-    from flows.training import as_text
+    from tasks.training_spec import as_text
 
     assert as_text(value) == expected
 
