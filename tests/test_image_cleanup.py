@@ -159,6 +159,7 @@ def test_approved_prune_removes_exactly_the_plan_and_gc_frees_the_blobs(clean_sa
                                                                         training_platform, monkeypatch):
     from flows import image_cleanup
     from sandbox.registry_seed import seed_audit_images
+    from tasks import image_audit
     from tasks.kubernetes import api_client_from_kubeconfig
     from tests.approvals import APPROVE, run_and_answer
 
@@ -166,8 +167,8 @@ def test_approved_prune_removes_exactly_the_plan_and_gc_frees_the_blobs(clean_sa
     url = sb.config["registry"]["url"]
     fx = seed_audit_images(url, "audit-p", datetime.now(UTC))
     # the retention rules of this test (the platform's: keep_tags 10, 14 days): K=2, 30 days, release-*
-    real_rules = image_cleanup.Rules
-    monkeypatch.setattr(image_cleanup, "Rules", lambda *a: real_rules(**RULES))
+    real_rules = image_audit.Rules
+    monkeypatch.setattr(image_audit, "Rules", lambda *a: real_rules(**RULES))
     # a pod runs audit-p/train:v1 on gpu-node-0003: it must stay in the registry
     api = api_client_from_kubeconfig(str(sb.kubeconfig), "sandbox")
     from kubernetes import client as k8s
