@@ -10,18 +10,17 @@ age, the fewest days left on a certificate, the last GPU sweep's critical findin
 The run publishes a report artifact (score 0-100, grade A-F as Popeye grades, each check with its
 evidence) and a table, keeps the grade and each check's status in the Prefect Variable
 ``platform-health-<platform>``, and tells the webhook when the grade drops or a check turns critical,
-and again when either recovers. Scoring: `tasks/health.py`.
+and again when either recovers. Scoring: `tasks/health.py`; the probes, and `run_check` that runs each under
+its timeout: `tasks/health_probes.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import flow, get_run_logger
 from prefect.states import Completed
 from prefect.variables import Variable
 
@@ -29,41 +28,13 @@ from blocks.platform import Platform
 from tasks import health_probes as probes
 from tasks.etcd_health import etcd_probe as probe_etcd
 from tasks.events import emit_critical_findings
-from tasks.health import Check, build_report, report_markdown, transitions, unknown
+from tasks.health import build_report, report_markdown, transitions
+from tasks.health_probes import run_check, threaded
 from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, artifact_key
 
 DEFAULT_NAMESPACES = ("kube-system", "monitoring", "argo", "gitlab-runner")
-# A check whose own component gives no answer in time is critical (the component is down for us);
-# the other checks read through a source, and a silent source makes them unknown.
-_COMPONENTS = {"kube-api", "argo", "gitlab", "prometheus", "registry"}
-
-
-@task(name="health-check", task_run_name="check-{names}", cache_policy=NONE, persist_result=False)
-async def run_check(names: str, probe: Callable[[], Any], timeout_s: float, redactor: Redactor) -> list[Check]:
-    """Run one probe (sync probes in a thread) under `timeout_s`; whatever goes wrong is that check's evidence."""
-    started = time.monotonic()
-    try:
-        result = probe()
-        if asyncio.iscoroutine(result):
-            out = await asyncio.wait_for(result, timeout_s)
-        else:
-            out = result
-    except TimeoutError:
-        out = [Check(n, "critical" if n in _COMPONENTS else "unknown", f"no answer within {timeout_s:g} s",
-                     [f"timeout {timeout_s:g} s"]) for n in names.split(",")]
-    except Exception as exc:  # noqa: BLE001 - a probe that breaks makes its checks unknown, never ok
-        out = [unknown(n, redactor.error(exc)[:300]) for n in names.split(",")]
-    checks = list(out) if isinstance(out, (list, tuple)) else [out]
-    for c in checks:
-        c.seconds = time.monotonic() - started
-        c.summary, c.evidence = redactor.text(c.summary), [redactor.text(e) for e in c.evidence]
-    return checks
-
-
-def _threaded(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    return lambda: asyncio.to_thread(fn, *args)
 
 
 @flow(name="platform-health-check", log_prints=False)
@@ -94,16 +65,16 @@ async def platform_health_check(
     t = check_timeout_s
     namespaces = list(system_namespaces or DEFAULT_NAMESPACES)
     probes_by_name: dict[str, Callable[[], Any]] = {
-        "kube-api,etcd": _threaded(probes.apiserver_checks, api, t),
-        "nodes": _threaded(probes.nodes_check, api, t),
-        "system-workloads": _threaded(probes.workloads_check, api, namespaces, t),
-        "pvcs": _threaded(probes.pvcs_check, api, t),
+        "kube-api,etcd": threaded(probes.apiserver_checks, api, t),
+        "nodes": threaded(probes.nodes_check, api, t),
+        "system-workloads": threaded(probes.workloads_check, api, namespaces, t),
+        "pvcs": threaded(probes.pvcs_check, api, t),
         "gitlab-backup-age,certificates,gpu-sweep": lambda: probes.lifecycle_checks(
             platform, cfg.thresholds.certificates.warn_days, cfg.thresholds.certificates.critical_days,
             backup_warn_hours, backup_critical_hours),
     }
     if cfg.argo is not None:
-        probes_by_name["argo"] = _threaded(probes.argo_check, plat.argo(), api, argo_controller_namespace,
+        probes_by_name["argo"] = threaded(probes.argo_check, plat.argo(), api, argo_controller_namespace,
                                            argo_controller_selector, t)
     if cfg.gitlab is not None:
         probes_by_name["gitlab"] = lambda: probes.gitlab_check(plat.gitlab_api(), t)

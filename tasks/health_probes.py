@@ -2,16 +2,19 @@
 
 A probe fetches what its check needs in a constant number of calls (paged listings, never one call per
 node or pod) and hands the answers to the pure functions in `tasks.health`. Timeouts are the caller's
-(`flows/platform_health.py` runs every probe under `asyncio.wait_for`); every HTTP call also carries its
-own. A component's own endpoint that does not answer makes its check critical (the component is down);
-a source the check reads through (Prometheus for its targets, the API server for nodes and pods, the
-Prefect API for the other lifecycles' runs) that does not answer makes the check unknown, never ok.
+(`run_check`, the task `flows/platform_health.py` runs each probe in, waits for it under `asyncio.wait_for`);
+every HTTP call also carries its own. A component's own endpoint that does not answer makes its check
+critical (the component is down); a source the check reads through (Prometheus for its targets, the API
+server for nodes and pods, the Prefect API for the other lifecycles' runs) that does not answer makes the
+check unknown, never ok.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,11 +22,17 @@ import httpx
 import orjson
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
+from prefect import task
+from prefect.cache_policies import NONE
 
 from tasks import health
-from tasks.health import Check
+from tasks.health import Check, unknown
+from tasks.redact import Redactor
 
 PAGE_SIZE = 500
+# A check whose own component gives no answer in time is critical (the component is down for us);
+# the other checks read through a source, and a silent source makes them unknown.
+_COMPONENTS = {"kube-api", "argo", "gitlab", "prometheus", "registry"}
 
 
 def _now() -> datetime:
@@ -248,3 +257,33 @@ async def lifecycle_checks(platform: str, cert_warn_days: float, cert_critical_d
         health.analyse_gpu_sweep(sweep_rows, sweep.name if sweep else None,
                                  sweep.state_type.value if sweep and sweep.state_type else None),
     ]
+
+
+# --- running a probe ------------------------------------------------------------------------------
+
+
+@task(name="health-check", task_run_name="check-{names}", cache_policy=NONE, persist_result=False)
+async def run_check(names: str, probe: Callable[[], Any], timeout_s: float, redactor: Redactor) -> list[Check]:
+    """Run one probe (sync probes in a thread) under `timeout_s`; whatever goes wrong is that check's evidence."""
+    started = time.monotonic()
+    try:
+        result = probe()
+        if asyncio.iscoroutine(result):
+            out = await asyncio.wait_for(result, timeout_s)
+        else:
+            out = result
+    except TimeoutError:
+        out = [Check(n, "critical" if n in _COMPONENTS else "unknown", f"no answer within {timeout_s:g} s",
+                     [f"timeout {timeout_s:g} s"]) for n in names.split(",")]
+    except Exception as exc:  # noqa: BLE001 - a probe that breaks makes its checks unknown, never ok
+        out = [unknown(n, redactor.error(exc)[:300]) for n in names.split(",")]
+    checks = list(out) if isinstance(out, (list, tuple)) else [out]
+    for c in checks:
+        c.seconds = time.monotonic() - started
+        c.summary, c.evidence = redactor.text(c.summary), [redactor.text(e) for e in c.evidence]
+    return checks
+
+
+def threaded(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """A sync probe as `run_check` takes it: called, it runs `fn(*args)` in a thread."""
+    return lambda: asyncio.to_thread(fn, *args)

@@ -315,7 +315,7 @@ def _first_node(sb) -> str:
 def test_a_probe_that_hangs_or_breaks_is_never_ok():
     import asyncio
 
-    from flows.platform_health import run_check
+    from tasks.health_probes import run_check
     from tasks.redact import Redactor
 
     async def hang():
