@@ -4,7 +4,7 @@ Backup ids and archive names as GitLab writes them, `backup_information.yml` and
 log, the archive check, manifests, retention, preflight and restore refusals, the output of
 `gitlab-ctl status`, `gitlab-rake gitlab:check` and `gitlab-rake gitlab:doctor:secrets`, the
 restore drill's overlay for the scratch host's `gitlab.rb`, and the drill's comparison. (The restore's steps,
-and so the state a failed restore leaves, are written once, in flows/gitlab_restore.py.)
+and so the state a failed restore leaves, are written once, in tasks/gitlab_plans.py.)
 
 Sources (GitLab's own, quoted where a rule depends on them):
 - `lib/backup/manager.rb` (`backup_file?`, `backup_contents`, `build_backup_information`,

@@ -165,10 +165,11 @@ def test_backup_holds_the_host_concurrency_limit(sandbox_platform, monkeypatch):
     from prefect.concurrency.asyncio import concurrency
 
     import flows.gitlab_backup as backup_flow
+    import tasks.gitlab_backup as backup_run
 
     name = f"gitlab-host-{sandbox_platform}"
     seen: dict = {}
-    real_preflight = backup_flow.preflight_checks
+    real_preflight = backup_run.preflight_checks
 
     async def active_slots() -> tuple[int, int]:
         async with get_client() as client:
@@ -186,7 +187,7 @@ def test_backup_holds_the_host_concurrency_limit(sandbox_platform, monkeypatch):
         seen["waited_s"] = time.monotonic() - started
         return await real_preflight(*args, **kwargs)
 
-    monkeypatch.setattr(backup_flow, "preflight_checks", preflight_while_observed)
+    monkeypatch.setattr(backup_run, "preflight_checks", preflight_while_observed)
     state = run_flow_sync(backup_flow.gitlab_config_backup, platform=sandbox_platform)
     assert state.is_completed(), state.message
     assert seen["during"] == (1, 1)

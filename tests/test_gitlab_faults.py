@@ -83,7 +83,7 @@ def _wait_gone(sb, timeout_s: float = 15) -> list[int]:
 async def _create_once(platform: str, timeout_s: float) -> dict:
     """`gitlab-backup create` alone (no concurrency limit, no verification): the supervisor under test."""
     from blocks.platform import Platform
-    from flows.gitlab_backup import host_layout
+    from tasks.gitlab_backup import host_layout
     from tasks.gitlab_host import create_data_backup
     from tasks.redact import Redactor
 
