@@ -11,9 +11,10 @@ is down costs its timeout and is reported as `unknown`, while the rest of the sc
 - Kubernetes secrets of type `kubernetes.io/tls` and Opaque ones holding `tls.crt`, in pages;
 - the kubeconfigs named by the platform config.
 
-`tasks/tls_analysis.py` says what it all means; the run leaves a summary with an expiry timeline, a
-table of every certificate sorted by expiry, and a table of findings. The run fails (and notifies the
-webhook) when there are critical or unknown findings, unless `fail_on` says otherwise.
+`tasks/tls.py` `gather_certificates` reads the four; `tasks/tls_analysis.py` says what it all means; the
+run leaves a summary with an expiry timeline, a table of every certificate sorted by expiry, and a table of
+findings (`tasks/tls_report.py`). The run fails (and notifies the webhook) when there are critical or
+unknown findings, unless `fail_on` says otherwise.
 """
 
 from __future__ import annotations
@@ -30,67 +31,15 @@ from tasks.findings import Severity, notice_text
 from tasks.notify import notify
 from tasks.redact import Redactor
 from tasks.reports import apublish_markdown, apublish_table, png_data_uri
-from tasks.tls import (
-    Gathered,
-    endpoint_targets,
-    kubeconfigs_task,
-    probe_endpoints_task,
-    scan_hosts_task,
-    tls_secrets_task,
-)
-from tasks.tls_analysis import CertReport, analyse
-from tasks.tls_model import SourceProblem
+from tasks.tls import gather_certificates
+from tasks.tls_analysis import analyse
 from tasks.tls_report import (
     certificate_rows,
     finding_rows,
+    report_result,
     summary_markdown,
     timeline_figure,
 )
-
-
-def _source_failed(source: str, exc: BaseException, redactor: Redactor) -> Gathered:
-    return Gathered(source, problems=[SourceProblem(source, f"{source} source", "error", redactor.error(exc))])
-
-
-async def gather_certificates(plat: Platform, cluster: str | None, redactor: Redactor,
-                              page_size: int | None = None) -> tuple[list[Gathered], dict[str, Any]]:
-    """Every source, concurrently; each source's failure is a `SourceProblem`, never an exception."""
-    cfg = plat.config
-    cl = cfg.cluster(cluster)
-    c, t = cfg.certificates, cfg.certificates.timeouts
-
-    async def hosts() -> Gathered:
-        blocks = await asyncio.to_thread(plat.cluster_hosts, cl.name)
-        return await scan_hosts_task(blocks, c.layout, t.ssh_s, t.source_s, redactor)
-
-    async def secrets() -> Gathered:
-        api = await asyncio.to_thread(plat.kubernetes, cl.name)
-        return await tls_secrets_task(api, page_size or c.page_size, list(c.secret_namespaces), t.source_s, redactor)
-
-    targets = endpoint_targets(cfg, cl)
-    kubeconfigs = [str(k.path) for k in c.kubeconfigs]
-    names = ("host", "endpoint", "secret", "kubeconfig")
-    results = await asyncio.gather(hosts(), probe_endpoints_task(targets, t.endpoint_s, t.source_s), secrets(),
-                                   kubeconfigs_task(kubeconfigs), return_exceptions=True)
-    gathered = [r if isinstance(r, Gathered) else _source_failed(n, r, redactor) for n, r in zip(names, results)]
-    stats = {"hosts": len(cl.control_plane) + len(cl.etcd), "endpoints": len(targets),
-             "TLS secrets": next((g.stats.get("secrets", 0) for g in gathered if g.source == "secret"), 0),
-             "secret listing round trips": next((g.stats.get("round_trips", 0) for g in gathered
-                                                 if g.source == "secret"), 0),
-             "kubeconfigs": len(kubeconfigs)}
-    return gathered, stats
-
-
-def report_result(report: CertReport, stats: dict[str, Any]) -> dict[str, Any]:
-    """What the run returns (plain data, no certificate bytes)."""
-    return {
-        "worst": report.worst(), "counts": report.counts(), "stats": stats,
-        "certificates": [{**e.row(), "fingerprint": e.cert.fingerprint, "not_after": e.cert.not_after.isoformat(),
-                          "places": e.places} for e in report.entries],
-        "findings": finding_rows(report),
-        "timers": [{"host": t.host, "last_trigger": t.last_trigger.isoformat() if t.last_trigger else None,
-                    "service": t.service_active, "result": t.service_result} for t in report.timers],
-    }
 
 
 @flow(name="certificate-check", log_prints=False)
@@ -109,7 +58,8 @@ async def certificate_check(platform: str = "main", cluster: str | None = None,
     warn = warn_days if warn_days is not None else thresholds.warn_days
     critical = critical_days if critical_days is not None else thresholds.critical_days
     redactor = Redactor.of(await plat.asecrets())
-    gathered, stats = await gather_certificates(plat, cluster, redactor, page_size)
+    cl = cfg.cluster(cluster)
+    gathered, stats = await gather_certificates(cfg, cl, plat.cluster_hosts, plat.kubernetes, redactor, page_size)
     layout = cfg.certificates.layout
     report = analyse([s for g in gathered for s in g.sightings], [p for g in gathered for p in g.problems],
                      [t for g in gathered for t in g.timers], now=datetime.now(UTC), warn_days=warn,
@@ -120,7 +70,7 @@ async def certificate_check(platform: str = "main", cluster: str | None = None,
     import matplotlib.pyplot as plt
 
     plt.close(figure)
-    name = cfg.cluster(cluster).name
+    name = cl.name
     title = f"Certificates: {platform} / {name}"
     await apublish_markdown(f"certificate-check-{platform}-{name}", redactor.text(
         summary_markdown(report, title, stats, picture, warn, critical)), description=title)

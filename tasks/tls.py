@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,3 +473,41 @@ async def kubeconfigs_task(paths: list[str]) -> Gathered:
         out.sightings += g.sightings
         out.problems += g.problems
     return out
+
+
+# --- every source at once --------------------------------------------------------------------------------
+
+
+def _source_error(source: str, exc: BaseException, redactor: Redactor) -> Gathered:
+    return Gathered(source, problems=[SourceProblem(source, f"{source} source", "error", redactor.error(exc))])
+
+
+async def gather_certificates(cfg: Any, cl: Any, hosts_of: Callable[[str], list[Any]],
+                              kubernetes_of: Callable[[str], Any], redactor: Redactor,
+                              page_size: int | None = None) -> tuple[list[Gathered], dict[str, Any]]:
+    """Every source of cluster `cl` (the config's section), concurrently; each source's failure is a
+    `SourceProblem`, never an exception. `hosts_of(name)` and `kubernetes_of(name)` are the flow's loaders of
+    the cluster's SSH host blocks and its API client (blocking: each runs in a thread inside its own source,
+    so a block that cannot be loaded is that source's problem)."""
+    c, t = cfg.certificates, cfg.certificates.timeouts
+
+    async def hosts() -> Gathered:
+        blocks = await asyncio.to_thread(hosts_of, cl.name)
+        return await scan_hosts_task(blocks, c.layout, t.ssh_s, t.source_s, redactor)
+
+    async def secrets() -> Gathered:
+        api = await asyncio.to_thread(kubernetes_of, cl.name)
+        return await tls_secrets_task(api, page_size or c.page_size, list(c.secret_namespaces), t.source_s, redactor)
+
+    targets = endpoint_targets(cfg, cl)
+    kubeconfigs = [str(k.path) for k in c.kubeconfigs]
+    names = ("host", "endpoint", "secret", "kubeconfig")
+    results = await asyncio.gather(hosts(), probe_endpoints_task(targets, t.endpoint_s, t.source_s), secrets(),
+                                   kubeconfigs_task(kubeconfigs), return_exceptions=True)
+    gathered = [r if isinstance(r, Gathered) else _source_error(n, r, redactor) for n, r in zip(names, results)]
+    stats = {"hosts": len(cl.control_plane) + len(cl.etcd), "endpoints": len(targets),
+             "TLS secrets": next((g.stats.get("secrets", 0) for g in gathered if g.source == "secret"), 0),
+             "secret listing round trips": next((g.stats.get("round_trips", 0) for g in gathered
+                                                 if g.source == "secret"), 0),
+             "kubeconfigs": len(kubeconfigs)}
+    return gathered, stats

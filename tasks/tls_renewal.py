@@ -3,7 +3,7 @@ kubeadm renews (pure) and each action on the host, over the SSH connection the o
 
 What one host goes through, as kubeadm documents a manual renewal (kubernetes.io *Certificate Management
 with kubeadm*, "Manual certificate renewal") and kubespray's `k8s-certs-renew.sh.j2` scripts it (the order
-itself is written once, as the steps of the plan in `flows/certificate_renewal.py`):
+itself is written once, as the steps of the plan in `tasks/tls_plans.py`):
 
 - `backup_pki`: the certificate folder, the kubeconfigs and the static pod manifests in one tar (`tar -C
   <root>`), kept on the host under `layout.backup_dir` (folder 0700, archive 0600);

@@ -1,16 +1,17 @@
 """The certificate reports people read: a summary, a table sorted by expiry, findings, an expiry timeline.
 
-Pure rendering of a `tasks.tls_analysis.CertReport` (markdown text, table rows, a matplotlib figure);
-the flows publish them with `tasks.reports`.
+Pure rendering of a `tasks.tls_analysis.CertReport` (markdown text, table rows, a matplotlib figure, and
+`report_result`: what the check returns); the flows publish them with `tasks.reports`.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from tasks.reports import md_table
 from tasks.tls_analysis import CertEntry, CertReport
+from tasks.tls_model import CertInfo
 
 MAX_TIMELINE_ROWS = 40
 _COLOURS = {"expired": "#c0392b", "not-yet-valid": "#8e44ad", "critical": "#e74c3c", "warning": "#f39c12",
@@ -112,3 +113,21 @@ def _label(e: CertEntry) -> str:
     where = e.places[0].split(" (")[0] if e.places else ""
     text = f"{name[:28]} @ {where[-34:]}"
     return text + (f" +{len(e.places) - 1}" if len(e.places) > 1 else "")
+
+
+def report_result(report: CertReport, stats: dict[str, Any]) -> dict[str, Any]:
+    """What the certificate check returns (plain data, no certificate bytes)."""
+    return {
+        "worst": report.worst(), "counts": report.counts(), "stats": stats,
+        "certificates": [{**e.row(), "fingerprint": e.cert.fingerprint, "not_after": e.cert.not_after.isoformat(),
+                          "places": e.places} for e in report.entries],
+        "findings": finding_rows(report),
+        "timers": [{"host": t.host, "last_trigger": t.last_trigger.isoformat() if t.last_trigger else None,
+                    "service": t.service_active, "result": t.service_result} for t in report.timers],
+    }
+
+
+def cert_rows(label: str, certs: dict[str, CertInfo], now: datetime) -> list[dict[str, Any]]:
+    """One host's certificates as plan rows: serial, expiry, days left."""
+    return [{"host": label, "certificate": name, "serial": c.serial[:16], "expires": f"{c.not_after:%Y-%m-%d %H:%M}",
+             "days left": round(c.days_left(now), 1)} for name, c in certs.items()]
