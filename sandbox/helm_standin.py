@@ -21,7 +21,16 @@ Behaviour modelled on helm v3 (helm/helm):
   pending-* state refuses: "another operation (install/upgrade/rollback) is in progress"
   (pkg/action/action.go errPending). The namespace must exist unless --create-namespace
   (namespaces created here are recorded in the state).
+- `rollback NAME REVISION -n NS --wait`: a new revision with the chart and values of REVISION, status
+  deployed, "Rollback was a success! Happy Helming!" (pkg/action/rollback.go: the target is copied into a
+  new release with Version = current + 1); a revision not in the history: "Error: release has no N version".
+- `uninstall NAME -n NS`: the release and its history gone, `release "NAME" uninstalled`
+  (pkg/action/uninstall.go); an unknown release: "Error: uninstall: Release not loaded: NAME: release: not
+  found".
 - `version --short`: v3.16.2+gstandin.
+
+Every revision a release had is kept (`history`), as helm keeps one Secret per revision
+(pkg/storage/driver/secrets.go) up to --history-max.
 """
 
 from __future__ import annotations
@@ -46,10 +55,18 @@ def _state_dir() -> Path:
 
 def _load(d: Path) -> dict[str, Any]:
     p = d / "releases.json"
-    return json.loads(p.read_text()) if p.exists() else {"releases": {}, "namespaces": ["default", "kube-system"]}
+    state = json.loads(p.read_text()) if p.exists() else {"releases": {}, "namespaces": ["default", "kube-system"]}
+    state.setdefault("history", {})
+    return state
 
 
 def _save(d: Path, state: dict[str, Any]) -> None:
+    for key, rel in state["releases"].items():  # every revision is kept, as helm's storage does
+        revs = state["history"].setdefault(key, [])
+        if not revs or revs[-1]["revision"] != rel["revision"]:
+            revs.append(dict(rel))
+    for key in [k for k in state["history"] if k not in state["releases"]]:
+        del state["history"][key]
     tmp = d / "releases.json.tmp"
     tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
     tmp.replace(d / "releases.json")
@@ -158,6 +175,25 @@ def main(argv: list[str]) -> int:
         _save(d, state)
         print(f'Release "{name}" has been upgraded. Happy Helming!' if prev else
               f'Release "{name}" does not exist. Installing it now.\nNAME: {name}\nSTATUS: deployed\nREVISION: {rev}')
+        return 0
+    if pos[:1] == ["rollback"] and len(pos) == 3:
+        key = f"{ns}/{pos[1]}"
+        cur = state["releases"].get(key)
+        if cur is None:
+            return _err("release: not found")
+        target = next((r for r in state["history"].get(key, []) if str(r["revision"]) == pos[2]), None)
+        if target is None:
+            return _err(f"release has no {pos[2]} version")
+        state["releases"][key] = {**target, "revision": cur["revision"] + 1, "status": "deployed",
+                                  "updated": time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime())}
+        _save(d, state)
+        print("Rollback was a success! Happy Helming!")
+        return 0
+    if pos[:1] == ["uninstall"] and len(pos) == 2:
+        if state["releases"].pop(f"{ns}/{pos[1]}", None) is None:
+            return _err(f"uninstall: Release not loaded: {pos[1]}: release: not found")
+        _save(d, state)
+        print(f'release "{pos[1]}" uninstalled')
         return 0
     return _err(f"the helm stand-in does not model {argv!r}")
 

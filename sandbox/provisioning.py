@@ -58,6 +58,10 @@ def start_provisioning(sb: SandboxLike) -> None:
         "groups": {"gpu-node": {"taints": ["nvidia.com/gpu=present:NoSchedule"]},
                    "k8s_cluster": {"children": ["kube_control_plane", "kube_node", "calico_rr"]},
                    "all": {"vars": {"standin_state_dir": str(state),
+                                    # the stand-in's kubelet registers nodes with, and remove-node deletes them
+                                    # from, the emulated API (kubespray_checkout/README.md)
+                                    "standin_kube_api": sb.urls["kube"],
+                                    "standin_kube_token_file": str(sb.secret_file("SANDBOX_KUBE_TOKEN")),
                                     "ansible_python_interpreter": "/usr/bin/python3",
                                     # ansible logs in as root here: no sudo needed (nor installed)
                                     "node_init_become": False,
