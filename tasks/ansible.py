@@ -8,8 +8,8 @@ with the same Python), and reaches hosts with the SSH user, key and known_hosts 
 
 While the playbook runs, each event's text goes to the run's log (redacted) and the per-host counts go to
 one progress artifact, updated at most every `flush_every_s` seconds (never one Prefect call per event).
-A task that starts a `pause` prompt stops the run at once: under ansible-runner nobody answers it and the
-run would hang (kubespray's reset.yml and remove-node.yml prompt unless told not to).
+A `pause` prompt that is still waiting a few seconds after its task started (not skipped by its `when:`)
+stops the run: under ansible-runner nobody answers it and the run would hang (kubespray's reset.yml and remove-node.yml prompt unless told not to).
 """
 
 from __future__ import annotations
@@ -174,10 +174,13 @@ def run_playbook(project_dir: Path, playbook: str, inventory: Path, *, ssh: SSHA
             stdout_parts.append(text)
             if log is not None:
                 log(redactor.text(text.strip()))
-        if tally.prompt is not None and not state["stop"]:
-            state["stop"] = True  # nobody will answer a pause prompt here
         sink.flush(tally)
         return True
+
+    def stop() -> bool:  # polled by ansible-runner while it waits for output, not only on events
+        if tally.waiting_at_prompt():
+            state["stop"] = True  # nobody will answer a pause prompt here
+        return state["stop"]
 
     cmdline = []
     for f in extravar_files or []:
@@ -194,7 +197,7 @@ def run_playbook(project_dir: Path, playbook: str, inventory: Path, *, ssh: SSHA
             private_data_dir=str(home / "pdd"), project_dir=str(Path(project_dir).resolve()), playbook=playbook,
             inventory=str(Path(inventory).resolve()), extravars=dict(extravars or {}),
             limit=",".join(limit) if limit else None, cmdline=" ".join(cmdline) or None,
-            envvars=runner_env(home, ssh), event_handler=on_event, cancel_callback=lambda: state["stop"],
+            envvars=runner_env(home, ssh), event_handler=on_event, cancel_callback=stop,
             timeout=timeout_s, quiet=True, json_mode=False, ident="run",
             settings={"suppress_ansible_output": True, "pexpect_timeout": 2},
         )

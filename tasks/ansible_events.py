@@ -47,9 +47,22 @@ class RunTally:
     facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> task name -> res (registered)
     prompt: str | None = None
+    # a `pause` task started and not yet answered by a host's result: under `when:` it is usually skipped
+    # at once (kubespray's prompts are skipped when the confirmation variable is given)
+    prompt_pending: str | None = None
+    prompt_since: float = 0.0
     events: int = 0
     tasks_started: int = 0
     stats: dict[str, dict[str, int]] | None = None
+
+    def waiting_at_prompt(self, grace_s: float = 3.0) -> bool:
+        """Whether the run sits at a `pause` prompt: one started `grace_s` ago with no host's result since
+        (nobody answers it under ansible-runner). Sets `prompt`."""
+        import time
+
+        if self.prompt is None and self.prompt_pending is not None and time.monotonic() - self.prompt_since > grace_s:
+            self.prompt = self.prompt_pending
+        return self.prompt is not None
 
     def _count(self, host: str, key: str) -> None:
         counts = self.hosts.setdefault(host, dict.fromkeys(RECAP_KEYS, 0))
@@ -84,8 +97,13 @@ def tally_event(tally: RunTally, event: dict[str, Any]) -> None:
     if kind == "playbook_on_task_start":
         tally.tasks_started += 1
         if data.get("task_action") in PROMPT_ACTIONS:
-            tally.prompt = task or "pause"
-    elif kind == "runner_on_ok" and host:
+            import time
+
+            tally.prompt_pending, tally.prompt_since = task or "pause", time.monotonic()
+        return
+    if kind.startswith("runner_on_") and kind != "runner_on_start" and tally.prompt_pending == (task or "pause"):
+        tally.prompt_pending = None  # the pause task ended (skipped by its `when:`, or answered)
+    if kind == "runner_on_ok" and host:
         tally._count(host, "changed" if res.get("changed") else "ok")
         if res.get("ansible_facts"):
             # setup returns `ansible_`-prefixed names; ansible_facts[...] in playbooks drops the prefix
