@@ -1,5 +1,6 @@
-"""Helm through its CLI: read a release (`helm list`, `helm get values`) and install or upgrade it
-(`helm upgrade --install --atomic --wait --version X`). The flow gives the binary, kubeconfig and context;
+"""Helm through its CLI: read a release (`helm list`, `helm get values`), install or upgrade it
+(`helm upgrade --install --atomic --wait --version X`), and go back (`helm rollback NAME REVISION`, `helm
+uninstall NAME` for a release that was new). The flow gives the binary, kubeconfig and context;
 every text returned or raised is redacted."""
 
 from __future__ import annotations
@@ -72,4 +73,17 @@ def upgrade_install(helm: HelmCli, release: AddonRelease, redactor: Redactor) ->
     if res.returncode != 0:
         raise HelmError(redactor.text(f"helm upgrade --install {release.name} {release.chart} --version "
                                       f"{release.version}: {res.stderr.strip() or res.stdout.strip()}"))
+    return redactor.text(res.stdout.strip())
+
+
+@task(name="helm-rollback")
+def rollback(helm: HelmCli, release: AddonRelease, revision: int, redactor: Redactor) -> str:
+    """`helm rollback NAME REVISION --wait`, or `helm uninstall NAME` when `revision` is 0 (the release was
+    new before the run being undone)."""
+    args = (["uninstall", release.name, "--namespace", release.namespace, "--wait"] if revision == 0 else
+            ["rollback", release.name, str(revision), "--namespace", release.namespace, "--wait",
+             "--timeout", release.timeout])
+    res = helm.run(*args, timeout_s=_seconds(release.timeout) + 120)
+    if res.returncode != 0:
+        raise HelmError(redactor.text(f"helm {' '.join(args[:3])}: {res.stderr.strip() or res.stdout.strip()}"))
     return redactor.text(res.stdout.strip())

@@ -1,4 +1,7 @@
-"""Kubespray's playbooks through ansible-runner: preflight of the hosts, the playbook run, the post-verify.
+"""Kubespray's playbooks through ansible-runner: preflight of the hosts, the playbook run, the post-verify;
+and what names the target of a provisioning run: the cluster's `kube-system` namespace UID and its nodes'
+UIDs read through the Kubernetes API, or, before a cluster exists, the inventory hosts' SSH host keys read
+over SSH.
 
 Tasks receive what they need (the cluster's `KubesprayConfig`, a generated inventory, an ApiClient, a
 `Redactor`) from the flow; they never load blocks. Every text they return or log is redacted.
@@ -6,11 +9,13 @@ Tasks receive what they need (the cluster's `KubesprayConfig`, a generated inven
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
 
 from blocks.config import KubesprayConfig
 from tasks.ansible import (
@@ -29,6 +34,24 @@ from tasks.redact import Redactor
 from tasks.reports import run_logger
 
 PREFLIGHT = Path(__file__).resolve().parent.parent / "configs" / "ansible" / "preflight.yml"
+_HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,252}$")
+
+
+def provisioning_lock(platform: str, cluster: str) -> str:
+    """The one-slot concurrency limit every provisioning run on a cluster takes after its approval (kubespray
+    runs, node init, add-ons: never two at once on one cluster)."""
+    return f"provisioning-{platform}-{cluster}"
+
+
+def check_hosts(names: list[str] | None, known: list[str]) -> list[str] | None:
+    """`names` when each is an inventory host of the cluster (they reach ansible's --limit and `node=`)."""
+    if names is None:
+        return None
+    bad = [n for n in names if not _HOST_RE.match(n)]
+    unknown = [n for n in names if n not in known]
+    if bad or unknown or not names:
+        raise ValueError(f"hosts must be inventory hosts of the cluster: bad {bad}, unknown {unknown}, known {known}")
+    return names
 
 
 class PlaybookFailed(RuntimeError):
@@ -104,7 +127,7 @@ def run_kubespray(cfg: KubesprayConfig, playbook: str, inventory: Path, redactor
     return result
 
 
-@task(name="verify-cluster")
+@task(name="verify-cluster", cache_policy=NONE)
 def verify_cluster(api_client: Any, expected: list[str], kube_version: str | None, absent: list[str] | None,
                    timeout_s: float, redactor: Redactor) -> ClusterVerdict:
     """Post-verify through the Kubernetes API: nodes Ready at the expected kubelet version, /readyz?verbose."""
@@ -129,3 +152,65 @@ def verify_cluster(api_client: Any, expected: list[str], kube_version: str | Non
     verdict = judge_cluster(nodes, expected, kube_version, readyz, absent)
     verdict.problems = [redactor.text(p) for p in verdict.problems]
     return verdict
+
+
+@task(name="read-cluster-identity", cache_policy=NONE)
+def read_cluster_identity(api_client: Any, timeout_s: float) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The `kube-system` namespace's metadata.uid (Kubernetes API conventions, *Metadata*: "uid: a unique in
+    time and space value ... used to distinguish between objects with the same name that have been deleted
+    and recreated") and each node's uid, kubelet version and Ready condition. Two reads."""
+    from kubernetes import client as k8s
+
+    core = k8s.CoreV1Api(api_client)
+    uid = core.read_namespace("kube-system", _request_timeout=timeout_s).metadata.uid
+    if not uid:
+        raise RuntimeError("the cluster's kube-system namespace has no metadata.uid: the target cannot be identified")
+    nodes = {}
+    for n in core.list_node(_request_timeout=timeout_s).items:
+        ready = next((c.status for c in (n.status.conditions or []) if c.type == "Ready"), "Unknown")
+        nodes[n.metadata.name] = {"uid": n.metadata.uid, "ready": ready,
+                                  "kubelet": (n.status.node_info.kubelet_version if n.status.node_info else None)}
+    return uid, nodes
+
+
+@task(name="read-host-keys", cache_policy=NONE)
+def read_host_keys(cfg: KubesprayConfig, hosts: list[str] | None = None, timeout_s: float = 15) -> dict[str, str]:
+    """Each inventory host's SSH host key fingerprint (SHA256), read from the host's sshd over SSH (the key it
+    presents in the key exchange, RFC 4253 section 8), not from a config file; all hosts at once."""
+    import asyncio
+
+    import asyncssh
+
+    wanted = [h for h in cfg.hosts if hosts is None or h.name in hosts]
+
+    async def one(h: Any) -> tuple[str, str]:
+        port = int(h.vars.get("ansible_port", 22))
+        try:
+            key = await asyncio.wait_for(asyncssh.get_server_host_key(str(h.ansible_host), port), timeout_s)
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            raise ConnectionError(f"{h.name}: its SSH host key could not be read from {h.ansible_host}:{port}: "
+                                  f"{exc or type(exc).__name__}") from exc
+        if key is None:
+            raise ConnectionError(f"{h.name}: {h.ansible_host}:{port} presented no host key")
+        return h.name, key.get_fingerprint("sha256")
+
+    async def all_hosts() -> dict[str, str]:
+        return dict(await asyncio.gather(*(one(h) for h in wanted)))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # its own event loop, whatever loop the caller runs on
+        return pool.submit(asyncio.run, all_hosts()).result()
+
+
+def expected_kube_version(cfg: KubesprayConfig) -> str | None:
+    """The kubelet version a run should leave: `kube_version` of the config, else the last override's."""
+    import yaml
+
+    version = cfg.kube_version
+    if version:
+        return version
+    for path in cfg.overrides:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        version = doc.get("kube_version", version)
+    return version

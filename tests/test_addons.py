@@ -117,6 +117,7 @@ def test_install_addons_in_order_idempotent_diff_and_atomic_failure(sandbox_plat
     from blocks.platform import Platform
     from flows.addons import install_addons
     from tasks.helm_releases import install_order, load_releases
+    from tests.approvals import APPROVE, run_and_answer
 
     exe, state, calls, releases = helm
     core = k8s.CoreV1Api(Platform(sandbox_platform).kubernetes())
@@ -126,61 +127,62 @@ def test_install_addons_in_order_idempotent_diff_and_atomic_failure(sandbox_plat
         assert exc.status == 404
     order = [r.name for r in install_order(load_releases())]
 
-    # 1. first run: everything up to gitlab-runner, whose token secret is missing: it stops there
-    state1 = run_flow_sync(install_addons, platform=sandbox_platform, helm_bin=str(exe))
-    assert state1.is_failed() and "missing secret gitlab-runner/gitlab-runner-token" in state1.message
-    ups = _upgrades(calls())
-    assert [u[2] for u in ups] == order[:-1]  # dependency order, gitlab-runner not attempted
-    for u, rel in zip(ups, install_order(load_releases())[:-1], strict=True):
-        assert u[3] == rel.chart and u[u.index("--version") + 1] == rel.version
-        assert u[u.index("--repo") + 1] == rel.repo and u[u.index("-f") + 1] == str(rel.values)
-        assert {"--atomic", "--wait", "--create-namespace"} <= set(u) and u[u.index("--timeout") + 1] == rel.timeout
-    assert releases()["argo/argo-workflows"]["version"] == "0.42.7"
+    def real(**params):
+        return run_and_answer(install_addons, {"platform": sandbox_platform, "helm_bin": str(exe), "dry_run": False,
+                                               "poll_interval_s": 0.5, **params}, APPROVE)
 
-    # 2. with the secret: only gitlab-runner is installed, the rest skipped as unchanged
+    # 1. the runner's token secret is missing: the plan is refused before any approval, nothing is installed
+    state1 = run_flow_sync(install_addons, platform=sandbox_platform, helm_bin=str(exe), dry_run=False)
+    assert state1.is_failed() and "missing secret gitlab-runner/gitlab-runner-token" in state1.message
+    assert "refused, nothing was changed" in state1.message and _upgrades(calls()) == []
+
+    # 2. with the secret: every release, in dependency order, after approval
     core.create_namespaced_secret("gitlab-runner", k8s.V1Secret(
         metadata=k8s.V1ObjectMeta(name="gitlab-runner-token"),
         string_data={"runner-token": f"glrt-{secrets.token_urlsafe(16)}",
                      "runner-registration-token": f"glrt-{secrets.token_urlsafe(16)}"}))
-    before = len(calls())
-    state2 = run_flow_sync(install_addons, platform=sandbox_platform, helm_bin=str(exe))
+    state2 = real()
     assert state2.is_completed(), state2.message
-    actions = {r["release"]: r["action"] for r in state2.result()["releases"]}
-    assert actions.pop("gitlab-runner") == "installed" and set(actions.values()) == {"skip"}
-    assert [u[2] for u in _upgrades(calls()[before:])] == ["gitlab-runner"]
+    ups = _upgrades(calls())
+    assert [u[2] for u in ups] == order  # dependency order
+    for u, rel in zip(ups, install_order(load_releases()), strict=True):
+        assert u[3] == rel.chart and u[u.index("--version") + 1] == rel.version
+        assert u[u.index("--repo") + 1] == rel.repo and u[u.index("-f") + 1] == str(rel.values)
+        assert {"--atomic", "--wait", "--create-namespace"} <= set(u) and u[u.index("--timeout") + 1] == rel.timeout
+    assert releases()["argo/argo-workflows"]["version"] == "0.42.7"
     assert "runnerToken" not in releases()["gitlab-runner/gitlab-runner"]["values"]
     assert releases()["gitlab-runner/gitlab-runner"]["values"]["runners"]["secret"] == "gitlab-runner-token"
 
-    # 3. a re-run changes nothing
+    # 3. a re-run has nothing to do: no step, no approval asked, no helm upgrade
     before = len(calls())
-    state3 = run_flow_sync(install_addons, platform=sandbox_platform, helm_bin=str(exe))
-    assert state3.is_completed() and state3.result()["diffs"] == 0
-    assert _upgrades(calls()[before:]) == [] and {r["action"] for r in state3.result()["releases"]} == {"skip"}
+    state3 = run_flow_sync(install_addons, platform=sandbox_platform, helm_bin=str(exe), dry_run=False)
+    assert state3.is_completed() and state3.result()["plan"] == []
+    assert _upgrades(calls()[before:]) == []
 
-    # 4. changed values: a dry run shows the diff and changes nothing; a real run fails atomically
+    # 4. changed values: the dry run (the default) shows the diff and changes nothing; a real run fails
+    #    atomically (helm rolled that release back) and names the way back
     conf = tmp_path / "helm"
     shutil.copytree(HELM_DIR, conf)
     vals = conf / "values" / "ingress-nginx.yaml"
     vals.write_text(vals.read_text().replace("replicaCount: 2", "replicaCount: 3"))
     before = len(calls())
     dry = run_flow_sync(install_addons, platform=sandbox_platform, helm_bin=str(exe),
-                        releases_file=str(conf / "releases.yaml"), dry_run=True)
-    assert dry.is_completed() and dry.result()["diffs"] == 1
-    assert {r["release"]: r["action"] for r in dry.result()["releases"]}["ingress-nginx"] == "would upgrade"
+                        releases_file=str(conf / "releases.yaml"))
+    assert dry.is_completed() and dry.result()["dry_run"] is True
+    assert [s["step"] for s in dry.result()["plan"]] == ["helm upgrade --install ingress-nginx"]
     assert _upgrades(calls()[before:]) == []
     (state / "fail.json").write_text(json.dumps({"ingress-nginx": "context deadline exceeded"}))
     revision = releases()["ingress-nginx/ingress-nginx"]["revision"]
-    failed = run_flow_sync(install_addons, platform=sandbox_platform, helm_bin=str(exe),
-                           releases_file=str(conf / "releases.yaml"))
+    failed = real(releases_file=str(conf / "releases.yaml"))
     assert failed.is_failed() and "rolled back due to atomic being set: context deadline exceeded" in failed.message
+    assert f'rollback_to={{"ingress-nginx": {revision}}}' in failed.message
     ingress = releases()["ingress-nginx/ingress-nginx"]
     assert ingress["values"]["controller"]["replicaCount"] == 2 and ingress["revision"] == revision + 2
     assert ingress["status"] == "deployed"
     (state / "fail.json").unlink()
-    # 5. only some releases: the diff applies, then a re-run skips it
-    fixed = run_flow_sync(install_addons, platform=sandbox_platform, helm_bin=str(exe),
-                          releases_file=str(conf / "releases.yaml"), releases=["ingress-nginx"])
-    assert fixed.is_completed() and [r["action"] for r in fixed.result()["releases"]] == ["upgraded"]
+    # 5. only some releases: the diff applies
+    fixed = real(releases_file=str(conf / "releases.yaml"), releases=["ingress-nginx"])
+    assert fixed.is_completed() and [s["step"] for s in fixed.result()["steps"]] == ["helm upgrade --install ingress-nginx"]
     assert releases()["ingress-nginx/ingress-nginx"]["values"]["controller"]["replicaCount"] == 3
 
 

@@ -1,6 +1,7 @@
 """Node initialisation: the node_init role passes ansible-lint, runs only in check mode here (the sandbox's
-sshd hosts are this very machine: nothing may change), and check-node-drift / the plan of init-nodes
-report per host what differs."""
+sshd hosts are this very machine: nothing may change), and check-node-drift reports per host what differs.
+init-nodes, an operation, is driven by the contract (tests/operation_scenarios/provisioning.py) with the
+sandbox's stand-in playbook (sandbox/node_init_standin), never the real role outside check mode."""
 
 from __future__ import annotations
 
@@ -141,37 +142,6 @@ def test_check_node_drift_reports_per_host_and_changes_nothing(node_platform):
         "Add the NVIDIA container toolkit repository (deb822, signed-by its keyring)"]
     assert set(result["recap"]) == {"cp-1", "gpu-node-0001"}
     assert all(c["failed"] == 0 and c["unreachable"] == 0 for c in result["recap"].values())
-
-
-@pytest.mark.sandbox
-@pytest.mark.prefect
-def test_init_nodes_is_a_dry_run_by_default_and_needs_approval(node_platform, monkeypatch):
-    import flows.node_init as ni
-
-    platform, _ = node_platform
-    before = _snapshot()
-    state = run_flow_sync(ni.init_nodes, platform=platform, hosts=["gpu-node-0002"])
-    assert state.is_completed(), state.message
-    result = state.result()
-    assert result["dry_run"] is True and result["applied"] is False
-    assert result["plan"]["drifted"] == ["gpu-node-0002"]
-    # a real run is never made here: the approver refuses, and the role is never run outside check mode
-    calls = []
-    real = ni.node_init_playbook.fn
-
-    def spy(cfg, inventory, hosts, check, *a, **k):
-        calls.append(check)
-        assert check is True, "init-nodes must not apply the role on the test machine"
-        return real(cfg, inventory, hosts, check, *a, **k)
-
-    monkeypatch.setattr(ni.node_init_playbook, "fn", spy)
-    from tasks.approval import Approval
-
-    monkeypatch.setattr(ni, "ask_approval", lambda *a, **k: Approval(approve=False, approver="ops"))
-    state = run_flow_sync(ni.init_nodes, platform=platform, hosts=["gpu-node-0002"], dry_run=False)
-    assert state.is_failed() and "not approved by ops" in state.message
-    assert calls == [True]
-    assert _snapshot() == before
 
 
 def test_unreachable_or_failed_host_is_unknown_not_in_sync():

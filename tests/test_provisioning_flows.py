@@ -1,11 +1,12 @@
-"""Provisioning flows: real ansible-playbook through ansible-runner against the sandbox's sshd hosts and the
-stand-in kubespray checkout (sandbox/kubespray_checkout): success with progress and post-verify, a failed
-task, an unreachable host retried alone, a missing confirmation, approval of reset, and no overlap."""
+"""Provisioning: real ansible-playbook through ansible-runner against the sandbox's sshd hosts and the
+stand-in kubespray checkout (sandbox/kubespray_checkout): a playbook run with batched progress, a failed
+task, an unreachable host retried alone, a missing confirmation, the target's identity, and a reset approved
+without the cluster's name. The flows' dry run, approval, lock, re-plan, failure with its way back and cancel
+are the operation contract's (tests/test_operations.py, tests/operation_scenarios/provisioning.py)."""
 
 from __future__ import annotations
 
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -31,21 +32,52 @@ def _inventory(ks, tmp: Path) -> Path:
     return write_inventory(ks, tmp / "hosts.yaml")
 
 
-def test_create_cluster_runs_streams_and_verifies(ks_platform):
-    from flows.provisioning import create_cluster
+def test_cluster_yml_runs_streams_in_batches_and_reaches_every_group(ks_platform):
+    from prefect import flow
+
+    from tasks.kubespray import run_kubespray
+    from tasks.redact import Redactor
 
     platform, ks, state_dir = ks_platform
-    state = run_flow_sync(create_cluster, platform=platform, flush_every_s=0.5)
+
+    @flow(name="cluster-yml-once")
+    def cluster_yml() -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = run_kubespray(ks, "cluster.yml", _inventory(ks, Path(tmp)), Redactor(), progress_key="cluster-yml",
+                                flush_every_s=0.5)
+        return {"recap": run.recap, "events": run.tally.events, "progress_updates": run.progress_updates}
+
+    state = run_flow_sync(cluster_yml)
     assert state.is_completed(), state.message
     result = state.result()
     assert set(result["recap"]) == {h.name for h in ks.hosts}
     assert all(c["failed"] == 0 and c["unreachable"] == 0 for c in result["recap"].values())
-    assert result["verified"] is True and result["verify_problems"] == []
     assert 1 <= result["progress_updates"] < result["events"] / 5  # batched, never one call per event
     kubelet = state_dir / "gpu-node-0001" / "kubernetes-node-Install-kubelet"
     assert "kube_version=v1.29.5" in kubelet.read_text()  # the overrides reached the playbook
     assert (state_dir / "cp-1" / "etcd-Configure-etcd").exists()
     assert not (state_dir / "gpu-node-0001" / "etcd-Configure-etcd").exists()  # groups respected
+
+
+def test_target_is_the_kube_system_uid_or_the_host_keys_read_over_ssh(ks_platform):
+    from kubernetes import client as k8s
+
+    from blocks.platform import Platform
+    from tasks.kubespray import read_cluster_identity, read_host_keys
+
+    platform, ks, _ = ks_platform
+    api = Platform(platform).kubernetes()
+    uid, nodes = read_cluster_identity.fn(api, 15)
+    assert uid == k8s.CoreV1Api(api).read_namespace("kube-system").metadata.uid and len(uid) == 36
+    assert {"cp-1", "gpu-node-0001"} <= set(nodes) and nodes["cp-1"]["uid"] and nodes["cp-1"]["ready"] == "True"
+    keys = read_host_keys.fn(ks)
+    assert set(keys) == {h.name for h in ks.hosts} and all(k.startswith("SHA256:") for k in keys.values())
+    # what the host's sshd presents: the fingerprint of a key listed in known_hosts for it
+    import asyncssh
+
+    known = {asyncssh.import_public_key(" ".join(line.split()[1:3])).get_fingerprint("sha256")
+             for line in Path(ks.known_hosts).read_text().splitlines() if line.strip()}
+    assert set(keys.values()) <= known
 
 
 def test_failed_task_names_host_task_and_message(ks_platform):
@@ -119,31 +151,14 @@ def test_missing_confirmation_stops_instead_of_hanging(ks_platform):
     assert time.monotonic() - started < 120
 
 
-def test_reset_is_a_dry_run_then_needs_the_cluster_name(ks_platform, monkeypatch):
-    import flows.provisioning as prov
+def test_reset_approved_without_the_cluster_name_is_refused(ks_platform):
+    from flows.provisioning import reset_cluster
+    from tests.approvals import APPROVE, run_and_answer
 
-    platform, _, state_dir = ks_platform
-    state = run_flow_sync(prov.reset_cluster, platform=platform)
-    assert state.is_completed() and state.result()["dry_run"] is True
-    monkeypatch.setattr(prov, "_ask_reset", lambda *a, **k: prov.ResetApproval(approve=True, approver="ops",
-                                                                             cluster_name="wrong"))
-    state = run_flow_sync(prov.reset_cluster, platform=platform, dry_run=False)
-    assert state.is_failed() and "not confirmed" in state.message
-    assert not list(state_dir.glob("*/reset-*"))
-
-
-def test_two_runs_on_one_cluster_never_overlap(ks_platform):
-    from flows.provisioning import scale_cluster
-
-    platform, _, _ = ks_platform
-    states = []
-    threads = [threading.Thread(target=lambda: states.append(
-        run_flow_sync(scale_cluster, platform=platform, hosts=["gpu-node-0001", "gpu-node-0002"])))
-        for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    assert len(states) == 2 and all(s.is_completed() for s in states), [s.message for s in states]
-    windows = sorted((s.result()["attempts"][-1]["started"], s.result()["attempts"][-1]["finished"]) for s in states)
-    assert windows[0][1] <= windows[1][0], windows
+    platform, ks, state_dir = ks_platform
+    before = sorted(str(p) for p in state_dir.rglob("*"))
+    state = run_and_answer(reset_cluster, {"platform": platform, "dry_run": False, "poll_interval_s": 0.5},
+                           {**APPROVE, "confirm": "not-the-cluster"})
+    assert state.is_failed() and "refused, nothing was changed" in state.message, state.message
+    assert "'not-the-cluster', not 'sandbox'" in state.message
+    assert sorted(str(p) for p in state_dir.rglob("*")) == before
