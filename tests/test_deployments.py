@@ -40,7 +40,7 @@ SCHEDULED = {
 
 # Parameters that name the target of a run: no default on purpose, so no run starts against a guessed
 # host, version or commit (the UI's run form asks for them; GitLab CI passes the commit).
-REQUIRED_AT_RUN = {("scale-cluster", "hosts"), ("remove-node", "host"), ("upgrade-cluster", "version"),
+REQUIRED_AT_RUN = {("scale-cluster", "hosts"), ("remove-node", "hosts"), ("upgrade-cluster", "version"),
                    ("train-on-push", "project"), ("train-on-push", "commit_sha"),
                    ("build-training-image", "context_url"), ("build-training-image", "revision")}
 
