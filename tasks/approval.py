@@ -45,10 +45,3 @@ async def aask_approval(plan_markdown: str, timeout_s: int, poll_interval_s: flo
     return await apause_flow_run(wait_for_input=approval_form(plan_markdown, confirm), timeout=timeout_s,
                                  poll_interval=poll_interval_s)
 
-
-def ask_approval(plan_markdown: str, timeout_s: int, poll_interval_s: float = 2) -> Approval:
-    """Sync pause, for the flows not yet on `tasks.operation` (removed once every flow is)."""
-    from prefect.flow_runs import pause_flow_run
-
-    return pause_flow_run(wait_for_input=approval_form(plan_markdown), timeout=timeout_s,
-                          poll_interval=poll_interval_s)
