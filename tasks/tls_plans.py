@@ -104,6 +104,20 @@ class _Hosts:
     async def read_all(self, blocks: list[Any], conns: dict[str, Any]) -> list[tuple[str, HostScan] | str]:
         return list(await asyncio.gather(*(self.read(b, conns[b.label]) for b in blocks)))
 
+    async def identified(self, blocks: list[Any], conns: dict[str, Any], ids: list[str],
+                         refusals: list[str]) -> list[tuple[Any, str, HostScan]]:
+        """(host block, host key fingerprint, scan) of each host that could be read; each host's identity goes
+        to `ids` (`label=fingerprint`, or `label=unknown` with the reason in `refusals`)."""
+        out = []
+        for b, got in zip(blocks, await self.read_all(blocks, conns)):
+            if isinstance(got, str):
+                refusals.append(f"{b.label}: {got}")
+                ids.append(f"{b.label}=unknown")
+                continue
+            ids.append(f"{b.label}={got[0]}")
+            out.append((b, *got))
+        return out
+
     def restart(self, b: Any, conn: Any) -> Callable[[], Any]:
         return lambda: restart_static_pods(conn, b.root, self.layout, self.t.static_pod_wait_s, self.t.ssh_s,
                                            self.redactor)
@@ -182,13 +196,7 @@ def _renewal_planner(h: _Hosts, blocks: list[Any]) -> Callable[[dict[str, Any]],
         ids, facts, refusals, steps, rows, others = [], {}, [], [], [], []
         renewed_at: list[tuple[int, str]] = []  # (index of a host's renewal step, host)
         last: tuple[Any, Any] | None = None
-        for b, got in zip(blocks, await h.read_all(blocks, conns)):
-            if isinstance(got, str):
-                refusals.append(f"{b.label}: {got}")
-                ids.append(f"{b.label}=unknown")
-                continue
-            fingerprint, scan = got
-            ids.append(f"{b.label}={fingerprint}")
+        for b, fingerprint, scan in await h.identified(blocks, conns, ids, refusals):
             if scan.problems:
                 h.logger.warning("%s: files that could not be read (not renewed by kubeadm either): %s", b.label,
                                  [f"{p.where}: {p.message}" for p in scan.problems])
@@ -263,14 +271,8 @@ def _restore_planner(h: _Hosts, blocks: list[Any], stamp: str) -> Callable[[dict
         now = datetime.now(UTC)
         ids, facts, refusals, steps, rows = [], {}, [], [], []
         put_at: list[tuple[int, str]] = []
-        for b, got in zip(blocks, await h.read_all(blocks, conns)):
+        for b, fingerprint, scan in await h.identified(blocks, conns, ids, refusals):
             conn = conns[b.label]
-            if isinstance(got, str):
-                refusals.append(f"{b.label}: {got}")
-                ids.append(f"{b.label}=unknown")
-                continue
-            fingerprint, scan = got
-            ids.append(f"{b.label}={fingerprint}")
             archive = backup_archive(b.root, h.layout, b.label, stamp)
             digest = await archive_digest(conn, archive, h.t.ssh_s, h.redactor)
             if digest is None:
