@@ -420,7 +420,6 @@ async def _apply(op: Operation, plan: Plan, record: dict, redactor: Redactor) ->
 
 
 async def _apply_steps(op: Operation, plan: Plan, record: dict, redactor: Redactor) -> Any:
-    logger = run_logger("ai_platform_ops.operation")
     rows: list[dict] = record["steps"]
     log = await _StepLog.start(op, rows, len(plan.steps))
     applied = 0
@@ -444,26 +443,38 @@ async def _apply_steps(op: Operation, plan: Plan, record: dict, redactor: Redact
             if not _is_cancellation(exc):
                 raise
             rows.append(_row(index, step, "CANCELLED", started, "the run was cancelled during this step"))
-            state = state_after(plan, applied, index, "was cancelled while it ran")
-            wb = plan.way_back_after(index)
-            record.update(state=state, way_back=None if wb is None else wb.markdown())
-            await asyncio.shield(_cancelled_report(op, plan, record, log))
-            from prefect.states import Cancelled
-
-            message = f"{op.name} cancelled at step {index} ({step.name}). State: {state}"
-            if wb is not None:
-                message += f"\nWay back: {wb.text}"
-            logger.warning("%s", message)
-            return Cancelled(message=message, data=redactor.value(record))
+            return await _cancelled(op, plan, record, log, redactor, applied, index)
         applied = index
         detail = redactor.text(result) if isinstance(result, str) else ""
         record["results"][step.name] = result
         rows.append(_row(index, step, "ok", started, detail))
-        await log.step_done(applied)
+        try:
+            await log.step_done(applied)
+        except BaseException as exc:  # a cancel between two steps lands at this await
+            if not _is_cancellation(exc):
+                raise
+            return await _cancelled(op, plan, record, log, redactor, applied, None)
     await log.flush(applied)
     record["state"] = state_after(plan, applied, None, None) + "; the operation is complete"
     await _report(op, plan, record, "applied")
     return record
+
+
+async def _cancelled(op: Operation, plan: Plan, record: dict, log: _StepLog, redactor: Redactor, applied: int,
+                     running: int | None) -> Any:
+    """The end of a cancelled apply: the state computed from the steps, reported, as Prefect's `Cancelled`."""
+    from prefect.states import Cancelled
+
+    state = state_after(plan, applied, running, "was cancelled while it ran")
+    wb = plan.way_back_after(running or applied)
+    record.update(state=state, way_back=None if wb is None else wb.markdown())
+    await asyncio.shield(_cancelled_report(op, plan, record, log))
+    where = f"at step {running} ({plan.steps[running - 1].name})" if running else f"after step {applied}"
+    message = f"{op.name} cancelled {where}. State: {state}"
+    if wb is not None:
+        message += f"\nWay back: {wb.text}"
+    run_logger("ai_platform_ops.operation").warning("%s", message)
+    return Cancelled(message=message, data=redactor.value(record))
 
 
 async def _cancelled_report(op: Operation, plan: Plan, record: dict, log: _StepLog) -> None:
@@ -533,7 +544,48 @@ def lock_timeout(config: Any) -> int:
 
 
 def run_operation_sync(op: Operation, *, dry_run: bool = True) -> Any:
-    """`run_operation` from a sync flow (the same runner on Prefect's sync loop, with the run's context)."""
-    from prefect.utilities.asyncutils import run_coro_as_sync
+    """`run_operation` from a sync flow: the operation runs on an event loop of its own thread (with the run's
+    context), and this thread waits for it.
 
-    return run_coro_as_sync(run_operation(op, dry_run=dry_run))
+    A cancellation reaches a sync flow here, in the waiting thread: the runner's SIGTERM becomes Prefect's
+    `TerminationSignal` in the main thread (prefect/utilities/engine `capture_sigterm`), not in the loop
+    that applies the steps. So it is handed on: the operation's task is cancelled, its step loop computes
+    and reports the state and returns the `Cancelled` state, which is returned here. Without this the flow
+    would end with Prefect's bare "Flow run was cancelled." while the steps went on in the other thread.
+    A cancellation before the apply (planning, approval) is raised on as it came: nothing was changed."""
+    import concurrent.futures
+    import contextvars
+    import threading
+
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    loop = asyncio.new_event_loop()
+    box: dict[str, asyncio.Task] = {}
+
+    async def main() -> Any:
+        box["task"] = asyncio.current_task()
+        return await run_operation(op, dry_run=dry_run)
+
+    def target() -> None:
+        try:
+            done.set_result(loop.run_until_complete(main()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
+            done.set_exception(exc)
+        finally:
+            loop.close()
+
+    ctx = contextvars.copy_context()
+    threading.Thread(target=ctx.run, args=(target,), name=f"operation-{op.name}", daemon=True).start()
+    try:
+        while True:  # a short wait, so that an exception delivered to this thread is seen at once
+            try:
+                return done.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                continue
+    except BaseException as exc:
+        if not _is_cancellation(exc) or done.done() or "task" not in box:
+            raise
+        loop.call_soon_threadsafe(box["task"].cancel)
+        try:
+            return done.result()
+        except asyncio.CancelledError:
+            raise exc from None  # cancelled before the apply: nothing changed, Prefect's own handling

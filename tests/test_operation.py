@@ -79,8 +79,14 @@ async def toy_labels(labels: dict[str, str], dry_run: bool = True, lock: str | N
     return await run_operation(op, dry_run=dry_run)
 
 
+FLOW_THREAD: dict[str, int] = {}
+
+
 @flow(name="toy-labels-sync")
 def toy_labels_sync(labels: dict[str, str], dry_run: bool = True):
+    import threading
+
+    FLOW_THREAD["id"] = threading.get_ident()  # where a SIGTERM lands in a sync flow: the waiting thread
     op = Operation("toy-labels-sync", "test", _planner(labels), approval_timeout_s=120, poll_interval_s=0.3)
     return operation.run_operation_sync(op, dry_run=dry_run)
 
@@ -256,6 +262,35 @@ def test_cancel_during_apply_ends_cancelled_with_the_state(prefect_server, targe
     assert state.is_cancelled(), state
     assert "cancelled at step 2 (label gpu)" in state.message and "step 1 applied (label zone)" in state.message
     assert _read()["labels"] == {"zone": "b"}
+
+
+def test_a_cancel_reaching_a_sync_flow_stops_the_apply_and_ends_cancelled(prefect_server, target, monkeypatch):
+    """A sync flow's SIGTERM is raised in the thread that waits in run_operation_sync (Prefect's handler runs
+    in the main thread), not in the loop applying the steps: delivered the same way here (an asynchronous
+    exception in that thread), the apply stops after the running step, nothing more is changed, and the
+    run ends Cancelled with the state computed from the steps."""
+    import ctypes
+    import time
+
+    from prefect.exceptions import TerminationSignal
+
+    class SigTerm(TerminationSignal):
+        def __init__(self):
+            super().__init__(15)
+
+    def deliver(op_name, index, step):
+        if index == 2:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(FLOW_THREAD["id"]), ctypes.py_object(SigTerm))
+            time.sleep(1)  # step 2 is running when the signal arrives
+
+    monkeypatch.setattr(operation, "_before_step", deliver)
+    state = run_and_answer(toy_labels_sync, {"labels": {"zone": "b", "gpu": "h100", "rack": "r1"},
+                                             "dry_run": False}, APPROVE)
+    assert state.is_cancelled(), state
+    assert "cancelled after step 2" in state.message
+    assert "steps 1-2 applied (label zone, label gpu)" in state.message and "step 3 not run" in state.message
+    time.sleep(1)
+    assert _read()["labels"] == {"zone": "b", "gpu": "h100"}, "the apply went on after the cancel"
 
 
 def test_refusals_in_the_plan_stop_before_approval(prefect_server, target):
