@@ -39,22 +39,21 @@ async def gitlab_backup(platform: str = "main", options: dict[str, str] | None =
     `options` overrides the host's `backup_options` (STRATEGY, SKIP, GZIP_RSYNCABLE, CRON, BACKUP=<custom
     name>...). Each step's time limit comes from `gitlab.timeouts` in the platform config.
     """
-    started = datetime.now(timezone.utc)
-    plat = await Platform.aopen(platform, *PARTS)
-    redactor = Redactor.of(await plat.asecrets())
-    outcome = await run_backup(platform, "data", plat.gitlab_host(), plat.gitlab_api(), plat.backup_store(),
-                               plat.config, redactor, options, started)
-    await publish_backup(outcome)
-    return outcome.result()
+    return await _backup(platform, "data", options)
 
 
 @flow(name="gitlab-config-backup", log_prints=False)
 async def gitlab_config_backup(platform: str = "main") -> dict:
     """`gitlab-ctl backup-etc` and gitlab-secrets.json, verified and off-site, with config retention."""
+    return await _backup(platform, "config", None)
+
+
+async def _backup(platform: str, kind: str, options: dict[str, str] | None) -> dict:
+    """Both backups: open the platform once, run the backup of `kind`, publish its report, end with its result."""
     started = datetime.now(timezone.utc)
     plat = await Platform.aopen(platform, *PARTS)
     redactor = Redactor.of(await plat.asecrets())
-    outcome = await run_backup(platform, "config", plat.gitlab_host(), plat.gitlab_api(), plat.backup_store(),
-                               plat.config, redactor, None, started)
+    outcome = await run_backup(platform, kind, plat.gitlab_host(), plat.gitlab_api(), plat.backup_store(),
+                               plat.config, redactor, options, started)
     await publish_backup(outcome)
     return outcome.result()
